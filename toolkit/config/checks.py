@@ -1,0 +1,56 @@
+# Cross-field recipe checks that the type schema alone cannot express (ranges, divisibility).
+"""Semantic checks run after type validation; each error names the key, the value and what is expected."""
+
+from __future__ import annotations
+
+from toolkit.config.schema import Recipe
+from toolkit.errors import ConfigError
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """Raise ConfigError for values that are well-typed but impossible; return the recipe unchanged."""
+    data, syn = recipe.data, recipe.data.synthetic
+    _require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
+    _require(data.image_size >= 16 and data.image_size % 16 == 0,
+             f"data.image_size must be a positive multiple of 16, got {data.image_size}")
+    _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _require(syn.num_identities >= 2, f"data.synthetic.num_identities must be >= 2, got {syn.num_identities}")
+    _require(syn.samples_per_identity >= 1,
+             f"data.synthetic.samples_per_identity must be >= 1, got {syn.samples_per_identity}")
+    _require(syn.num_val_identities >= 2,
+             f"data.synthetic.num_val_identities must be >= 2, got {syn.num_val_identities}")
+    folds = recipe.eval.num_folds
+    _require(folds >= 2, f"eval.num_folds must be >= 2, got {folds}")
+    _require(syn.num_val_pairs >= 2 * folds and syn.num_val_pairs % (2 * folds) == 0,
+             f"data.synthetic.num_val_pairs must be a positive multiple of 2 * eval.num_folds = {2 * folds} "
+             f"(equal positives and negatives in every fold), got {syn.num_val_pairs}")
+    _require(recipe.model.embedding_size > 0,
+             f"model.embedding_size must be positive, got {recipe.model.embedding_size}")
+    _require(0.0 <= recipe.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {recipe.model.dropout}")
+    head = recipe.head
+    _require(head.scale > 0, f"head.scale must be positive, got {head.scale}")
+    _require(head.margin_m1 >= 1.0, f"head.margin_m1 must be >= 1 (1 disables it), got {head.margin_m1}")
+    _require(0.0 <= head.margin_m2 < 3.1416, f"head.margin_m2 must be in [0, pi), got {head.margin_m2}")
+    optim = recipe.optim
+    _require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
+    _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _require(optim.reference_batch_size >= 0,
+             f"optim.reference_batch_size must be >= 0, got {optim.reference_batch_size}")
+    sched = recipe.schedule
+    _require(sched.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {sched.warmup_steps}")
+    _require(0.0 <= sched.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {sched.min_lr_ratio}")
+    par = recipe.parallel
+    _require(par.grad_accum_steps >= 1, f"parallel.grad_accum_steps must be >= 1, got {par.grad_accum_steps}")
+    _require(par.clip_grad_norm >= 0, f"parallel.clip_grad_norm must be >= 0 (0 disables), got {par.clip_grad_norm}")
+    _require(recipe.train.num_epochs > 0, f"train.num_epochs must be positive, got {recipe.train.num_epochs}")
+    _require(recipe.run.log_every >= 1, f"run.log_every must be >= 1, got {recipe.run.log_every}")
+    _require(recipe.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {recipe.eval.every_steps}")
+    _require(recipe.checkpoint.every_steps >= 0,
+             f"checkpoint.every_steps must be >= 0, got {recipe.checkpoint.every_steps}")
+    _require(recipe.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {recipe.checkpoint.keep_last}")
+    return recipe

@@ -1,0 +1,164 @@
+# Recipe schema: typed, documented dataclasses for every section a YAML recipe may contain.
+"""The recipe schema.
+
+Every field carries a doc line (``doc(...)``) which is the field's documentation; `--print-config`
+and the README are generated from what is written here. A field declared with ``required(...)`` has no
+default: a recipe that leaves it out is rejected. Derived numbers (global batch, total steps, class
+count of a data set) are not fields: builders compute them from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def doc(text: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, path: bool = False):
+    """A field with a default and its documentation. `path=True` enables ${VAR} expansion."""
+    metadata = {"doc": text, "path": path}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def required(text: str, *, path: bool = False):
+    """A field the recipe must set; there is deliberately no default."""
+    return field(metadata={"doc": text, "path": path, "required": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the run writes and how it is seeded."""
+
+    name: str = required("Run name; the run folder is <output_dir>/<name>.")
+    output_dir: str = doc("Parent folder of run folders.", "runs", path=True)
+    seed: int = doc("Seed for model init, data order and augmentation.", 0)
+    log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps.", 10)
+    tensorboard: bool = doc("Write TensorBoard event files into <run>/tensorboard.", True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The backbone that maps an aligned face to an embedding."""
+
+    backbone: str = required("Registered backbone name (iresnet18/34/50/100/200, mobilefacenet, ...).")
+    embedding_size: int = doc("Embedding dimension.", 512)
+    dropout: float = doc("Dropout before the embedding FC layer.", 0.0)
+    activation_checkpointing: bool = doc("Recompute residual blocks in backward to save memory.", False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """Identity-center layer with combined margin: logit = s * (cos(m1 * theta + m2) - m3) on the target."""
+
+    scale: float = doc("Logit scale s.", 64.0)
+    margin_m1: float = doc("Multiplicative angular margin m1 (SphereFace); 1.0 disables it.", 1.0)
+    margin_m2: float = doc("Additive angular margin m2 (ArcFace uses 0.5).", 0.0)
+    margin_m3: float = doc("Additive cosine margin m3 (CosFace uses 0.4).", 0.4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticDataConfig:
+    """Built-in synthetic faces: each identity has a stable pattern, each sample varies."""
+
+    num_identities: int = doc("Training identities.", 200)
+    samples_per_identity: int = doc("Images per training identity in one epoch.", 50)
+    num_val_identities: int = doc("Held-out identities for verification (disjoint from training).", 100)
+    num_val_pairs: int = doc("Verification pairs (half positive, half negative); a multiple of 20.", 1000)
+    noise_std: float = doc("Per-pixel Gaussian noise (in [0, 1] pixel units).", 0.08)
+    max_shift: int = doc("Largest random shift in pixels at 112x112 (scaled with image_size).", 8)
+    color_jitter: float = doc("Largest relative brightness/contrast/colour change per sample.", 0.2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    backend: Literal["synthetic"] = doc("Data source. 'synthetic' is built in; more arrive with the data issue.",
+                                        "synthetic")
+    batch_size: int = required("Samples per rank per micro-step.")
+    image_size: int = doc("Square input size; real faces are 112 (a multiple of 16).", 112)
+    num_workers: int = doc("DataLoader worker processes per rank (0 = load in the training process).", 2)
+    flip: bool = doc("Random horizontal flip augmentation.", True)
+    synthetic: SyntheticDataConfig = doc("Settings of the synthetic backend.", default_factory=SyntheticDataConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Optimizer of the backbone and the identity centers. Norm and bias parameters get no weight decay."""
+
+    name: Literal["sgd", "adamw"] = required("Optimizer: 'sgd' or 'adamw'.")
+    lr: float = required("Peak learning rate (after warmup) at the reference batch size.")
+    reference_batch_size: int = doc(
+        "Global batch that `lr` is quoted for; the used lr is lr * global_batch / reference_batch_size "
+        "(linear scaling rule). 0 means 'lr is for whatever global batch this run has'.", 0)
+    weight_decay: float = doc("Weight decay (decoupled for AdamW).", 5e-4)
+    momentum: float = doc("SGD momentum.", 0.9)
+    nesterov: bool = doc("SGD Nesterov momentum.", False)
+    betas: tuple[float, float] = doc("AdamW betas.", (0.9, 0.999))
+    eps: float = doc("AdamW epsilon.", 1e-8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Learning rate over optimizer steps: linear warmup, then cosine or polynomial decay."""
+
+    warmup_steps: int = doc("Linear warmup from 0 to the peak lr over this many optimizer steps.", 0)
+    decay: Literal["cosine", "poly", "constant"] = doc("Decay after warmup.", "cosine")
+    poly_power: float = doc("Exponent of polynomial decay.", 2.0)
+    min_lr_ratio: float = doc("Final lr as a fraction of the peak lr.", 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the step runs: engine, precision, accumulation and clipping."""
+
+    engine: Literal["single"] = doc("Training engine. 'single' = one process; distributed engines come later.",
+                                    "single")
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "Compute precision: bf16 autocast (CPU or GPU), fp16 autocast + loss scaling (GPU only), or fp32.", "fp32")
+    grad_accum_steps: int = doc("Micro-steps accumulated into one optimizer step.", 1)
+    clip_grad_norm: float = doc("Clip the global gradient norm to this value; 0 disables clipping.", 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Length of the run."""
+
+    num_epochs: float = required("Epochs to train (may be fractional); steps are derived from the data size.")
+    device: Literal["auto", "cpu", "cuda"] = doc("'auto' uses CUDA when available.", "auto")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Verification on held-out pairs with the 10-fold protocol."""
+
+    every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0)
+    batch_size: int = doc("Images per forward pass during evaluation.", 256)
+    num_folds: int = doc("Cross-validation folds of the verification protocol.", 10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Checkpoints written atomically into <run>/checkpoints."""
+
+    every_steps: int = doc("Save every N optimizer steps (0 = only at the end).", 0)
+    keep_last: int = doc("Keep this many most recent checkpoints (0 = keep all).", 2)
+    save_final: bool = doc("Save a checkpoint when the run ends.", True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A whole recipe: one field per top-level YAML section."""
+
+    run: RunConfig = required("Run name, output folder and seed.")
+    model: ModelConfig = required("Backbone.")
+    data: DataConfig = required("Data source and batching.")
+    optim: OptimConfig = required("Optimizer.")
+    train: TrainConfig = required("Run length and device.")
+    head: HeadConfig = doc("Identity-center margin softmax.", default_factory=HeadConfig)
+    schedule: ScheduleConfig = doc("Learning-rate schedule.", default_factory=ScheduleConfig)
+    parallel: ParallelConfig = doc("Engine, precision, accumulation, clipping.", default_factory=ParallelConfig)
+    eval: EvalConfig = doc("Verification.", default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = doc("Checkpointing.", default_factory=CheckpointConfig)

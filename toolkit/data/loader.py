@@ -1,0 +1,106 @@
+# Resumable, rank-aware batch stream over a map-style data set: the data order is a function of (seed, epoch).
+"""Epoch-based shuffled batches with an exact, checkpointable position.
+
+Each epoch is a seeded permutation of the data set, cut into global batches of
+`batch_size * world_size` samples (the tail that does not fill a global batch is dropped, so every
+rank always gets a full batch); rank r takes its contiguous slice of each global batch. The flip decision
+of every sample is drawn from the same seed, so augmentation is part of the order and resumes exactly.
+The position is the number of batches consumed in the current epoch; DataLoader workers may prefetch
+ahead, but the position counts what the trainer took.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, bool]]]):
+    """Yields this rank's batches of (index, flip) keys for one epoch, starting at `start_batch`."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1, flip: bool = True):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.rank, self.world_size, self.flip = rank, world_size, flip
+
+    @staticmethod
+    def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+        return num_samples // (batch_size * world_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size) - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        gen = _epoch_generator(self.seed, self.epoch)
+        order_N = torch.randperm(self.num_samples, generator=gen)
+        flips_N = torch.rand(self.num_samples, generator=gen) < 0.5 if self.flip else torch.zeros(
+            self.num_samples, dtype=torch.bool)
+        global_batch = self.batch_size * self.world_size
+        total = self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
+        for batch in range(self.start_batch, total):
+            start = batch * global_batch + self.rank * self.batch_size
+            keys = order_N[start: start + self.batch_size].tolist()
+            flips = flips_N[start: start + self.batch_size].tolist()
+            yield list(zip(keys, flips))
+
+
+class ResumableBatchStream:
+    """Endless stream of (images, labels) batches across epochs, with `state_dict()` for checkpoints."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, flip: bool = True, pin_memory: bool = False):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size, self.flip = seed, rank, world_size, flip
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), batch_size, world_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"data set of {len(dataset)} samples is smaller than one global batch of "
+                             f"{batch_size} x {world_size} ranks")
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._iterator: Iterator | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data position was saved with {key}={state[key]}, this run has "
+                                 f"{key}={getattr(self, key)}; exact resume needs the same value")
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._iterator = None
+
+    def _start_epoch(self) -> Iterator:
+        sampler = EpochBatchSampler(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
+                                    start_batch=self.batch_in_epoch, rank=self.rank, world_size=self.world_size,
+                                    flip=self.flip)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers > 0 else None)
+        return iter(loader)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._iterator = None
+        if self._iterator is None:
+            self._iterator = self._start_epoch()
+        batch = next(self._iterator)
+        self.batch_in_epoch += 1
+        return batch
+
+    @property
+    def fractional_epoch(self) -> float:
+        return self.epoch + self.batch_in_epoch / self.batches_per_epoch

@@ -1,0 +1,1 @@
+# Engine: builders that read the recipe, the Trainer loop and checkpoint files.

@@ -1,0 +1,97 @@
+# build_* factories: each reads one recipe section (plus derived values) and returns a ready object.
+"""Builders turn the read-only recipe into objects. Derived numbers (class count, steps, global batch)
+are computed here and returned, never written back into the recipe."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.config.schema import Recipe
+from toolkit.data import ResumableBatchStream, SyntheticFaces, SyntheticPairs, SyntheticTrainSet
+from toolkit.errors import ConfigError
+from toolkit.heads import IdentityCenterHead, Margin
+from toolkit.models import create_backbone
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Numbers derived from the recipe and the world: computed once, shared by trainer and logs."""
+
+    world_size: int
+    batch_size: int            # per rank per micro-step
+    grad_accum_steps: int
+    global_batch_size: int     # samples per optimizer step, all ranks
+    steps_per_epoch: int       # optimizer steps
+    total_steps: int
+
+
+def build_device(recipe: Recipe) -> torch.device:
+    wanted = recipe.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(wanted)
+    if recipe.parallel.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"parallel.precision 'fp16' needs a CUDA device (this run is on {device.type}); "
+                          "use bf16 or fp32 on CPU")
+    return device
+
+
+def build_backbone(recipe: Recipe) -> torch.nn.Module:
+    cfg = recipe.model
+    return create_backbone(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
+                           input_size=recipe.data.image_size, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def build_margin(recipe: Recipe) -> Margin:
+    cfg = recipe.head
+    return Margin(scale=cfg.scale, m1=cfg.margin_m1, m2=cfg.margin_m2, m3=cfg.margin_m3)
+
+
+def build_head(recipe: Recipe, num_classes: int) -> IdentityCenterHead:
+    return IdentityCenterHead(num_classes, recipe.model.embedding_size, build_margin(recipe))
+
+
+def build_synthetic_faces(recipe: Recipe) -> SyntheticFaces:
+    syn = recipe.data.synthetic
+    return SyntheticFaces(image_size=recipe.data.image_size, seed=recipe.run.seed, noise_std=syn.noise_std,
+                          max_shift=syn.max_shift, color_jitter=syn.color_jitter)
+
+
+def build_train_set(recipe: Recipe) -> SyntheticTrainSet:
+    syn = recipe.data.synthetic
+    return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity)
+
+
+def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
+    """Held-out identities: numbered after the training identities, so the two sets are disjoint."""
+    syn = recipe.data.synthetic
+    return SyntheticPairs(build_synthetic_faces(recipe), first_identity=syn.num_identities,
+                          num_identities=syn.num_val_identities, num_pairs=syn.num_val_pairs)
+
+
+def build_train_stream(recipe: Recipe, dataset, *, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> ResumableBatchStream:
+    try:
+        return ResumableBatchStream(dataset, recipe.data.batch_size, seed=recipe.run.seed,
+                                    num_workers=recipe.data.num_workers, rank=rank, world_size=world_size,
+                                    flip=recipe.data.flip, pin_memory=pin_memory)
+    except ValueError as exc:
+        raise ConfigError(f"data.batch_size={recipe.data.batch_size}: {exc}") from None
+
+
+def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> RunShape:
+    batch = recipe.data.batch_size
+    accum = recipe.parallel.grad_accum_steps
+    global_batch = batch * accum * world_size
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"global batch {global_batch} (data.batch_size={batch} x parallel.grad_accum_steps="
+                          f"{accum} x {world_size} ranks) is larger than the data set ({num_samples} samples)")
+    total_steps = max(1, math.ceil(recipe.train.num_epochs * steps_per_epoch))
+    return RunShape(world_size=world_size, batch_size=batch, grad_accum_steps=accum, global_batch_size=global_batch,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)

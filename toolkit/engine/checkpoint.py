@@ -1,0 +1,153 @@
+# Checkpoint files: atomic writes, a `latest` pointer, keep-last-N retention, and safe loading.
+"""Checkpoints of this toolkit are torch.save'd dicts tagged with FORMAT.
+
+Writes go to a temporary file in the same folder, are fsync'ed and then renamed over the final name,
+so a crash during a save leaves the previous checkpoint (and the `latest` pointer) intact. Loading uses
+`torch.load(weights_only=True)`: a checkpoint holds only tensors and plain containers, never pickled
+objects, so a foreign file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.errors import CheckpointError
+
+FORMAT = "facecl-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+_STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file_object) on a temp file next to `path`, fsync, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states as tensors and plain containers."""
+    state: dict[str, Any] = {"python": _python_state_to_plain(random.getstate()), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_plain_to_python_state(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype("uint32"), np_state["pos"],
+                             np_state["has_gauss"], np_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+def _plain_to_python_state(plain: list) -> tuple:
+    version, internal, gauss_next = plain
+    return (version, tuple(internal), gauss_next)
+
+
+class CheckpointFolder:
+    """The checkpoints of one run: step_XXXXXXXX.pt files plus a `latest` text pointer."""
+
+    def __init__(self, folder: str | os.PathLike, keep_last: int = 0):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.pt"
+
+    def save(self, step: int, payload: dict[str, Any]) -> Path:
+        """Write the checkpoint of `step`, point `latest` at it, then prune old ones."""
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **payload}
+        path = self.path_for(step)
+        atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+        atomic_write_bytes(self.folder / LATEST, lambda handle: handle.write(path.name.encode() + b"\n"))
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        steps = sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _STEP_FILE.match(p.name)))
+        for step in steps[: -self.keep_last]:
+            self.path_for(step).unlink(missing_ok=True)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, a checkpoints folder or a run folder -> the checkpoint file to load."""
+    path = Path(path)
+    for folder in (path, path / "checkpoints"):
+        pointer = folder / LATEST
+        if folder.is_dir() and pointer.is_file():
+            name = pointer.read_text().strip()
+            if not _STEP_FILE.match(name):
+                raise CheckpointError(f"{pointer} does not name a checkpoint file (found {name!r})")
+            return folder / name
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder without a '{LATEST}' checkpoint pointer; not a FaceCL run")
+    if not path.is_file():
+        raise CheckpointError(f"resume path {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint of this toolkit; anything else is a one-line CheckpointError."""
+    file = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign files: pickle, zip, unpickler errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file} is not a FaceCL checkpoint (cannot be loaded safely: {reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a FaceCL checkpoint (no '{FORMAT}' format tag)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file} has checkpoint format version {payload.get('format_version')}, "
+                              f"this toolkit reads version {FORMAT_VERSION}")
+    return payload
