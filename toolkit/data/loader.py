@@ -85,7 +85,10 @@ class ResumableBatchStream:
         sampler = EpochBatchSampler(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
                                     start_batch=self.batch_in_epoch, rank=self.rank, world_size=self.world_size,
                                     flip=self.flip)
+        # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG, which
+        # would shift dropout and other random ops after a resume (the iterator starts at a new point).
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed + self.epoch),
                             pin_memory=self.pin_memory, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers > 0 else None)
         return iter(loader)

@@ -73,7 +73,9 @@ def evaluate_pairs(model: torch.nn.Module, pair_images, is_same_P: torch.Tensor,
     """
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(pair_images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Own generator: evaluation must not consume the training RNG stream.
+    loader = torch.utils.data.DataLoader(pair_images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(0))
     chunks = []
     try:
         for images in loader:

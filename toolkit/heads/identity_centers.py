@@ -26,7 +26,7 @@ class IdentityCenterHead(nn.Module):
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         # The loss is computed in fp32 even under autocast: logits reach |s| = 64 and exp() needs the range.
         with torch.autocast(device_type=emb_BD.device.type, enabled=False):
-            return margin_softmax_ce_reference(emb_BD.float(), self.centers_CD, labels_B, self.margin)
+            return margin_softmax_ce_reference(emb_BD, self.centers_CD, labels_B, self.margin)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.centers_CD.shape[1]}, margin={self.margin}"

@@ -67,6 +67,10 @@ def margin_logits(cos_BC: torch.Tensor, labels_B: torch.Tensor, margin: Margin) 
 
 def margin_softmax_ce_reference(emb_BD: torch.Tensor, centers_CD: torch.Tensor, labels_B: torch.Tensor,
                                 margin: Margin) -> torch.Tensor:
-    """Mean cross-entropy of the margin softmax over all C classes: the single-process ground truth."""
-    logits_BC = margin_logits(cosine_logits(emb_BD.float(), centers_CD.float()), labels_B, margin)
+    """Mean cross-entropy of the margin softmax over all C classes: the single-process ground truth.
+
+    Computed in fp32 at least (fp64 inputs stay fp64), whatever the input precision.
+    """
+    dtype = torch.promote_types(torch.promote_types(emb_BD.dtype, centers_CD.dtype), torch.float32)
+    logits_BC = margin_logits(cosine_logits(emb_BD.to(dtype), centers_CD.to(dtype)), labels_B, margin)
     return F.cross_entropy(logits_BC, labels_B)

@@ -1,0 +1,118 @@
+# Trainer behaviour against independent references: exact resume, accumulation, precision, schedule, decay groups.
+import math
+
+import pytest
+import torch
+
+from toolkit.config.schema import ScheduleConfig
+from toolkit.engine.checkpoint import load_checkpoint
+from toolkit.engine.optim import lr_factor, split_decay_groups
+from toolkit.engine.trainer import Trainer, prepare_run_folder
+from toolkit.errors import CheckpointError
+from toolkit.models import create_backbone, register_backbone
+
+
+def make_trainer(recipe):
+    return Trainer(recipe, prepare_run_folder(recipe), verbose=False)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny_recipe):
+    # 48 samples / batch 8 = 6 steps/epoch; 2 epochs = 12 steps; dropout and flips exercise the saved RNG
+    # and the data position, and the resume point (step 5) is inside an epoch.
+    overrides = ["train.num_epochs=2", "model.dropout=0.2", "checkpoint.every_steps=5", "checkpoint.keep_last=0"]
+    full = make_trainer(tiny_recipe(*overrides, "run.name=full"))
+    full_losses = dict(full.fit().losses)
+    assert len(full_losses) == 12
+
+    # A crash after step 5 leaves step_00000005.pt; a new process resumes from it with the same recipe.
+    resumed = make_trainer(tiny_recipe(*overrides, "run.name=resumed"))
+    resumed.resume(full.run_dir / "checkpoints" / "step_00000005.pt")
+    assert resumed.step == 5
+    resumed_losses = dict(resumed.fit().losses)
+    for step in range(6, 13):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-6, rel=0), step
+    # The losses differ from step to step, so equality above is not a coincidence of constants.
+    assert len({round(v, 6) for v in full_losses.values()}) == 12
+
+
+def test_resume_rejects_checkpoint_of_another_run(tiny_recipe):
+    trainer = make_trainer(tiny_recipe("run.name=a", "train.num_epochs=0.25"))
+    trainer.fit()
+    other = make_trainer(tiny_recipe("run.name=b", "data.synthetic.num_identities=10"))
+    with pytest.raises(CheckpointError, match="num_classes=12.*num_classes=10"):
+        other.resume(trainer.run_dir)
+
+
+@register_backbone("test_linear")
+def _linear_backbone(*, embedding_size=512, dropout=0.0, input_size=112, activation_checkpointing=False):
+    """No batch norm, so micro-batches and a full batch must give identical gradients."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * input_size * input_size, embedding_size))
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_recipe):
+    common = ["model.backbone=test_linear", "train.num_epochs=0.5", "optim.name=sgd", "optim.momentum=0.0",
+              "optim.weight_decay=0.0", "data.flip=false"]
+    accumulated = make_trainer(tiny_recipe(*common, "run.name=acc", "data.batch_size=4", "parallel.grad_accum_steps=3"))
+    large = make_trainer(tiny_recipe(*common, "run.name=big", "data.batch_size=12"))
+    accumulated.train_step()
+    large.train_step()
+    for p_acc, p_big in zip(accumulated.backbone.parameters(), large.backbone.parameters()):
+        torch.testing.assert_close(p_acc, p_big, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(accumulated.head.centers_CD, large.head.centers_CD, atol=1e-6, rtol=1e-5)
+    # And the step did move the weights.
+    fresh = make_trainer(tiny_recipe(*common, "run.name=fresh", "data.batch_size=12"))
+    assert not torch.allclose(fresh.head.centers_CD, large.head.centers_CD)
+
+
+def test_bf16_autocast_step_tracks_fp32_step(tiny_recipe):
+    fp32 = make_trainer(tiny_recipe("run.name=fp32", "parallel.precision=fp32"))
+    bf16 = make_trainer(tiny_recipe("run.name=bf16", "parallel.precision=bf16"))
+    loss32, loss16 = float(fp32.train_step()), float(bf16.train_step())
+    assert loss16 != loss32  # autocast really ran in bf16
+    assert abs(loss16 - loss32) < 0.02 * abs(loss32)
+
+
+def test_gradient_clipping_bounds_the_update(tiny_recipe):
+    common = ["model.backbone=test_linear", "optim.momentum=0.0", "optim.weight_decay=0.0", "schedule.warmup_steps=0",
+              "schedule.decay=constant", "optim.lr=1.0"]
+    clipped = make_trainer(tiny_recipe(*common, "run.name=clip", "parallel.clip_grad_norm=0.01"))
+    before = [p.detach().clone() for p in clipped._parameters()]
+    clipped.train_step()
+    assert float(clipped.last_grad_norm) > 0.01  # the raw norm was above the limit
+    update_sq = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(clipped._parameters(), before))
+    assert math.sqrt(update_sq) == pytest.approx(0.01, rel=1e-3)  # lr 1 x clipped gradient of norm 0.01
+
+
+def test_lr_schedule_warmup_cosine_poly():
+    cosine = ScheduleConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 110, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cosine) == pytest.approx(1.0)
+    assert lr_factor(10, 110, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cosine) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, 110, cosine) == pytest.approx(0.1)
+    poly = ScheduleConfig(warmup_steps=0, decay="poly", poly_power=2.0)
+    assert lr_factor(25, 100, poly) == pytest.approx(0.75 ** 2)
+
+
+def test_no_weight_decay_on_norm_and_bias_parameters():
+    model = create_backbone("iresnet18", embedding_size=64, input_size=32)
+    decay, no_decay = split_decay_groups([model])
+    decay_ids = {id(p) for p in decay}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_norm = isinstance(module, torch.nn.modules.batchnorm._NormBase)
+            assert (id(param) in decay_ids) == (not is_norm and pname != "bias"), f"{name}.{pname}"
+    assert any(p.ndim == 4 for p in decay) and any(p.ndim == 1 for p in decay)  # convs and PReLU decay
+
+
+def test_checkpoint_holds_everything_needed(tiny_recipe):
+    trainer = make_trainer(tiny_recipe("run.name=ck", "train.num_epochs=0.5"))
+    trainer.fit()
+    payload = load_checkpoint(trainer.run_dir)
+    assert payload["step"] == 3
+    for key in ("backbone", "head", "optimizers", "schedulers", "scaler", "rng", "data"):
+        assert key in payload
+    assert payload["data"]["batch_in_epoch"] == 3
+    assert payload["schedulers"]["backbone"]["last_epoch"] == 3
