@@ -31,11 +31,11 @@ def required(text: str, *, path: bool = False):
 class RunConfig:
     """Where the run writes and how it is seeded."""
 
-    name: str = required("Run name; the run folder is <output_dir>/<name>.")
+    name: str = required("Run name; the run folder is OUTPUT_DIR/NAME.")
     output_dir: str = doc("Parent folder of run folders.", "runs", path=True)
     seed: int = doc("Seed for model init, data order and augmentation.", 0)
     log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps.", 10)
-    tensorboard: bool = doc("Write TensorBoard event files into <run>/tensorboard.", True)
+    tensorboard: bool = doc("Write TensorBoard event files into the run folder's tensorboard/.", True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +141,7 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Checkpoints written atomically into <run>/checkpoints."""
+    """Checkpoints written atomically into the run folder's checkpoints/."""
 
     every_steps: int = doc("Save every N optimizer steps (0 = only at the end).", 0)
     keep_last: int = doc("Keep this many most recent checkpoints (0 = keep all).", 2)
