@@ -30,15 +30,19 @@ class _RecipeYamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-3` as a float (YAML 1.1 only accepts `1.0e-3`)."""
 
 
-_RecipeYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+_FLOAT_PATTERN = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+                  |\.(?:nan|NaN|NAN))$""", re.X)
+_RecipeYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_PATTERN, list("-+0123456789."))
+
+
+class _RecipeYamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings the loader would read as floats (`'1e5'`), so dumps load back."""
+
+
+_RecipeYamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_PATTERN, list("-+0123456789."))
 
 
 def parse_yaml_text(text: str, source: str) -> Any:
@@ -119,6 +123,16 @@ def apply_overrides(tree: dict, origin: dict[KeyPath, str], overrides: list[str]
     return tree
 
 
+def _closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key the user most likely meant: a spelling neighbour, or one spelled by the key's initials
+    (`learning_rate` -> `lr`)."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    initials = "".join(word[0] for word in key.lower().split("_") if word)
+    return initials if len(initials) > 1 and initials in valid else None
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -140,7 +154,7 @@ class _Validator:
         self.expand_env = expand_env
 
     def where(self, key_path: KeyPath) -> str:
-        for cut in range(len(key_path), 0, -1):
+        for cut in range(len(key_path), -1, -1):
             if key_path[:cut] in self.origin:
                 return self.origin[key_path[:cut]]
         return "<recipe>"
@@ -153,8 +167,8 @@ class _Validator:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+                close = _closest_key(str(key), list(fields))
+                hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(fields)}"
                 bad = ".".join((*key_path, str(key)))
                 raise ConfigError(f"{self.where((*key_path, str(key)))}: unknown key '{bad}'{hint}")
         values = {}
@@ -242,6 +256,7 @@ class _Validator:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, expand_env: bool = True) -> Recipe:
     """Read, merge, override and validate a recipe. Raises ConfigError with a one-line message."""
     tree, origin = _read_recipe_file(Path(path))
+    origin[()] = str(Path(path).resolve())  # errors about whole sections name the recipe the user gave
     tree = apply_overrides(tree, origin, list(overrides or []))
     return _Validator(origin, expand_env).build(Recipe, tree, ())
 
@@ -257,7 +272,7 @@ def recipe_to_dict(recipe: Any) -> Any:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (what resolved.yaml holds and --print-config prints)."""
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
+    return yaml.dump(recipe_to_dict(recipe), Dumper=_RecipeYamlDumper, sort_keys=False, default_flow_style=False)
 
 
 def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
