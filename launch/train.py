@@ -1,5 +1,9 @@
-# Training entry point: `python launch/train.py --recipe recipes/<name>.yaml [--set k=v ...] [--resume PATH]`.
-"""Reads argv, loads the recipe, builds the trainer and runs it.
+# Training entry point for every launcher: python, torchrun, deepspeed (one node or a hostfile).
+"""Reads argv and the launcher's environment, starts the process group, builds the trainer and runs it.
+
+    python launch/train.py --recipe recipes/<name>.yaml [--set k=v ...] [--resume PATH]
+    torchrun --nproc_per_node N launch/train.py --recipe ...
+    deepspeed [--num_gpus N | --hostfile H] launch/train.py --recipe ...
 
 User errors (bad recipe, missing file, unknown name, unwritable folder, foreign checkpoint) print one
 line `error: ...` on stderr and exit with status 2; `--debug` shows the traceback instead.
@@ -8,7 +12,9 @@ line `error: ...` on stderr and exit with status 2; `--debug` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,23 +29,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True, help="recipe YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (parsed as a YAML scalar); repeatable")
-    parser.add_argument("--resume", metavar="PATH", help="checkpoint file, checkpoints folder or run folder")
+    parser.add_argument("--resume", metavar="PATH", help="checkpoint (file or folder), checkpoints folder or run folder")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # The deepspeed launcher appends --local_rank=N; the same value is in the LOCAL_RANK variable.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from toolkit.errors import FaceCLError
+    from toolkit.errors import ConfigError, FaceCLError
 
     try:
         return run(args)
     except FaceCLError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # Recipe errors are identical on every rank: rank 0 speaks for all. Anything else may be
+        # rank-specific, so every rank reports it.
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not isinstance(exc, ConfigError):
+            prefix = "error: " if rank == 0 else f"error: [rank {rank}] "
+            print(f"{prefix}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def init_distributed(recipe):
+    """Read the launcher's environment and start the process group; returns the DistributedContext."""
+    import torch
+
+    from toolkit.distributed import DistributedContext
+    from toolkit.engine.builders import build_device
+    from toolkit.errors import ConfigError
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    engine = recipe.parallel.engine
+    device = build_device(recipe, local_rank)
+    if device.type == "cpu":
+        # Each rank gets its share of the cores: N ranks x all cores would oversubscribe the machine.
+        torch.set_num_threads(max(1, _cpu_cores() // local_world_size))
+    if engine == "single":
+        if world_size > 1:
+            raise ConfigError(f"parallel.engine 'single' runs one process, but the launcher started {world_size} "
+                              "ranks; set parallel.engine to ddp, deepspeed or fsdp")
+        return DistributedContext(device=device)
+
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:  # plain `python launch/train.py`: a group of one
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=recipe.parallel.timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if engine == "deepspeed":
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False,
+                                   verbose=False)
+    else:
+        torch.distributed.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
+                              local_world_size=local_world_size, device=device,
+                              group=torch.distributed.group.WORLD)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,22 +125,29 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from toolkit.engine.trainer import Trainer, prepare_run_folder, write_resolved_recipe
+    from toolkit.engine.trainer import Trainer, prepare_run_folder, write_run_files
 
-    # One process on a CPU machine: let torch use every core unless the user said otherwise.
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
-    run_dir = prepare_run_folder(recipe)
-    write_resolved_recipe(recipe, run_dir)
-    trainer = Trainer(recipe, run_dir)
-    if args.resume:
-        trainer.resume(args.resume)
-    result = trainer.fit()
-    results_path = trainer.write_results()
-    final = result.evaluations[-1]
-    print(f"results: {results_path}")
-    print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- {final['accuracy_std'] * 100:.2f}% "
-          f"on {final['num_pairs']} held-out pairs after {result.final_step} steps")
+    ctx = init_distributed(recipe)
+    try:
+        run_dir = Path(recipe.run.output_dir) / recipe.run.name
+        trainer = Trainer(recipe, run_dir, ctx=ctx)
+        if args.resume:
+            trainer.resume(args.resume)
+        # Only now, with the model built and the checkpoint accepted, is anything written.
+        prepare_run_folder(recipe)
+        if ctx.is_main:
+            write_run_files(trainer)
+        result = trainer.fit()
+        results_path = trainer.write_results()
+        if ctx.is_main:
+            final = result.evaluations[-1]
+            print(f"results: {results_path}")
+            print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
+                  f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs after "
+                  f"{result.final_step} steps", flush=True)
+    finally:
+        if ctx.is_distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -56,7 +56,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_recipe):
     large = make_trainer(tiny_recipe(*common, "run.name=big", "data.batch_size=12"))
     accumulated.train_step()
     large.train_step()
-    for p_acc, p_big in zip(accumulated.backbone.parameters(), large.backbone.parameters()):
+    for p_acc, p_big in zip(accumulated.engine.unwrapped().parameters(), large.engine.unwrapped().parameters()):
         torch.testing.assert_close(p_acc, p_big, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(accumulated.head.centers_CD, large.head.centers_CD, atol=1e-6, rtol=1e-5)
     # And the step did move the weights.
@@ -72,15 +72,17 @@ def test_bf16_autocast_step_tracks_fp32_step(tiny_recipe):
     assert abs(loss16 - loss32) < 0.02 * abs(loss32)
 
 
-def test_gradient_clipping_bounds_the_update(tiny_recipe):
+def test_gradient_clipping_bounds_each_part_by_its_own_norm(tiny_recipe):
     common = ["model.backbone=test_linear", "optim.momentum=0.0", "optim.weight_decay=0.0", "schedule.warmup_steps=0",
               "schedule.decay=constant", "optim.lr=1.0"]
     clipped = make_trainer(tiny_recipe(*common, "run.name=clip", "parallel.clip_grad_norm=0.01"))
-    before = [p.detach().clone() for p in clipped._parameters()]
+    parts = {"backbone": list(clipped.engine.unwrapped().parameters()), "head": list(clipped.head.parameters())}
+    before = {name: [p.detach().clone() for p in params] for name, params in parts.items()}
     clipped.train_step()
-    assert float(clipped.last_grad_norm) > 0.01  # the raw norm was above the limit
-    update_sq = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(clipped._parameters(), before))
-    assert math.sqrt(update_sq) == pytest.approx(0.01, rel=1e-3)  # lr 1 x clipped gradient of norm 0.01
+    for name, params in parts.items():
+        assert float(clipped.last_grad_norms[name]) > 0.01  # the raw norm was above the limit
+        update_sq = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, before[name]))
+        assert math.sqrt(update_sq) == pytest.approx(0.01, rel=1e-3), name  # lr 1 x gradient clipped to 0.01
 
 
 def test_lr_schedule_warmup_cosine_poly():
@@ -112,7 +114,10 @@ def test_checkpoint_holds_everything_needed(tiny_recipe):
     trainer.fit()
     payload = load_checkpoint(trainer.run_dir)
     assert payload["step"] == 3
-    for key in ("backbone", "head", "optimizers", "schedulers", "scaler", "rng", "data"):
+    for key in ("engine", "head", "head_optimizer", "schedulers", "rng_per_rank", "data", "history"):
         assert key in payload
+    for key in ("backbone", "optimizer", "scaler"):  # single/DDP: the backbone travels in the same file
+        assert key in payload["engine"]
+    assert len(payload["rng_per_rank"]) == 1
     assert payload["data"]["batch_in_epoch"] == 3
     assert payload["schedulers"]["backbone"]["last_epoch"] == 3

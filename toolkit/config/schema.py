@@ -114,12 +114,25 @@ class ScheduleConfig:
 class ParallelConfig:
     """How the step runs: engine, precision, accumulation and clipping."""
 
-    engine: Literal["single"] = doc("Training engine. 'single' = one process; distributed engines come later.",
-                                    "single")
+    engine: Literal["single", "ddp", "deepspeed", "fsdp"] = doc(
+        "Training engine for the backbone: one process, PyTorch DDP, DeepSpeed ZeRO, or PyTorch FSDP2 "
+        "(fully_shard). The identity-center head is never handed to the engine.", "single")
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "Compute precision: bf16 autocast (CPU or GPU), fp16 autocast + loss scaling (GPU only), or fp32.", "fp32")
     grad_accum_steps: int = doc("Micro-steps accumulated into one optimizer step.", 1)
-    clip_grad_norm: float = doc("Clip the global gradient norm to this value; 0 disables clipping.", 0.0)
+    clip_grad_norm: float = doc(
+        "Clip the gradient norm of each part (backbone, head) to this value; 0 disables clipping.", 0.0)
+    zero_stage: int = doc("DeepSpeed ZeRO stage 0-3 (engine: deepspeed).", 2)
+    offload_optimizer: bool = doc("DeepSpeed: keep ZeRO optimizer states in CPU memory (stages 1-3).", False)
+    deepspeed_config: str = doc(
+        "Optional DeepSpeed JSON/YAML file with extra settings; a setting that contradicts the recipe is an "
+        "error. Empty = none.", "", path=True)
+    fsdp_reshard_after_forward: bool = doc(
+        "FSDP2: free gathered parameters after forward (ZeRO-3 like); false keeps them until backward.", True)
+    fsdp_mixed_precision: bool = doc(
+        "FSDP2: keep bf16/fp16 parameter copies for compute and reduce gradients in fp32 (MixedPrecisionPolicy) "
+        "instead of autocast.", False)
+    timeout_s: int = doc("Seconds a collective may wait before the job fails instead of hanging.", 600)
 
 
 @dataclass(frozen=True, kw_only=True)

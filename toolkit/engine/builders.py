@@ -28,13 +28,14 @@ class RunShape:
     total_steps: int
 
 
-def build_device(recipe: Recipe) -> torch.device:
+def build_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
+    """The device of this rank: cuda:<local_rank> on GPU machines, else cpu."""
     wanted = recipe.train.device
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available")
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(wanted)
+    device = torch.device(wanted, local_rank) if wanted == "cuda" else torch.device("cpu")
     if recipe.parallel.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"parallel.precision 'fp16' needs a CUDA device (this run is on {device.type}); "
                           "use bf16 or fp32 on CPU")
@@ -95,3 +96,30 @@ def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> Ru
     total_steps = max(1, math.ceil(recipe.train.num_epochs * steps_per_epoch))
     return RunShape(world_size=world_size, batch_size=batch, grad_accum_steps=accum, global_batch_size=global_batch,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def build_engine(recipe: Recipe, backbone: torch.nn.Module, ctx, peak_lr: float):
+    """Wrap the backbone in the recipe's engine, with its optimizer (built after sharding for FSDP2)."""
+    from toolkit.engine import engines
+    from toolkit.engine.optim import build_optimizer
+
+    name = recipe.parallel.engine
+    if name == "single":
+        if ctx.world_size > 1:
+            raise ConfigError(f"parallel.engine 'single' runs one process, but this job has {ctx.world_size} "
+                              "ranks; choose ddp, deepspeed or fsdp")
+        return engines.SingleEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx)
+    if not ctx.is_distributed:
+        raise ConfigError(f"parallel.engine {name!r} needs a process group; start the job with launch/train.py")
+    if name == "ddp":
+        return engines.DDPEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx)
+    if name == "fsdp":
+        return engines.FSDPEngine(recipe, backbone, lambda module: build_optimizer(recipe.optim, [module], peak_lr),
+                                  ctx)
+    if name == "deepspeed":
+        from toolkit.engine.deepspeed_config import build_deepspeed_config
+
+        ds_config = build_deepspeed_config(recipe, world_size=ctx.world_size)
+        return engines.DeepSpeedEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx,
+                                       ds_config)
+    raise ConfigError(f"unknown parallel.engine {name!r}")

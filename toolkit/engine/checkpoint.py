@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from toolkit.errors import CheckpointError
 FORMAT = "facecl-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
-_STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+TRAINER_FILE = "trainer.pt"   # inside a checkpoint folder (engines that write their own files)
+_STEP_ENTRY = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -94,7 +97,8 @@ def _plain_to_python_state(plain: list) -> tuple:
 
 
 class CheckpointFolder:
-    """The checkpoints of one run: step_XXXXXXXX.pt files plus a `latest` text pointer."""
+    """The checkpoints of one run: step_XXXXXXXX.pt files (or step_XXXXXXXX/ folders for engines with
+    per-rank files) plus a `latest` text pointer naming the newest complete one."""
 
     def __init__(self, folder: str | os.PathLike, keep_last: int = 0):
         self.folder = Path(folder)
@@ -103,31 +107,62 @@ class CheckpointFolder:
     def path_for(self, step: int) -> Path:
         return self.folder / f"step_{step:08d}.pt"
 
+    def folder_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}"
+
+    def partial_folder_for(self, step: int) -> Path:
+        """Where the ranks write a folder checkpoint before it is complete (then renamed by commit)."""
+        return self.folder / f".partial-step_{step:08d}"
+
     def save(self, step: int, payload: dict[str, Any]) -> Path:
-        """Write the checkpoint of `step`, point `latest` at it, then prune old ones."""
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **payload}
+        """Write the one-file checkpoint of `step`, point `latest` at it, then prune old ones."""
         path = self.path_for(step)
-        atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
-        atomic_write_bytes(self.folder / LATEST, lambda handle: handle.write(path.name.encode() + b"\n"))
-        self._prune()
+        write_payload(path, step, payload)
+        self._point_latest_and_prune(path)
         return path
 
-    def _prune(self) -> None:
+    def start_folder(self, step: int) -> Path:
+        partial = self.partial_folder_for(step)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        return partial
+
+    def commit_folder(self, step: int) -> Path:
+        """Rename a finished partial folder to its final name (atomic), then update `latest`."""
+        final = self.folder_for(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.partial_folder_for(step), final)
+        _fsync_dir(self.folder)
+        self._point_latest_and_prune(final)
+        return final
+
+    def _point_latest_and_prune(self, path: Path) -> None:
+        atomic_write_bytes(self.folder / LATEST, lambda handle: handle.write(path.name.encode() + b"\n"))
         if self.keep_last <= 0:
             return
-        steps = sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _STEP_FILE.match(p.name)))
-        for step in steps[: -self.keep_last]:
-            self.path_for(step).unlink(missing_ok=True)
+        entries = sorted((int(m.group(1)), p) for p in self.folder.iterdir() if (m := _STEP_ENTRY.match(p.name)))
+        for _, old in entries[: -self.keep_last]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def write_payload(path: Path, step: int, payload: dict[str, Any]) -> None:
+    """Atomically torch.save a tagged checkpoint payload."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **payload}
+    atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file, a checkpoints folder or a run folder -> the checkpoint file to load."""
+    """A checkpoint (file or folder), a checkpoints folder or a run folder -> the checkpoint to load."""
     path = Path(path)
+    if path.is_dir() and (path / TRAINER_FILE).is_file():
+        return path  # one folder checkpoint
     for folder in (path, path / "checkpoints"):
         pointer = folder / LATEST
         if folder.is_dir() and pointer.is_file():
             name = pointer.read_text().strip()
-            if not _STEP_FILE.match(name):
+            if not _STEP_ENTRY.match(name):
                 raise CheckpointError(f"{pointer} does not name a checkpoint file (found {name!r})")
             return folder / name
     if path.is_dir():
@@ -137,17 +172,32 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _load_failure_reason(exc: Exception) -> str:
+    """The informative part of torch.load's error (its first line is generic advice to load unsafely)."""
+    text = str(exc).strip()
+    match = re.search(r"WeightsUnpickler error: (.+)", text)
+    if match:
+        return match.group(1).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and verify a checkpoint of this toolkit; anything else is a one-line CheckpointError."""
-    file = resolve_checkpoint_path(path)
+    entry = resolve_checkpoint_path(path)
+    file = entry / TRAINER_FILE if entry.is_dir() else entry
+    if not file.is_file():
+        raise CheckpointError(f"{entry} is not a FaceCL checkpoint (no {TRAINER_FILE} inside)")
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
+            payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for foreign files: pickle, zip, unpickler errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _load_failure_reason(exc)
         raise CheckpointError(f"{file} is not a FaceCL checkpoint (cannot be loaded safely: {reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a FaceCL checkpoint (no '{FORMAT}' format tag)")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file} has checkpoint format version {payload.get('format_version')}, "
                               f"this toolkit reads version {FORMAT_VERSION}")
+    payload["path"] = str(entry)
     return payload

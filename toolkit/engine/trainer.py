@@ -1,16 +1,23 @@
 # The training loop: micro-steps with accumulation, mixed precision, clipping, logging, eval and checkpoints.
 """Trainer for the two parts of a face-recognition model.
 
-Part 1, the engine part: the backbone (later also projection head and momentum encoder), which an engine
-may wrap (DDP, ZeRO, FSDP). Part 2, the identity-center head with its own optimizer, which no engine
-partitions or averages. Both parts step together on every optimizer step with the same lr schedule.
+Part 1, the engine part: the backbone (later also projection head and momentum encoder), wrapped by the
+recipe's engine (single, DDP, DeepSpeed ZeRO, FSDP2; see engines.py). Part 2, the identity-center head
+with its own optimizer, outside ZeRO/FSDP partitioning and outside the engine's gradient averaging. While
+the head is replicated on every rank its gradients are averaged here, explicitly, once per step. Both
+parts step together on every optimizer step with the same lr schedule.
 
-Precision and clipping policy (one place for both parts):
-- bf16 / fp16 autocast covers the backbone forward; the head computes its loss in fp32.
-- fp16 uses one GradScaler for both parts: the loss is scaled once, both optimizers are unscaled before
-  clipping, and the scaler skips both steps together when any gradient is not finite.
-- Clipping uses the global norm over the parameters of both parts, so one outlier in either part scales
-  the whole update, as if they were one model.
+Precision and clipping policy, the same on every engine:
+- bf16 runs the backbone under autocast (DeepSpeed: its torch_autocast mode) with fp32 parameters; the
+  head computes its loss in fp32.
+- fp16 (GPU only) scales the loss once for both parts: by the engine's GradScaler (single, DDP, FSDP2) or
+  DeepSpeed's loss scaler. The head's gradients are unscaled by the same factor. When any gradient of
+  either part is not finite, both steps are skipped (the engine's skip decides for DeepSpeed, whose step
+  cannot be vetoed from outside: a non-finite head gradient implies a non-finite embedding gradient, which
+  DeepSpeed sees in the backbone).
+- Clipping applies `parallel.clip_grad_norm` to each part by its own gradient norm (DeepSpeed clips its
+  part inside its step and cannot include outside parameters in its norm, so per-part clipping is the one
+  policy every engine can implement identically).
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ import torch
 
 from toolkit.config import Recipe, dump_recipe
 from toolkit.engine import builders
-from toolkit.engine.checkpoint import CheckpointFolder, capture_rng_state, load_checkpoint, restore_rng_state
+from toolkit.distributed import DistributedContext
+from toolkit.engine.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
+                                       restore_rng_state, write_payload)
 from toolkit.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from toolkit.engine.progress import ProgressReporter
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.eval import evaluate_pairs
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass
@@ -62,143 +69,191 @@ def prepare_run_folder(recipe: Recipe) -> Path:
 
 
 class Trainer:
-    """Single-process trainer; the distributed engines plug in behind the same step structure."""
+    """Runs a recipe on one process or one rank of a job; every rank constructs its own Trainer."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, *, device: torch.device | None = None, verbose: bool = True):
+    def __init__(self, recipe: Recipe, run_dir: Path, *, ctx: DistributedContext | None = None,
+                 verbose: bool = True):
         self.recipe = recipe
         self.run_dir = run_dir
-        self.device = device or builders.build_device(recipe)
-        self.verbose = verbose
+        self.ctx = ctx or DistributedContext(device=builders.build_device(recipe))
+        self.device = self.ctx.device
+        self.verbose = verbose and self.ctx.is_main
+        # Same seed on every rank: identical initial weights everywhere, before any engine wraps them.
         torch.manual_seed(recipe.run.seed)
 
         self.train_set = builders.build_train_set(recipe)
         self.num_classes = self.train_set.num_classes
-        self.shape = builders.build_run_shape(recipe, len(self.train_set))
-        self.stream = builders.build_train_stream(recipe, self.train_set, pin_memory=self.device.type == "cuda")
+        self.shape = builders.build_run_shape(recipe, len(self.train_set), self.ctx.world_size)
+        self.stream = builders.build_train_stream(recipe, self.train_set, rank=self.ctx.rank,
+                                                  world_size=self.ctx.world_size,
+                                                  pin_memory=self.device.type == "cuda")
         self.val_pairs = builders.build_val_pairs(recipe)
 
-        self.backbone = builders.build_backbone(recipe).to(self.device)
+        self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
+        backbone = builders.build_backbone(recipe).to(self.device)
         self.head = builders.build_head(recipe, self.num_classes).to(self.device)
-        peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
-        self.backbone_optimizer = build_optimizer(recipe.optim, [self.backbone], peak_lr)
-        self.head_optimizer = build_optimizer(recipe.optim, [self.head], peak_lr)
-        self.optimizers = {"backbone": self.backbone_optimizer, "head": self.head_optimizer}
-        self.schedulers = {name: build_scheduler(opt, self.shape.total_steps, recipe.schedule)
-                           for name, opt in self.optimizers.items()}
-        precision = recipe.parallel.precision
-        self.autocast_dtype = _AUTOCAST_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.engine = builders.build_engine(recipe, backbone, self.ctx, self.peak_lr)
+        self.head_optimizer = build_optimizer(recipe.optim, [self.head], self.peak_lr)
+        self.optimizers = {"backbone": self.engine.optimizer, "head": self.head_optimizer}
+        self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
+                                                       recipe.schedule),
+                           "head": build_scheduler(self.head_optimizer, self.shape.total_steps, recipe.schedule)}
+        self.fp16 = recipe.parallel.precision == "fp16"
         self.checkpoints = CheckpointFolder(run_dir / "checkpoints", recipe.checkpoint.keep_last)
         self.step = 0
         self.result = TrainResult(final_step=0)
+        self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
+        self.num_skipped_steps = 0
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
         """What a checkpoint must match to be resumed by this run."""
         return {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
-                "num_classes": self.num_classes, "image_size": self.recipe.data.image_size}
+                "optimizer": self.recipe.optim.name,
+                "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
+                "engine_format": self.engine.checkpoint_kind if self.engine.checkpoint_kind == "file"
+                else self.engine.name, "world_size": self.ctx.world_size}
 
-    def state_dict(self) -> dict:
+    def _trainer_state(self) -> dict:
+        """Everything but the engine's own files; RNG states of all ranks (collective call)."""
         return {
             "run": self._identity(),
-            "backbone": self.backbone.state_dict(),
+            "engine": self.engine.state_for_file(),
             "head": self.head.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "head_optimizer": self.head_optimizer.state_dict(),
             "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
-            "scaler": self.scaler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng_per_rank": self.ctx.all_gather_objects(capture_rng_state()),
             "data": self.stream.state_dict(),
-            "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations},
+            "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
+                        "skipped_steps": self.num_skipped_steps},
         }
 
-    def load_state_dict(self, state: dict, source: str) -> None:
-        saved = state.get("run", {})
-        for key, expected in self._identity().items():
-            if saved.get(key) != expected:
-                raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
-                                      f"this recipe has {key}={expected!r}")
-        self.backbone.load_state_dict(state["backbone"])
-        self.head.load_state_dict(state["head"])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        for name, sched in self.schedulers.items():
-            sched.load_state_dict(state["schedulers"][name])
-        self.scaler.load_state_dict(state["scaler"])
-        try:
-            self.stream.load_state_dict(state["data"])
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {source}: {exc}") from None
-        restore_rng_state(state["rng"])
-        self.step = int(state["step"])
-        history = state.get("history", {})
-        self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
-        self.result.evaluations = list(history.get("evaluations", []))
-
-    def resume(self, path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
-        self.load_state_dict(payload, str(path))
-        self._say(f"resumed from {path} at step {self.step}")
-
     def save(self) -> Path:
-        path = self.checkpoints.save(self.step, self.state_dict())
+        """Write a checkpoint of the current step (all ranks call this)."""
+        state = self._trainer_state()
+        if self.engine.checkpoint_kind == "file":
+            path = self.checkpoints.save(self.step, state) if self.ctx.is_main else None
+        else:
+            partial = self.checkpoints.start_folder(self.step) if self.ctx.is_main else None
+            partial = self.ctx.broadcast_object(str(partial) if partial else None)
+            self.engine.save_folder(Path(partial))
+            if self.ctx.is_main:
+                write_payload(Path(partial) / TRAINER_FILE, self.step, state)
+            self.ctx.barrier()
+            path = self.checkpoints.commit_folder(self.step) if self.ctx.is_main else None
+        self.ctx.barrier()
         self._say(f"checkpoint saved: {path}")
         return path
 
+    def resume(self, path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        source = payload["path"]
+        saved = payload.get("run", {})
+        for key, expected in self._identity().items():
+            if saved.get(key) != expected:
+                raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
+                                      f"this run has {key}={expected!r}")
+        if self.engine.checkpoint_kind == "folder":
+            self.engine.load_folder(Path(source))
+        self.engine.load_from_file(payload["engine"])
+        self.head.load_state_dict(payload["head"])
+        self.head_optimizer.load_state_dict(payload["head_optimizer"])
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(payload["schedulers"][name])
+        try:
+            self.stream.load_state_dict(payload["data"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {source}: {exc}") from None
+        restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
+        self.step = int(payload["step"])
+        history = payload.get("history", {})
+        self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
+        self.result.evaluations = list(history.get("evaluations", []))
+        self.num_skipped_steps = int(history.get("skipped_steps", 0))
+        self._say(f"resumed from {source} at step {self.step}")
+
     # ----- the step -----------------------------------------------------------------------------------
-    def _parameters(self) -> list[torch.nn.Parameter]:
-        return [p for part in (self.backbone, self.head) for p in part.parameters() if p.requires_grad]
-
     def train_step(self, measure_grad_norm: bool = False) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the step's mean loss (no sync).
+        """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss (no sync).
 
-        The gradient norm (of both parts, after unscaling) is kept in `last_grad_norm` when clipping is on
-        or `measure_grad_norm` is set (logging steps), else None.
+        Gradient norms (before clipping) are kept in `last_grad_norms` when clipping is on or
+        `measure_grad_norm` is set (logging steps).
         """
         accum = self.shape.grad_accum_steps
         step_loss = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro in range(accum):
             images, labels = self.stream.next_batch()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                emb_BD = self.backbone(images)
-            # Each micro-batch's loss is a mean over its samples; dividing by accum makes the accumulated
-            # gradient the mean over all samples of the optimizer step.
-            loss = self.head(emb_BD, labels) / accum
-            self.scaler.scale(loss).backward()
+            emb_BD = self.engine.forward(images)
+            loss = self.head(emb_BD, labels)
+            self.engine.backward(loss, is_last_micro=micro == accum - 1)
             step_loss += loss.detach()
-        for opt in self.optimizers.values():
-            self.scaler.unscale_(opt)
-        self.last_grad_norm = self._clip_or_measure(measure_grad_norm)
-        for opt in self.optimizers.values():
-            self.scaler.step(opt)
-        self.scaler.update()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        self._average_head_gradients()
+        self.engine.unscale_()
+        head_ok = self._unscale_head_gradients(self.engine.loss_scale())
+        if self.fp16 and not head_ok:
+            self.engine.force_skip()
+        max_norm = self.recipe.parallel.clip_grad_norm
+        self.last_grad_norms = {}
+        if max_norm > 0 or measure_grad_norm:
+            self.last_grad_norms["backbone"] = self.engine.clip_grad_norm_(max_norm)
+            self.last_grad_norms["head"] = self._clip_head(max_norm)
+        stepped = self.engine.step()
+        if stepped and head_ok:
+            self.head_optimizer.step()
+        else:
+            self.num_skipped_steps += 1
+        if "backbone" in self.last_grad_norms and self.last_grad_norms["backbone"] is None:
+            self.last_grad_norms["backbone"] = self.engine.grad_norm_after_step()
+        self.engine.zero_grad()
+        self.head_optimizer.zero_grad(set_to_none=True)
         for sched in self.schedulers.values():
             sched.step()
-        return step_loss
+        return step_loss / accum
 
-    def _clip_or_measure(self, measure: bool) -> torch.Tensor | None:
-        max_norm = self.recipe.parallel.clip_grad_norm
+    def _head_grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.head.parameters() if p.grad is not None]
+
+    def _average_head_gradients(self) -> None:
+        """The head is replicated: average its gradients over ranks, as DDP does for the backbone."""
+        if self.ctx.world_size == 1:
+            return
+        grads = self._head_grads()
+        flat = torch._utils._flatten_dense_tensors(grads)
+        self.ctx.all_reduce_mean_(flat)
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+    def _unscale_head_gradients(self, loss_scale: float) -> bool:
+        """Divide the head's gradients by the loss scale; False if they are not finite (fp16 only)."""
+        if not self.fp16:
+            return True
+        grads = self._head_grads()
+        torch._foreach_div_(grads, loss_scale)
+        # A host sync, but fp16 loss scaling needs one per step anyway (the scaler's skip decision).
+        return bool(torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum()))
+
+    def _clip_head(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.head.parameters() if p.grad is not None]
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(self._parameters(), max_norm, foreach=True)
-        if measure:
-            grads = [p.grad for p in self._parameters() if p.grad is not None]
-            return torch.nn.utils.get_total_norm(grads, foreach=True)
-        return None
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    def _grad_norm_for_log(self) -> float:
-        if self.last_grad_norm is not None:
-            return float(self.last_grad_norm)
-        return float("nan")
+    def _grad_norms_for_log(self) -> dict[str, float]:
+        return {f"grad_norm_{part}": float(norm) for part, norm in self.last_grad_norms.items() if norm is not None}
 
     # ----- evaluation and the loop ----------------------------------------------------------------------
     def evaluate(self) -> dict:
-        result = evaluate_pairs(self.backbone, self.val_pairs, self.val_pairs.is_same_P, device=self.device,
-                                batch_size=self.recipe.eval.batch_size, num_folds=self.recipe.eval.num_folds,
-                                autocast_dtype=self.autocast_dtype)
+        """Verification on the held-out pairs; every rank takes part (sharded engines need all ranks)."""
+        self.engine.train(False)
+        try:
+            result = evaluate_pairs(self.engine.forward, self.val_pairs, self.val_pairs.is_same_P,
+                                    device=self.device, batch_size=self.recipe.eval.batch_size,
+                                    num_folds=self.recipe.eval.num_folds, rank=self.ctx.rank,
+                                    world_size=self.ctx.world_size, group=self.ctx.group)
+        finally:
+            self.engine.train(True)
         entry = {"step": self.step, **result.as_dict()}
         self.result.evaluations.append(entry)
         return entry
@@ -207,20 +262,28 @@ class Trainer:
         if self.verbose:
             print(text, flush=True)
 
+    def describe(self) -> None:
+        recipe, shape, ctx = self.recipe, self.shape, self.ctx
+        num_params = sum(p.numel() for p in self.engine.unwrapped().parameters())
+        self._say(f"run folder: {self.run_dir}")
+        self._say(f"engine {recipe.parallel.engine}"
+                  + (f" (ZeRO stage {recipe.parallel.zero_stage})" if recipe.parallel.engine == "deepspeed" else "")
+                  + f" | world size {ctx.world_size} | device {self.device} | precision {recipe.parallel.precision}"
+                  + f" | threads/rank {torch.get_num_threads()}")
+        self._say(f"backbone {recipe.model.backbone}: {num_params / 1e6:.2f}M params (rank 0 shard for sharded "
+                  f"engines) | head: {self.num_classes} classes x {recipe.model.embedding_size}")
+        self._say(f"batch {shape.batch_size}/rank x {shape.world_size} ranks x {shape.grad_accum_steps} accumulation "
+                  f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
+                  f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g}")
+
     def fit(self) -> TrainResult:
         recipe, shape = self.recipe, self.shape
         start_time = time.perf_counter()
-        self._say(f"run folder: {self.run_dir}")
-        self._say(f"backbone {recipe.model.backbone}: {sum(p.numel() for p in self.backbone.parameters()) / 1e6:.2f}M "
-                  f"params | head: {self.num_classes} classes x {recipe.model.embedding_size} | device {self.device} "
-                  f"| precision {recipe.parallel.precision}")
-        self._say(f"batch {shape.batch_size}/rank x {shape.world_size} ranks x {shape.grad_accum_steps} accumulation "
-                  f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
-                  f"{shape.total_steps} steps | peak lr {scaled_lr(recipe.optim, shape.global_batch_size):.4g}")
+        self.describe()
         tb_dir = self.run_dir / "tensorboard" if recipe.run.tensorboard else None
         reporter = ProgressReporter(shape.total_steps, shape.global_batch_size, tb_dir, enabled=self.verbose)
         pending_losses: list[tuple[int, torch.Tensor]] = []
-        self.backbone.train()
+        self.engine.train(True)
         self.head.train()
         try:
             while self.step < shape.total_steps:
@@ -232,12 +295,13 @@ class Trainer:
                 pending_losses.append((self.step, loss))
                 last = self.step == shape.total_steps
                 if will_log:
-                    # The only host sync of the loop: losses of the window are read here, on logging steps.
-                    values = torch.stack([l for _, l in pending_losses]).tolist()
+                    # The only host sync of the loop: the window's losses, averaged over ranks, on log steps.
+                    window = self.ctx.all_reduce_mean_(torch.stack([l for _, l in pending_losses]))
+                    values = window.tolist()
                     self.result.losses.extend((s, v) for (s, _), v in zip(pending_losses, values))
                     pending_losses.clear()
                     reporter.log(self.step, self.step / shape.steps_per_epoch,
-                                 {"loss": values[-1], "lr": lr, "grad_norm": self._grad_norm_for_log()})
+                                 {"loss": values[-1], "lr": lr, **self._grad_norms_for_log()})
                 if (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last:
                     entry = self.evaluate()
                     reporter.log_eval(self.step, "verification",
@@ -253,14 +317,20 @@ class Trainer:
         self.result.wall_time_s = time.perf_counter() - start_time
         return self.result
 
-    def write_results(self) -> Path:
-        """results.json: final verification, every evaluation and the per-step loss curve."""
+    def write_results(self) -> Path | None:
+        """results.json (rank 0): final verification, every evaluation and the per-step loss curve."""
+        if not self.ctx.is_main:
+            return None
         final = self.result.evaluations[-1] if self.result.evaluations else None
         payload = {
             "final_step": self.result.final_step,
             "final_verification": final,
             "evaluations": self.result.evaluations,
             "loss_curve": [{"step": s, "loss": v} for s, v in self.result.losses],
+            "skipped_steps": self.num_skipped_steps,
+            "engine": self.recipe.parallel.engine,
+            "world_size": self.ctx.world_size,
+            "global_batch_size": self.shape.global_batch_size,
             "train_wall_time_s": self.result.wall_time_s,
         }
         path = self.run_dir / "results.json"
@@ -268,7 +338,17 @@ class Trainer:
         return path
 
 
-def write_resolved_recipe(recipe: Recipe, run_dir: Path) -> Path:
-    path = run_dir / "resolved.yaml"
-    path.write_text(dump_recipe(recipe))
-    return path
+def _base_optimizer(optimizer):
+    """The torch optimizer whose param_groups carry the lr (DeepSpeed wraps it in a ZeRO optimizer)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def write_run_files(trainer: Trainer) -> list[Path]:
+    """resolved.yaml, and for DeepSpeed the rendered engine config, into the run folder (rank 0)."""
+    written = [trainer.run_dir / "resolved.yaml"]
+    written[0].write_text(dump_recipe(trainer.recipe))
+    ds_config = getattr(trainer.engine, "ds_config", None)
+    if ds_config is not None:
+        written.append(trainer.run_dir / "deepspeed_config.json")
+        written[-1].write_text(json.dumps(ds_config, indent=1))
+    return written

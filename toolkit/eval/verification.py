@@ -10,6 +10,7 @@ result is the mean and std of the held-out accuracies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,34 +58,44 @@ def verification_accuracy(dist_P: torch.Tensor, is_same_P: torch.Tensor, num_fol
 
 
 @torch.no_grad()
-def flip_sum_embeddings(model: torch.nn.Module, images_NCHW: torch.Tensor) -> torch.Tensor:
+def flip_sum_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], images_NCHW: torch.Tensor) -> torch.Tensor:
     """normalise(f(x) + f(flip(x))): N x D, fp32."""
-    emb_ND = model(images_NCHW).float() + model(images_NCHW.flip(-1)).float()
+    emb_ND = embed(images_NCHW).float() + embed(images_NCHW.flip(-1)).float()
     return F.normalize(emb_ND, dim=1)
 
 
 @torch.no_grad()
-def evaluate_pairs(model: torch.nn.Module, pair_images, is_same_P: torch.Tensor, *, device: torch.device,
-                   batch_size: int = 256, num_folds: int = 10, num_workers: int = 0,
-                   autocast_dtype: torch.dtype | None = None) -> VerificationResult:
+def embed_dataset(embed: Callable[[torch.Tensor], torch.Tensor], images, *, device: torch.device,
+                  batch_size: int = 256, rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
+    """Flip-sum embeddings of every image of `images`, in order: N x D on CPU.
+
+    With several ranks each embeds one contiguous chunk (padded to equal length, because sharded
+    engines need every rank in every forward) and the chunks are all-gathered.
+    """
+    num_images = len(images)
+    chunk = -(-num_images // world_size)
+    my_indices = [min(i, num_images - 1) for i in range(rank * chunk, (rank + 1) * chunk)]
+    subset = torch.utils.data.Subset(images, my_indices)
+    # Own generator: evaluation must not consume the training RNG stream.
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         generator=torch.Generator().manual_seed(0))
+    chunks = [flip_sum_embeddings(embed, batch.to(device, non_blocking=True)) for batch in loader]
+    emb_MD = torch.cat(chunks)  # M = chunk
+    if world_size > 1:
+        gathered = [torch.empty_like(emb_MD) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, emb_MD, group=group)
+        emb_MD = torch.cat(gathered)
+    return emb_MD[:num_images].cpu()
+
+
+def evaluate_pairs(embed: Callable[[torch.Tensor], torch.Tensor], pair_images, is_same_P: torch.Tensor, *,
+                   device: torch.device, batch_size: int = 256, num_folds: int = 10, rank: int = 0,
+                   world_size: int = 1, group=None) -> VerificationResult:
     """Embed the images of `pair_images` (image 2k, 2k+1 = pair k) and run the protocol.
 
-    The model is put in eval mode for the pass and restored afterwards.
+    `embed` maps a batch of images to embeddings; the caller puts the model in eval mode.
     """
-    was_training = model.training
-    model.eval()
-    # Own generator: evaluation must not consume the training RNG stream.
-    loader = torch.utils.data.DataLoader(pair_images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         generator=torch.Generator().manual_seed(0))
-    chunks = []
-    try:
-        for images in loader:
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                chunks.append(flip_sum_embeddings(model, images).cpu())
-    finally:
-        model.train(was_training)
-    emb_ND = torch.cat(chunks)
+    emb_ND = embed_dataset(embed, pair_images, device=device, batch_size=batch_size, rank=rank,
+                           world_size=world_size, group=group)
     dist_P = (emb_ND[0::2] - emb_ND[1::2]).pow(2).sum(dim=1)
     return verification_accuracy(dist_P, is_same_P, num_folds)
