@@ -84,7 +84,9 @@ def init_distributed(recipe):
     device = build_device(recipe, local_rank)
     if device.type == "cpu":
         # Each rank gets its share of the cores: N ranks x all cores would oversubscribe the machine.
-        torch.set_num_threads(max(1, _cpu_cores() // local_world_size))
+        # FACECL_NUM_THREADS overrides the share (e.g. several "nodes" simulated on one machine).
+        threads = int(os.environ.get("FACECL_NUM_THREADS", "0")) or max(1, _cpu_cores() // local_world_size)
+        torch.set_num_threads(threads)
     if engine == "single":
         if world_size > 1:
             raise ConfigError(f"parallel.engine 'single' runs one process, but the launcher started {world_size} "

@@ -116,6 +116,22 @@ class BackboneEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (batch-norm running statistics) over ranks.
+
+        Every rank updates its running statistics from its own batches; only DDP re-broadcasts them each
+        step. Evaluation (each rank embeds part of the set) and checkpoints (one copy is saved and loaded
+        into every rank) need one value on all ranks, so the trainer calls this before both.
+        """
+        if self.ctx.world_size == 1:
+            return
+        buffers = [b for b in self.unwrapped().buffers() if b.is_floating_point()]
+        if buffers:
+            flat = torch._utils._flatten_dense_tensors(buffers)
+            self.ctx.all_reduce_mean_(flat)
+            for buffer, averaged in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
+                buffer.copy_(averaged)
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 

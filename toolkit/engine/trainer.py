@@ -23,6 +23,7 @@ Precision and clipping policy, the same on every engine:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ def prepare_run_folder(recipe: Recipe) -> Path:
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
@@ -130,6 +131,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (all ranks call this)."""
+        self.engine.sync_buffers()
         state = self._trainer_state()
         if self.engine.checkpoint_kind == "file":
             path = self.checkpoints.save(self.step, state) if self.ctx.is_main else None
@@ -246,6 +248,7 @@ class Trainer:
     # ----- evaluation and the loop ----------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Verification on the held-out pairs; every rank takes part (sharded engines need all ranks)."""
+        self.engine.sync_buffers()
         self.engine.train(False)
         try:
             result = evaluate_pairs(self.engine.forward, self.val_pairs, self.val_pairs.is_same_P,
