@@ -345,7 +345,7 @@ def test_wrong_type_from_set_names_the_override(minimal_recipe):
 # ----- required fields -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("section", "key"), [
-    ("run", "name"), ("data", "batch_size"), ("optim", "lr"), ("optim", "name"), ("model", "backbone"),
+    ("run", "name"), ("optim", "lr"), ("optim", "name"), ("model", "backbone"),
     ("train", "num_epochs"),
 ])
 def test_missing_required_key_is_an_error(tmp_path, section, key):
@@ -353,6 +353,13 @@ def test_missing_required_key_is_an_error(tmp_path, section, key):
     del tree[section][key]
     message = load_error(write_yaml(tmp_path / "r.yaml", tree))
     assert f"required key '{section}.{key}' is missing" in message
+
+
+def test_batch_size_has_no_silent_default(tmp_path):
+    tree = minimal()
+    del tree["data"]["batch_size"]
+    message = load_error(write_yaml(tmp_path / "r.yaml", tree))
+    assert "give exactly one of data.batch_size (per rank) and data.global_batch_size" in message
 
 
 @pytest.mark.parametrize("section", ["run", "model", "data", "optim", "train"])
@@ -372,7 +379,7 @@ def test_required_fields_have_no_silent_default():
                 checked += 1
                 assert fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING, (
                     f"{cls.__name__}.{fld.name}")
-    assert checked >= 11  # 5 sections + run.name, model.backbone, data.batch_size, optim.name/lr, train.num_epochs
+    assert checked >= 10  # 5 sections + run.name, model.backbone, optim.name/lr, train.num_epochs
 
 
 # ----- malformed YAML ----------------------------------------------------------------------------------
@@ -410,7 +417,7 @@ def test_malformed_set_value_is_an_error(minimal_recipe):
     ("data.image_size=8", "data.image_size", "8"),
     ("parallel.grad_accum_steps=0", "parallel.grad_accum_steps", "0"),
     ("data.synthetic.num_val_pairs=1010", "data.synthetic.num_val_pairs", "1010"),  # not a multiple of 2 * 10
-    ("data.batch_size=0", "data.batch_size", "0"),
+    ("data.batch_size=-1", "data.batch_size", "-1"),
     ("optim.lr=-0.1", "optim.lr", "-0.1"),
     ("train.num_epochs=0", "train.num_epochs", "0.0"),
     ("model.dropout=1.0", "model.dropout", "1.0"),

@@ -15,7 +15,11 @@ def _require(condition: bool, message: str) -> None:
 def check_recipe(recipe: Recipe) -> Recipe:
     """Raise ConfigError for values that are well-typed but impossible; return the recipe unchanged."""
     data, syn = recipe.data, recipe.data.synthetic
-    _require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
+    _require(data.batch_size >= 0, f"data.batch_size must be positive, got {data.batch_size}")
+    _require(data.global_batch_size >= 0, f"data.global_batch_size must be positive, got {data.global_batch_size}")
+    _require((data.batch_size > 0) != (data.global_batch_size > 0),
+             f"give exactly one of data.batch_size (per rank) and data.global_batch_size (0 = not given); "
+             f"got data.batch_size={data.batch_size}, data.global_batch_size={data.global_batch_size}")
     _require(data.image_size >= 16 and data.image_size % 16 == 0,
              f"data.image_size must be a positive multiple of 16, got {data.image_size}")
     _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")

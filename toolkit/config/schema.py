@@ -77,7 +77,10 @@ class DataConfig:
 
     backend: Literal["synthetic"] = doc("Data source. 'synthetic' is built in; more arrive with the data issue.",
                                         "synthetic")
-    batch_size: int = required("Samples per rank per micro-step.")
+    batch_size: int = doc("Samples per rank per micro-step. Give this or global_batch_size, not both.", 0)
+    global_batch_size: int = doc(
+        "Samples per optimizer step over all ranks; the per-rank batch is derived as global / (ranks x "
+        "grad_accum_steps), which must divide evenly. Give this or batch_size, not both.", 0)
     image_size: int = doc("Square input size; real faces are 112 (a multiple of 16).", 112)
     num_workers: int = doc("DataLoader worker processes per rank (0 = load in the training process).", 2)
     flip: bool = doc("Random horizontal flip augmentation.", True)

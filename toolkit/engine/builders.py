@@ -75,30 +75,37 @@ def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
                           num_identities=syn.num_val_identities, num_pairs=syn.num_val_pairs)
 
 
-def build_train_stream(recipe: Recipe, dataset, *, rank: int = 0, world_size: int = 1,
+def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 0,
                        pin_memory: bool = False) -> ResumableBatchStream:
     try:
-        return ResumableBatchStream(dataset, recipe.data.batch_size, seed=recipe.run.seed,
-                                    num_workers=recipe.data.num_workers, rank=rank, world_size=world_size,
+        return ResumableBatchStream(dataset, shape.batch_size, seed=recipe.run.seed,
+                                    num_workers=recipe.data.num_workers, rank=rank, world_size=shape.world_size,
                                     flip=recipe.data.flip, pin_memory=pin_memory)
     except ValueError as exc:
-        raise ConfigError(f"data.batch_size={recipe.data.batch_size}: {exc}") from None
+        raise ConfigError(f"batch of {shape.batch_size} per rank: {exc}") from None
 
 
 def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> RunShape:
-    batch = recipe.data.batch_size
     accum = recipe.parallel.grad_accum_steps
-    global_batch = batch * accum * world_size
+    if recipe.data.global_batch_size:
+        global_batch = recipe.data.global_batch_size
+        if global_batch % (world_size * accum):
+            raise ConfigError(f"data.global_batch_size={global_batch} does not divide into {world_size} ranks x "
+                              f"parallel.grad_accum_steps={accum}")
+        batch = global_batch // (world_size * accum)
+    else:
+        batch = recipe.data.batch_size
+        global_batch = batch * accum * world_size
     steps_per_epoch = num_samples // global_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"global batch {global_batch} (data.batch_size={batch} x parallel.grad_accum_steps="
+        raise ConfigError(f"global batch {global_batch} ({batch} per rank x parallel.grad_accum_steps="
                           f"{accum} x {world_size} ranks) is larger than the data set ({num_samples} samples)")
     total_steps = max(1, math.ceil(recipe.train.num_epochs * steps_per_epoch))
     return RunShape(world_size=world_size, batch_size=batch, grad_accum_steps=accum, global_batch_size=global_batch,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
-def build_engine(recipe: Recipe, backbone: torch.nn.Module, ctx, peak_lr: float):
+def build_engine(recipe: Recipe, shape: RunShape, backbone: torch.nn.Module, ctx, peak_lr: float):
     """Wrap the backbone in the recipe's engine, with its optimizer (built after sharding for FSDP2)."""
     from toolkit.engine import engines
     from toolkit.engine.optim import build_optimizer
@@ -119,7 +126,7 @@ def build_engine(recipe: Recipe, backbone: torch.nn.Module, ctx, peak_lr: float)
     if name == "deepspeed":
         from toolkit.engine.deepspeed_config import build_deepspeed_config
 
-        ds_config = build_deepspeed_config(recipe, world_size=ctx.world_size)
+        ds_config = build_deepspeed_config(recipe, shape)
         return engines.DeepSpeedEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx,
                                        ds_config)
     raise ConfigError(f"unknown parallel.engine {name!r}")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from toolkit.config.schema import Recipe
+from toolkit.engine.builders import RunShape
 from toolkit.errors import ConfigError
 
 # Sections that would take over what the recipe and the trainer own.
@@ -23,13 +24,12 @@ _FORBIDDEN_SECTIONS = {
 }
 
 
-def render_deepspeed_config(recipe: Recipe, *, world_size: int) -> dict[str, Any]:
+def render_deepspeed_config(recipe: Recipe, shape: RunShape) -> dict[str, Any]:
     par = recipe.parallel
-    batch = recipe.data.batch_size
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": par.grad_accum_steps,
-        "train_batch_size": batch * par.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": shape.batch_size,
+        "gradient_accumulation_steps": shape.grad_accum_steps,
+        "train_batch_size": shape.global_batch_size,
         "gradient_clipping": par.clip_grad_norm,
         "zero_optimization": {"stage": par.zero_stage},
         # A torch optimizer object is passed in (SGD/AdamW from the recipe), which ZeRO calls "untested".
@@ -78,8 +78,8 @@ def merge_user_config(rendered: dict[str, Any], user: dict[str, Any], source: st
     return merged
 
 
-def build_deepspeed_config(recipe: Recipe, *, world_size: int) -> dict[str, Any]:
-    rendered = render_deepspeed_config(recipe, world_size=world_size)
+def build_deepspeed_config(recipe: Recipe, shape: RunShape) -> dict[str, Any]:
+    rendered = render_deepspeed_config(recipe, shape)
     if not recipe.parallel.deepspeed_config:
         return rendered
     path = Path(recipe.parallel.deepspeed_config)

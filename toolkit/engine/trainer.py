@@ -85,15 +85,14 @@ class Trainer:
         self.train_set = builders.build_train_set(recipe)
         self.num_classes = self.train_set.num_classes
         self.shape = builders.build_run_shape(recipe, len(self.train_set), self.ctx.world_size)
-        self.stream = builders.build_train_stream(recipe, self.train_set, rank=self.ctx.rank,
-                                                  world_size=self.ctx.world_size,
+        self.stream = builders.build_train_stream(recipe, self.train_set, self.shape, rank=self.ctx.rank,
                                                   pin_memory=self.device.type == "cuda")
         self.val_pairs = builders.build_val_pairs(recipe)
 
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
         backbone = builders.build_backbone(recipe).to(self.device)
         self.head = builders.build_head(recipe, self.num_classes).to(self.device)
-        self.engine = builders.build_engine(recipe, backbone, self.ctx, self.peak_lr)
+        self.engine = builders.build_engine(recipe, self.shape, backbone, self.ctx, self.peak_lr)
         self.head_optimizer = build_optimizer(recipe.optim, [self.head], self.peak_lr)
         self.optimizers = {"backbone": self.engine.optimizer, "head": self.head_optimizer}
         self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
@@ -334,6 +333,7 @@ class Trainer:
             "engine": self.recipe.parallel.engine,
             "world_size": self.ctx.world_size,
             "global_batch_size": self.shape.global_batch_size,
+            "peak_lr": self.peak_lr,
             "train_wall_time_s": self.result.wall_time_s,
         }
         path = self.run_dir / "results.json"

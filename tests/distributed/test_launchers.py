@@ -1,0 +1,153 @@
+# Launch paths on CPU: deepspeed launcher, two-"node" hostfile run, failing ranks, and bad input.
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, SMOKE_RECIPE
+from tests.distributed.conftest import (check_ok, deepspeed_launcher, free_port, job_env, loss_curve,
+                                        remove_deepspeed_shm_buffers, run_job, torchrun, train_args)
+
+ZERO2 = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_zero2(dist_root):
+    """Reference: the same ZeRO-2 job started by torchrun."""
+    port = free_port()
+    check_ok(run_job(torchrun(2, port), train_args(dist_root, "launch_ref", *ZERO2), port=port))
+    return loss_curve(dist_root / "launch_ref")
+
+
+def test_deepspeed_launcher_two_ranks_matches_torchrun(dist_root, torchrun_zero2):
+    port = free_port()
+    proc = run_job(deepspeed_launcher(2, port), train_args(dist_root, "ds_launcher", *ZERO2), port=port)
+    check_ok(proc)
+    assert "world size 2" in proc.stdout
+    assert loss_curve(dist_root / "ds_launcher") == pytest.approx(torchrun_zero2, rel=1e-6)
+    assert not list(__import__("pathlib").Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_two_nodes_from_a_hostfile_match_one_node(dist_root, tmp_path, torchrun_zero2):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = free_port()
+    procs = []
+    try:
+        for node_rank in (0, 1):
+            args = train_args(dist_root / f"node{node_rank}", "two_nodes", *ZERO2)
+            procs.append(subprocess.Popen(
+                ["bash", "launch/multinode.sh", str(hostfile), str(node_rank), "127.0.0.1", str(port), "--", *args],
+                cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        remove_deepspeed_shm_buffers(port)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    assert "world size 2" in outputs[0]
+    # Node 0 holds rank 0, which writes the results; the losses equal the single-node job's.
+    assert loss_curve(dist_root / "node0" / "two_nodes") == pytest.approx(torchrun_zero2, rel=1e-6)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_failing_rank_stops_the_whole_job(dist_root, launcher):
+    port = free_port()
+    command = torchrun(2, port) if launcher == "torchrun" else deepspeed_launcher(2, port)
+    env = {**job_env(), "FACECL_TEST_FAIL_RANK": "1", "FACECL_TEST_FAIL_STEP": "3"}
+    # Long timeout for collectives: the job must end because the launcher stops it, not by timing out.
+    args = train_args(dist_root, f"fail_{launcher}", "parallel.engine=ddp", "parallel.timeout_s=600")
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([*command, "tests/distributed/fail_on_rank.py", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)
+    finally:
+        remove_deepspeed_shm_buffers(port)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "fails on purpose at step 3" in proc.stdout + proc.stderr
+    assert elapsed < 120, f"job took {elapsed:.0f} s to stop"
+
+
+def run_single(*overrides: str) -> subprocess.CompletedProcess:
+    args = ["--recipe", str(SMOKE_RECIPE)]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, env=job_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3, got 4"),
+    (["parallel.precision=fp16", "train.device=cpu"], "'fp16' needs a CUDA device"),
+    (["parallel.engine=deepspeeed"], "'parallel.engine' must be one of 'single', 'ddp', 'deepspeed', 'fsdp', got "
+                                     "'deepspeeed'"),
+    (["data.batch_size=9000"], "global batch 9000 (9000 per rank x parallel.grad_accum_steps=1 x 1 ranks) is "
+                               "larger than the data set (8000 samples)"),
+    (["data.batch_size=0", "data.global_batch_size=100", "parallel.grad_accum_steps=3"],
+     "data.global_batch_size=100 does not divide into 1 ranks x parallel.grad_accum_steps=3"),
+    (["data.global_batch_size=64"], "give exactly one of data.batch_size"),
+])
+def test_bad_parallel_settings_are_one_line_errors(overrides, expected, tmp_path):
+    proc = run_single(*overrides, f"run.output_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_single_engine_refuses_several_ranks(dist_root):
+    port = free_port()
+    proc = run_job(torchrun(2, port), train_args(dist_root, "single_two", "parallel.engine=single"), port=port)
+    assert proc.returncode != 0
+    assert "parallel.engine 'single' runs one process, but the launcher started 2 ranks" in proc.stderr
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("node1 slots=8\nnode2 slots=x\n", "line 2: 'node2 slots=x' is not 'HOST slots=N'"),
+    ("node1 slots=8\nnode1 slots=8\n", "line 2: host node1 is listed twice"),
+    ("# nothing\n", "lists no hosts"),
+])
+def test_bad_hostfile_is_a_one_line_error(tmp_path, content, expected):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    proc = subprocess.run(["bash", "launch/multinode.sh", str(hostfile), "0", "127.0.0.1", "--", "--recipe", "x"],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_example_hostfile_parses():
+    from toolkit.distributed.hostfile import parse_hostfile
+
+    assert parse_hostfile(REPO / "launch" / "hostfile.example") == {"node1": 8, "node2": 8}
+
+
+def test_a_dying_node_stops_the_other_node(dist_root, tmp_path):
+    """Two launchers (as on two machines): node 1's rank fails, node 0's launcher cannot see it, yet exits."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = free_port()
+    env = {**job_env(), "FACECL_TEST_FAIL_RANK": "1", "FACECL_TEST_FAIL_STEP": "3"}
+    procs = []
+    start = time.monotonic()
+    try:
+        for node_rank in (0, 1):
+            args = train_args(dist_root / f"dying{node_rank}", "dying", "parallel.engine=ddp", "parallel.timeout_s=30")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                 "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 "tests/distributed/fail_on_rank.py", *args],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        remove_deepspeed_shm_buffers(port)
+    elapsed = time.monotonic() - start
+    assert procs[1].returncode != 0 and "fails on purpose" in outputs[1]
+    assert procs[0].returncode != 0, outputs[0][-3000:]
+    assert elapsed < 90, f"{elapsed:.0f} s"
