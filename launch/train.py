@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
                   f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs after "
                   f"{result.final_step} steps", flush=True)
+        # Everyone finishes the last collective work before the group goes away; tearing it down while a
+        # peer still uses it can abort the peer at exit.
+        ctx.barrier()
     finally:
         if ctx.is_distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

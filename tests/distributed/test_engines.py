@@ -23,8 +23,7 @@ def full_and_resumed(engine: str, root) -> dict:
         port = free_port()
         full = run_job(torchrun(2, port), train_args(root, f"{engine}_full", *overrides), port=port)
         check_ok(full)
-        checkpoint = root / f"{engine}_full" / "checkpoints" / (
-            f"step_{RESUME_STEP:08d}" + (".pt" if engine == "ddp" else ""))
+        checkpoint = root / f"{engine}_full" / "checkpoints" / f"step_{RESUME_STEP:08d}"  # a folder: one shard per rank
         port = free_port()
         resumed = run_job(torchrun(2, port), [*train_args(root, f"{engine}_resumed", *overrides),
                                               "--resume", str(checkpoint)], port=port)

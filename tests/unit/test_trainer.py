@@ -114,8 +114,12 @@ def test_checkpoint_holds_everything_needed(tiny_recipe):
     trainer.fit()
     payload = load_checkpoint(trainer.run_dir)
     assert payload["step"] == 3
-    for key in ("engine", "head", "head_optimizer", "schedulers", "rng_per_rank", "data", "history"):
+    for key in ("engine", "head_shards", "schedulers", "rng_per_rank", "data", "history"):
         assert key in payload
+    (shard,) = payload["head_shards"]
+    assert (shard["class_start"], shard["class_count"], shard["num_classes"]) == (0, 12, 12)
+    assert torch.equal(shard["centers"], trainer.head.centers_CD.detach())
+    assert "momentum_buffer" in shard["optimizer_state"]
     for key in ("backbone", "optimizer", "scaler"):  # single/DDP: the backbone travels in the same file
         assert key in payload["engine"]
     assert len(payload["rng_per_rank"]) == 1

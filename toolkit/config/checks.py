@@ -40,6 +40,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
     _require(head.scale > 0, f"head.scale must be positive, got {head.scale}")
     _require(head.margin_m1 >= 1.0, f"head.margin_m1 must be >= 1 (1 disables it), got {head.margin_m1}")
     _require(0.0 <= head.margin_m2 < 3.1416, f"head.margin_m2 must be in [0, pi), got {head.margin_m2}")
+    _require(0.0 < head.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {head.sample_rate}")
+    _require(0.0 <= head.interclass_filter < 1.0,
+             f"head.interclass_filter must be in [0, 1) (0 disables), got {head.interclass_filter}")
+    _require(head.lr_multiplier > 0, f"head.lr_multiplier must be positive, got {head.lr_multiplier}")
     optim = recipe.optim
     _require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
     _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")

@@ -1,7 +1,11 @@
-# Markdown reference of every recipe key, generated from the schema's doc lines (`python -m toolkit.config.reference`).
+# Markdown reference of every recipe key from the schema's doc lines (`python -m toolkit.config.reference --update`).
 """The README's recipe reference is this module's output; a test keeps the two identical."""
 
 from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
 
 from toolkit.config.loader import describe_schema
 
@@ -16,5 +20,17 @@ def recipe_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_readme(path: Path) -> None:
+    """Rewrite the block between the recipe-reference markers of `path`."""
+    text = path.read_text()
+    pattern = re.compile(r"(<!-- recipe-reference:begin -->\n).*(<!-- recipe-reference:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no recipe-reference markers")
+    path.write_text(pattern.sub(lambda m: m.group(1) + recipe_reference_markdown() + m.group(2), text))
+
+
 if __name__ == "__main__":
-    print(recipe_reference_markdown(), end="")
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(recipe_reference_markdown(), end="")

@@ -56,6 +56,15 @@ class HeadConfig:
     margin_m1: float = doc("Multiplicative angular margin m1 (SphereFace); 1.0 disables it.", 1.0)
     margin_m2: float = doc("Additive angular margin m2 (ArcFace uses 0.5).", 0.0)
     margin_m3: float = doc("Additive cosine margin m3 (CosFace uses 0.4).", 0.4)
+    sample_rate: float = doc(
+        "Partial FC: share of each rank's classes used per step (all positives of the global batch plus random "
+        "negatives up to int(sample_rate * local classes)); 1.0 uses every class.", 1.0)
+    interclass_filter: float = doc(
+        "Zero negative cosines above this value (likely duplicate identities in noisy data; 0.4 in the "
+        "WebFace42M reference configs); 0 disables.", 0.0)
+    optimizer: Literal["same", "sgd", "adamw"] = doc(
+        "Optimizer of the center shards: 'same' as optim.name, or sgd / adamw (other settings from optim).", "same")
+    lr_multiplier: float = doc("The centers' lr is the backbone's lr times this.", 1.0)
 
 
 @dataclass(frozen=True, kw_only=True)

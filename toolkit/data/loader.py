@@ -73,12 +73,18 @@ class ResumableBatchStream:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
                 "world_size": self.world_size, "batch_size": self.batch_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size"):
+    def load_state_dict(self, state: dict, allow_world_size_change: bool = False) -> None:
+        """Continue from a saved position. With another world size (allowed on request) the position is
+        converted through the number of samples consumed in the epoch: same epoch, not the same samples."""
+        keys = ("seed", "batch_size") if allow_world_size_change else ("seed", "world_size", "batch_size")
+        for key in keys:
             if state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {key}={state[key]}, this run has "
                                  f"{key}={getattr(self, key)}; exact resume needs the same value")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if state["world_size"] != self.world_size:
+            consumed = self.batch_in_epoch * state["batch_size"] * state["world_size"]
+            self.batch_in_epoch = min(consumed // (self.batch_size * self.world_size), self.batches_per_epoch)
         self._iterator = None
 
     def _start_epoch(self) -> Iterator:

@@ -12,7 +12,8 @@ import torch
 from toolkit.config.schema import Recipe
 from toolkit.data import ResumableBatchStream, SyntheticFaces, SyntheticPairs, SyntheticTrainSet
 from toolkit.errors import ConfigError
-from toolkit.heads import IdentityCenterHead, Margin
+from toolkit.heads import Margin
+from toolkit.heads.partial_fc import ShardedIdentityCenterHead
 from toolkit.models import create_backbone
 
 
@@ -53,8 +54,23 @@ def build_margin(recipe: Recipe) -> Margin:
     return Margin(scale=cfg.scale, m1=cfg.margin_m1, m2=cfg.margin_m2, m3=cfg.margin_m3)
 
 
-def build_head(recipe: Recipe, num_classes: int) -> IdentityCenterHead:
-    return IdentityCenterHead(num_classes, recipe.model.embedding_size, build_margin(recipe))
+def build_head(recipe: Recipe, num_classes: int, ctx) -> ShardedIdentityCenterHead:
+    """This rank's shard of the identity centers (all of them on one process)."""
+    cfg = recipe.head
+    if num_classes < ctx.world_size:
+        raise ConfigError(f"{num_classes} classes cannot be sharded over {ctx.world_size} ranks")
+    return ShardedIdentityCenterHead(num_classes, recipe.model.embedding_size, build_margin(recipe), rank=ctx.rank,
+                                     world_size=ctx.world_size, group=ctx.group, sample_rate=cfg.sample_rate,
+                                     interclass_filter=cfg.interclass_filter)
+
+
+def build_head_optimizer(recipe: Recipe, head: torch.nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+    from dataclasses import replace
+
+    from toolkit.engine.optim import build_optimizer
+
+    cfg = recipe.optim if recipe.head.optimizer == "same" else replace(recipe.optim, name=recipe.head.optimizer)
+    return build_optimizer(cfg, [head], peak_lr * recipe.head.lr_multiplier)
 
 
 def build_synthetic_faces(recipe: Recipe) -> SyntheticFaces:

@@ -187,6 +187,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     file = entry / TRAINER_FILE if entry.is_dir() else entry
     if not file.is_file():
         raise CheckpointError(f"{entry} is not a FaceCL checkpoint (no {TRAINER_FILE} inside)")
+    payload = read_payload(file, map_location)
+    payload["path"] = str(entry)
+    return payload
+
+
+def read_payload(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load(weights_only=True) of one tagged file of a checkpoint; CheckpointError otherwise."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
@@ -199,5 +206,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file} has checkpoint format version {payload.get('format_version')}, "
                               f"this toolkit reads version {FORMAT_VERSION}")
-    payload["path"] = str(entry)
     return payload

@@ -2,10 +2,16 @@
 """Trainer for the two parts of a face-recognition model.
 
 Part 1, the engine part: the backbone (later also projection head and momentum encoder), wrapped by the
-recipe's engine (single, DDP, DeepSpeed ZeRO, FSDP2; see engines.py). Part 2, the identity-center head
-with its own optimizer, outside ZeRO/FSDP partitioning and outside the engine's gradient averaging. While
-the head is replicated on every rank its gradients are averaged here, explicitly, once per step. Both
-parts step together on every optimizer step with the same lr schedule.
+recipe's engine (single, DDP, DeepSpeed ZeRO, FSDP2; see engines.py). Part 2, the identity-center head:
+centers sharded over the ranks (Partial FC, heads/partial_fc.py) with their own optimizer, outside
+ZeRO/FSDP partitioning and outside the engine's gradient averaging: each rank steps only its own shard.
+Both parts step together on every optimizer step with the same lr schedule.
+
+The factor of W between the two parts: the engine averages the backbone's gradients over the W ranks, as
+is right for a per-rank mean loss. The sharded head's loss is already the mean over the global batch, so
+its gradient for this rank's embeddings is 1/W of a per-rank mean's. The trainer multiplies the
+embedding gradient by W (`scale_gradient`) so that, after the engine's averaging, the backbone gets
+exactly the gradient of the global-mean loss, the same as a single process on the whole batch.
 
 Precision and clipping policy, the same on every engine:
 - bf16 runs the backbone under autocast (DeepSpeed: its torch_autocast mode) with fp32 parameters; the
@@ -15,9 +21,10 @@ Precision and clipping policy, the same on every engine:
   either part is not finite, both steps are skipped (the engine's skip decides for DeepSpeed, whose step
   cannot be vetoed from outside: a non-finite head gradient implies a non-finite embedding gradient, which
   DeepSpeed sees in the backbone).
-- Clipping applies `parallel.clip_grad_norm` to each part by its own gradient norm (DeepSpeed clips its
-  part inside its step and cannot include outside parameters in its norm, so per-part clipping is the one
-  policy every engine can implement identically).
+- Clipping applies `parallel.clip_grad_norm` to each part (backbone, head) by its own gradient norm
+  (the head's norm is taken over all shards). DeepSpeed clips its part inside its step and cannot include
+  outside parameters in its norm, so per-part clipping is the one policy every engine can implement
+  identically.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from toolkit.config import Recipe, dump_recipe
 from toolkit.engine import builders
 from toolkit.distributed import DistributedContext
 from toolkit.engine.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
-                                       restore_rng_state, write_payload)
-from toolkit.engine.optim import build_optimizer, build_scheduler, scaled_lr
+                                       read_payload, restore_rng_state, write_payload)
+from toolkit.engine.optim import build_scheduler, scaled_lr
+from toolkit.heads.shard_checkpoint import load_shards_into, shard_payload
 from toolkit.engine.progress import ProgressReporter
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.eval import evaluate_pairs
@@ -91,14 +99,20 @@ class Trainer:
 
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
         backbone = builders.build_backbone(recipe).to(self.device)
-        self.head = builders.build_head(recipe, self.num_classes).to(self.device)
+        # The shards are drawn from a per-rank stream, so that rank r's initial centers do not depend on
+        # how many classes other ranks hold (2M x 512 must never be drawn whole on one rank).
+        torch.manual_seed(recipe.run.seed * 1_000_003 + 17 + self.ctx.rank)
+        self.head = builders.build_head(recipe, self.num_classes, self.ctx).to(self.device)
+        torch.manual_seed(recipe.run.seed)
         self.engine = builders.build_engine(recipe, self.shape, backbone, self.ctx, self.peak_lr)
-        self.head_optimizer = build_optimizer(recipe.optim, [self.head], self.peak_lr)
+        self.head_optimizer = builders.build_head_optimizer(recipe, self.head, self.peak_lr)
         self.optimizers = {"backbone": self.engine.optimizer, "head": self.head_optimizer}
         self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
                                                        recipe.schedule),
                            "head": build_scheduler(self.head_optimizer, self.shape.total_steps, recipe.schedule)}
         self.fp16 = recipe.parallel.precision == "fp16"
+        # One file only for a single process; with several ranks every rank writes its center shard.
+        self.checkpoint_in_folder = self.engine.checkpoint_kind == "folder" or self.ctx.world_size > 1
         self.checkpoints = CheckpointFolder(run_dir / "checkpoints", recipe.checkpoint.keep_last)
         self.step = 0
         self.result = TrainResult(final_step=0)
@@ -107,20 +121,22 @@ class Trainer:
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
-        """What a checkpoint must match to be resumed by this run."""
-        return {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
-                "optimizer": self.recipe.optim.name,
-                "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
-                "engine_format": self.engine.checkpoint_kind if self.engine.checkpoint_kind == "file"
-                else self.engine.name, "world_size": self.ctx.world_size}
+        """What a checkpoint must match to be resumed by this run. The world size may change (the center
+        shards and FSDP2's DCP files reshard) except for DeepSpeed, whose ZeRO files are per rank."""
+        identity = {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
+                    "optimizer": self.recipe.optim.name, "head_optimizer": self.head_optimizer.__class__.__name__,
+                    "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
+                    "engine_format": self.engine.name if self.engine.checkpoint_kind == "folder" else "file"}
+        if self.engine.name == "deepspeed":
+            identity["world_size"] = self.ctx.world_size
+        return identity
 
     def _trainer_state(self) -> dict:
         """Everything but the engine's own files; RNG states of all ranks (collective call)."""
         return {
             "run": self._identity(),
             "engine": self.engine.state_for_file(),
-            "head": self.head.state_dict(),
-            "head_optimizer": self.head_optimizer.state_dict(),
+            "world_size": self.ctx.world_size,
             "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
             "rng_per_rank": self.ctx.all_gather_objects(capture_rng_state()),
             "data": self.stream.state_dict(),
@@ -132,12 +148,15 @@ class Trainer:
         """Write a checkpoint of the current step (all ranks call this)."""
         self.engine.sync_buffers()
         state = self._trainer_state()
-        if self.engine.checkpoint_kind == "file":
-            path = self.checkpoints.save(self.step, state) if self.ctx.is_main else None
+        shard = shard_payload(self.head, self.head_optimizer)
+        if not self.checkpoint_in_folder:
+            path = self.checkpoints.save(self.step, {**state, "head_shards": [shard]})
         else:
             partial = self.checkpoints.start_folder(self.step) if self.ctx.is_main else None
             partial = self.ctx.broadcast_object(str(partial) if partial else None)
-            self.engine.save_folder(Path(partial))
+            if self.engine.checkpoint_kind == "folder":
+                self.engine.save_folder(Path(partial))
+            write_payload(Path(partial) / head_shard_file(self.ctx.rank), self.step, shard)
             if self.ctx.is_main:
                 write_payload(Path(partial) / TRAINER_FILE, self.step, state)
             self.ctx.barrier()
@@ -157,15 +176,20 @@ class Trainer:
         if self.engine.checkpoint_kind == "folder":
             self.engine.load_folder(Path(source))
         self.engine.load_from_file(payload["engine"])
-        self.head.load_state_dict(payload["head"])
-        self.head_optimizer.load_state_dict(payload["head_optimizer"])
+        load_shards_into(self.head, self.head_optimizer, self._saved_head_shards(payload, Path(source)), source)
         for name, sched in self.schedulers.items():
             sched.load_state_dict(payload["schedulers"][name])
+        saved_world = int(payload.get("world_size", self.ctx.world_size))
         try:
-            self.stream.load_state_dict(payload["data"])
+            self.stream.load_state_dict(payload["data"], allow_world_size_change=True)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {source}: {exc}") from None
-        restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
+        if saved_world == self.ctx.world_size:
+            restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
+        else:
+            self._say(f"warning: checkpoint {source} was written by {saved_world} ranks, this job has "
+                      f"{self.ctx.world_size}: the center shards are resharded exactly; the data order continues "
+                      f"from the same epoch position, but not sample for sample")
         self.step = int(payload["step"])
         history = payload.get("history", {})
         self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
@@ -187,10 +211,9 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             emb_BD = self.engine.forward(images)
-            loss = self.head(emb_BD, labels)
+            loss = self.head(scale_gradient(emb_BD, self.ctx.world_size), labels)
             self.engine.backward(loss, is_last_micro=micro == accum - 1)
             step_loss += loss.detach()
-        self._average_head_gradients()
         self.engine.unscale_()
         head_ok = self._unscale_head_gradients(self.engine.loss_scale())
         if self.fp16 and not head_ok:
@@ -213,33 +236,40 @@ class Trainer:
             sched.step()
         return step_loss / accum
 
+    def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
+        if "head_shards" in payload:
+            return payload["head_shards"]
+        files = sorted(source.glob("head_rank*.pt"))
+        if not files:
+            raise CheckpointError(f"checkpoint {source} holds no center shards (head_rank*.pt)")
+        return [read_payload(file) for file in files]
+
     def _head_grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.head.parameters() if p.grad is not None]
 
-    def _average_head_gradients(self) -> None:
-        """The head is replicated: average its gradients over ranks, as DDP does for the backbone."""
-        if self.ctx.world_size == 1:
-            return
-        grads = self._head_grads()
-        flat = torch._utils._flatten_dense_tensors(grads)
-        self.ctx.all_reduce_mean_(flat)
-        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(averaged)
-
     def _unscale_head_gradients(self, loss_scale: float) -> bool:
-        """Divide the head's gradients by the loss scale; False if they are not finite (fp16 only)."""
+        """Divide the head's gradients by the loss scale; False if any shard's are not finite (fp16 only)."""
         if not self.fp16:
             return True
         grads = self._head_grads()
         torch._foreach_div_(grads, loss_scale)
         # A host sync, but fp16 loss scaling needs one per step anyway (the scaler's skip decision).
-        return bool(torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum()))
+        bad = (~torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum())).float()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=self.ctx.group)
+        return not bool(bad)
 
     def _clip_head(self, max_norm: float) -> torch.Tensor:
-        params = [p for p in self.head.parameters() if p.grad is not None]
+        """Clip the head by its norm over all shards; returns that norm before clipping."""
+        grads = self._head_grads()
+        norm_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(norm_sq, group=self.ctx.group)
+        norm = norm_sq.sqrt()
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coefficient)
+        return norm
 
     def _grad_norms_for_log(self) -> dict[str, float]:
         return {f"grad_norm_{part}": float(norm) for part, norm in self.last_grad_norms.items() if norm is not None}
@@ -319,6 +349,10 @@ class Trainer:
         self.result.wall_time_s = time.perf_counter() - start_time
         return self.result
 
+    def gather_head_shards(self) -> list[dict]:
+        """Every rank's center shard and optimizer state, on every rank (for tests and small exports)."""
+        return self.ctx.all_gather_objects(shard_payload(self.head, self.head_optimizer))
+
     def write_results(self) -> Path | None:
         """results.json (rank 0): final verification, every evaluation and the per-step loss curve."""
         if not self.ctx.is_main:
@@ -339,6 +373,26 @@ class Trainer:
         path = self.run_dir / "results.json"
         path.write_text(json.dumps(payload, indent=1))
         return path
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in forward; multiplies the gradient by `factor` in backward."""
+    return tensor if factor == 1 else _ScaleGradient.apply(tensor, factor)
+
+
+def head_shard_file(rank: int) -> str:
+    return f"head_rank{rank:05d}.pt"
 
 
 def _base_optimizer(optimizer):

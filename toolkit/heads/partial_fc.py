@@ -1,0 +1,151 @@
+# Model-parallel identity-center layer (Partial FC): centers sharded over ranks, margin softmax across ranks.
+"""The identity-center layer at WebFace42M scale.
+
+Rank r of the model-parallel group owns a contiguous range of classes (`shard_range`). Per step:
+
+1. embeddings (B x D per rank) are all-gathered to N = W*B rows (backward: reduce-scatter, exact gradients);
+   labels are all-gathered;
+2. sampling (sample_rate < 1): every class of this shard that is a positive in the gathered batch is kept,
+   random negatives fill up to int(sample_rate * num_local); labels are remapped to the kept columns;
+3. local cosine logits N x S against the (kept) local centers; optional inter-class filtering zeroes
+   negative cosines above a threshold; the margin goes on the target entries this rank owns; times scale;
+4. softmax cross-entropy across ranks: row max by all-reduce(MAX), sum of exp by all-reduce(SUM), target
+   logit from the owner (all-reduce SUM of the owner's value); loss = mean over the N rows, the same
+   value on every rank.
+
+The gradients are exactly those of that loss: the centers' gradient is this shard's part of the full
+gradient, and each rank's embedding rows get their full gradient (summed over shards, no factor of W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.distributed.collectives import all_gather_no_grad, all_gather_with_grad, all_reduce_
+from toolkit.heads.margin import Margin, apply_margin_to_target
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    """Classes [start, start + count) of `num_classes`, owned by one rank."""
+
+    start: int
+    count: int
+    num_classes: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> ShardRange:
+    """Contiguous split; the first num_classes % world_size ranks own one class more."""
+    if num_classes < world_size:
+        raise ValueError(f"{num_classes} classes cannot be split over {world_size} ranks")
+    base, extra = divmod(num_classes, world_size)
+    count = base + (1 if rank < extra else 0)
+    start = rank * base + min(rank, extra)
+    return ShardRange(start, count, num_classes)
+
+
+class _DistributedSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of rows whose columns are spread over ranks.
+
+    logits_NS: this rank's columns of every row; local_target_N: the row's target column on this rank, or -1
+    when another rank owns it. Backward: (softmax - onehot) / N, computed from the saved probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, group) -> torch.Tensor:
+        num_rows = logits_NS.shape[0]
+        row_max_N = logits_NS.max(dim=1).values if logits_NS.shape[1] else torch.full(
+            (num_rows,), float("-inf"), device=logits_NS.device)
+        all_reduce_(row_max_N, dist.ReduceOp.MAX, group)
+        probs_NS = torch.exp(logits_NS - row_max_N[:, None])
+        sum_exp_N = probs_NS.sum(dim=1)
+        all_reduce_(sum_exp_N, dist.ReduceOp.SUM, group)
+        probs_NS.div_(sum_exp_N[:, None])
+        owned_N = local_target_N >= 0
+        rows = torch.nonzero(owned_N, as_tuple=True)[0]
+        target_logit_N = torch.zeros(num_rows, dtype=logits_NS.dtype, device=logits_NS.device)
+        target_logit_N[rows] = logits_NS[rows, local_target_N[rows]]
+        all_reduce_(target_logit_N, dist.ReduceOp.SUM, group)
+        loss_N = torch.log(sum_exp_N) + row_max_N - target_logit_N
+        ctx.save_for_backward(probs_NS, local_target_N)
+        return loss_N.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs_NS, local_target_N = ctx.saved_tensors
+        num_rows = probs_NS.shape[0]
+        grad_NS = probs_NS.clone()
+        rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
+        grad_NS[rows, local_target_N[rows]] -= 1.0
+        grad_NS.mul_(grad_loss / num_rows)
+        return grad_NS, None, None
+
+
+class ShardedIdentityCenterHead(nn.Module):
+    """This rank's shard of the class centers (count x D, fp32, N(0, 0.01)) and the distributed margin loss."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: Margin, *, rank: int = 0, world_size: int = 1,
+                 group=None, sample_rate: float = 1.0, interclass_filter: float = 0.0):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.shard = shard_range(num_classes, world_size, rank)
+        self.num_classes = num_classes
+        self.margin = margin
+        self.group = group if world_size > 1 else None
+        self.sample_rate = sample_rate
+        self.interclass_filter = interclass_filter
+        self.num_sampled = max(1, int(sample_rate * self.shard.count))
+        self.centers_CD = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
+        self.last_sampled_classes: torch.Tensor | None = None  # global ids of the kept columns (for tests, plans)
+
+    def sample_classes(self, labels_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept local column indices S, local target column per row or -1): positives first, then negatives."""
+        in_shard_N = (labels_N >= self.shard.start) & (labels_N < self.shard.end)
+        local_label_N = torch.where(in_shard_N, labels_N - self.shard.start, torch.full_like(labels_N, -1))
+        if self.num_sampled >= self.shard.count:
+            return torch.arange(self.shard.count, device=labels_N.device), local_label_N
+        positives = torch.unique(local_label_N[in_shard_N])
+        # Random scores in [0, 1) for every local class, 2 for positives: top-k keeps all positives first.
+        scores_C = torch.rand(self.shard.count, device=labels_N.device)
+        scores_C[positives] = 2.0
+        num_keep = max(self.num_sampled, positives.numel())
+        kept_S = torch.topk(scores_C, k=num_keep, sorted=False).indices.sort().values
+        remap_C = torch.full((self.shard.count,), -1, dtype=torch.long, device=labels_N.device)
+        remap_C[kept_S] = torch.arange(num_keep, device=labels_N.device)
+        local_target_N = torch.where(in_shard_N, remap_C[local_label_N.clamp(min=0)], local_label_N)
+        return kept_S, local_target_N
+
+    def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Mean margin-softmax loss over the gathered batch; identical on every rank of the group."""
+        with torch.autocast(device_type=emb_BD.device.type, enabled=False):
+            emb_ND = all_gather_with_grad(emb_BD.float(), self.group)
+            labels_N = all_gather_no_grad(labels_B, self.group)
+            kept_S, local_target_N = self.sample_classes(labels_N)
+            self.last_sampled_classes = kept_S + self.shard.start
+            centers_SD = self.centers_CD if kept_S.numel() == self.shard.count else self.centers_CD[kept_S]
+            cos_NS = F.normalize(emb_ND, dim=1) @ F.normalize(centers_SD, dim=1).t()
+            rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
+            cols = local_target_N[rows]
+            if self.interclass_filter > 0:
+                # Negatives more similar than the threshold are likely label noise (the same person
+                # under two identities): their cosine is zeroed, targets are kept.
+                too_close_NS = cos_NS.detach() > self.interclass_filter
+                too_close_NS[rows, cols] = False
+                cos_NS = cos_NS.masked_fill(too_close_NS, 0.0)
+            target = apply_margin_to_target(cos_NS[rows, cols], self.margin)
+            logits_NS = cos_NS.index_put((rows, cols), target) * self.margin.scale
+            return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"classes [{self.shard.start}, {self.shard.end}) of {self.num_classes}, "
+                f"embedding_size={self.centers_CD.shape[1]}, sample_rate={self.sample_rate}, margin={self.margin}")
