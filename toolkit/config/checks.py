@@ -44,6 +44,22 @@ def check_recipe(recipe: Recipe) -> Recipe:
     _require(0.0 <= head.interclass_filter < 1.0,
              f"head.interclass_filter must be in [0, 1) (0 disables), got {head.interclass_filter}")
     _require(head.lr_multiplier > 0, f"head.lr_multiplier must be positive, got {head.lr_multiplier}")
+    _require(head.weight >= 0, f"head.weight must be >= 0, got {head.weight}")
+    con = recipe.contrastive
+    _require(con.weight >= 0, f"contrastive.weight must be >= 0, got {con.weight}")
+    _require(head.weight > 0 or con.weight > 0,
+             "head.weight and contrastive.weight are both 0: at least one objective must be on")
+    _require(con.queue_size >= 0, f"contrastive.queue_size must be >= 0, got {con.queue_size}")
+    _require(con.temperature > 0, f"contrastive.temperature must be positive, got {con.temperature}")
+    _require(0.0 <= con.momentum < 1.0, f"contrastive.momentum must be in [0, 1), got {con.momentum}")
+    _require(con.projection_dim > 0, f"contrastive.projection_dim must be positive, got {con.projection_dim}")
+    _require(data.samples_per_label >= 1, f"data.samples_per_label must be >= 1, got {data.samples_per_label}")
+    views = data.views
+    for name, p in (("color_jitter_p", views.color_jitter_p), ("grayscale_p", views.grayscale_p),
+                    ("blur_p", views.blur_p)):
+        _require(0.0 <= p <= 1.0, f"data.views.{name} must be a probability in [0, 1], got {p}")
+    _require(0 < views.blur_sigma[0] <= views.blur_sigma[1],
+             f"data.views.blur_sigma must be (low, high) with 0 < low <= high, got {list(views.blur_sigma)}")
     optim = recipe.optim
     _require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
     _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")

@@ -65,6 +65,43 @@ class HeadConfig:
     optimizer: Literal["same", "sgd", "adamw"] = doc(
         "Optimizer of the center shards: 'same' as optim.name, or sgd / adamw (other settings from optim).", "same")
     lr_multiplier: float = doc("The centers' lr is the backbone's lr times this.", 1.0)
+    weight: float = doc("w_id: weight of the margin-softmax loss in the total loss; 0 disables the head.", 1.0)
+    implementation: Literal["auto", "reference", "fused", "fused_linear"] = doc(
+        "Loss implementation: plain-PyTorch reference, fused kernel on the logits, fused linear kernel (never "
+        "materialises the logits), or auto (fused when the extension is built).", "reference")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContrastiveConfig:
+    """UniMoCo: momentum key encoder, label-aware queue, unified contrastive loss (UniCon)."""
+
+    weight: float = doc("w_con: weight of the UniCon loss in the total loss; 0 disables UniMoCo.", 0.0)
+    queue_size: int = doc("Keys K in the queue; a multiple of the global batch.", 65536)
+    temperature: float = doc("Softmax temperature T of the similarities.", 0.07)
+    margin: float = doc("Margin added to the negatives' similarities.", 0.0)
+    momentum: float = doc("Key-encoder EMA momentum m (key = m * key + (1 - m) * query).", 0.999)
+    momentum_schedule: Literal["constant", "cosine"] = doc(
+        "'cosine' raises the momentum from `momentum` to 1 over the run (BYOL-style).", "constant")
+    projection: Literal["linear", "mlp"] = doc("Projection head after the backbone embedding.", "mlp")
+    projection_dim: int = doc("Output dimension of the projection head.", 128)
+    projection_hidden: int = doc("Hidden width of the MLP projection head.", 2048)
+    key_bn: Literal["shuffle", "sync"] = doc(
+        "Key-encoder batch norm across ranks: MoCo's shuffle-BN or SyncBN.", "shuffle")
+    implementation: Literal["auto", "reference", "fused"] = doc(
+        "UniCon implementation: plain-PyTorch reference, fused kernel, or auto.", "reference")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewsConfig:
+    """The two augmented views of UniMoCo (MoCo v2 without random crop)."""
+
+    color_jitter: tuple[float, float, float, float] = doc("Brightness, contrast, saturation, hue strengths.",
+                                                          (0.4, 0.4, 0.4, 0.1))
+    color_jitter_p: float = doc("Probability of colour jitter.", 0.8)
+    grayscale_p: float = doc("Probability of converting to grayscale.", 0.2)
+    blur_sigma: tuple[float, float] = doc("Range of the Gaussian blur sigma (pixels at 112x112).", (0.1, 2.0))
+    blur_p: float = doc("Probability of Gaussian blur.", 0.5)
+    flip: bool = doc("Random horizontal flip.", True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +130,10 @@ class DataConfig:
     image_size: int = doc("Square input size; real faces are 112 (a multiple of 16).", 112)
     num_workers: int = doc("DataLoader worker processes per rank (0 = load in the training process).", 2)
     flip: bool = doc("Random horizontal flip augmentation.", True)
+    samples_per_label: int = doc(
+        "Images of one identity placed together in a batch (UniMoCo uses 2); 1 = plain shuffling.", 1)
+    views: ViewsConfig = doc("Augmentation of the two UniMoCo views (used when contrastive.weight > 0).",
+                             default_factory=ViewsConfig)
     synthetic: SyntheticDataConfig = doc("Settings of the synthetic backend.", default_factory=SyntheticDataConfig)
 
 
@@ -183,6 +224,7 @@ class Recipe:
     optim: OptimConfig = required("Optimizer.")
     train: TrainConfig = required("Run length and device.")
     head: HeadConfig = doc("Identity-center margin softmax.", default_factory=HeadConfig)
+    contrastive: ContrastiveConfig = doc("UniMoCo contrastive objective.", default_factory=ContrastiveConfig)
     schedule: ScheduleConfig = doc("Learning-rate schedule.", default_factory=ScheduleConfig)
     parallel: ParallelConfig = doc("Engine, precision, accumulation, clipping.", default_factory=ParallelConfig)
     eval: EvalConfig = doc("Verification.", default_factory=EvalConfig)

@@ -3,8 +3,10 @@
 
 Each epoch is a seeded permutation of the data set, cut into global batches of
 `batch_size * world_size` samples (the tail that does not fill a global batch is dropped, so every
-rank always gets a full batch); rank r takes its contiguous slice of each global batch. The flip decision
-of every sample is drawn from the same seed, so augmentation is part of the order and resumes exactly.
+rank always gets a full batch); rank r takes its contiguous slice of each global batch. With
+`samples_per_label` k > 1 the permutation is of identity groups: k samples of one identity stay
+adjacent, so every batch holds k images per identity (UniMoCo's positives). Every sample also gets an
+augmentation seed drawn from the same stream, so augmentation is part of the order and resumes exactly.
 The position is the number of batches consumed in the current epoch; DataLoader workers may prefetch
 ahead, but the position counts what the trainer took.
 """
@@ -21,15 +23,36 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-class EpochBatchSampler(Sampler[list[tuple[int, bool]]]):
-    """Yields this rank's batches of (index, flip) keys for one epoch, starting at `start_batch`."""
+def grouped_permutation(labels_N: torch.Tensor, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """A permutation of sample indices in which runs of `group_size` share a label (leftovers dropped)."""
+    shuffled = torch.randperm(labels_N.numel(), generator=gen)
+    order_by_label = shuffled[torch.argsort(labels_N[shuffled], stable=True)]
+    sorted_labels = labels_N[order_by_label]
+    # Position of each sample within its label's run; a group is group_size consecutive positions.
+    starts = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_label = torch.arange(labels_N.numel()) - starts
+    group_key = sorted_labels * labels_N.numel() + rank_in_label // group_size
+    unique_groups, group_of_sample, counts = torch.unique(group_key, return_inverse=True, return_counts=True)
+    full = counts[group_of_sample] == group_size
+    kept, kept_group = order_by_label[full], group_of_sample[full]
+    group_order = torch.randperm(unique_groups.numel(), generator=gen)
+    rank_of_group = torch.empty_like(group_order)
+    rank_of_group[group_order] = torch.arange(group_order.numel())
+    return kept[torch.argsort(rank_of_group[kept_group] * group_size + torch.arange(kept.numel()) % group_size,
+                              stable=True)]
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's batches of (index, augmentation seed) keys for one epoch, from `start_batch`."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1, flip: bool = True):
+                 rank: int = 0, world_size: int = 1, labels_N: torch.Tensor | None = None,
+                 samples_per_label: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
-        self.rank, self.world_size, self.flip = rank, world_size, flip
+        self.rank, self.world_size = rank, world_size
+        self.labels_N, self.samples_per_label = labels_N, samples_per_label
 
     @staticmethod
     def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -38,30 +61,40 @@ class EpochBatchSampler(Sampler[list[tuple[int, bool]]]):
     def __len__(self) -> int:
         return self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size) - self.start_batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         gen = _epoch_generator(self.seed, self.epoch)
-        order_N = torch.randperm(self.num_samples, generator=gen)
-        flips_N = torch.rand(self.num_samples, generator=gen) < 0.5 if self.flip else torch.zeros(
-            self.num_samples, dtype=torch.bool)
+        if self.samples_per_label > 1:
+            order_N = grouped_permutation(self.labels_N, self.samples_per_label, gen)
+        else:
+            order_N = torch.randperm(self.num_samples, generator=gen)
+        aug_seeds_N = torch.randint(0, 2**62, (order_N.numel(),), generator=gen)
         global_batch = self.batch_size * self.world_size
-        total = self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
+        total = self.batches_per_epoch(order_N.numel(), self.batch_size, self.world_size)
         for batch in range(self.start_batch, total):
             start = batch * global_batch + self.rank * self.batch_size
             keys = order_N[start: start + self.batch_size].tolist()
-            flips = flips_N[start: start + self.batch_size].tolist()
-            yield list(zip(keys, flips))
+            seeds = aug_seeds_N[start: start + self.batch_size].tolist()
+            yield list(zip(keys, seeds))
 
 
 class ResumableBatchStream:
     """Endless stream of (images, labels) batches across epochs, with `state_dict()` for checkpoints."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1, flip: bool = True, pin_memory: bool = False):
+                 world_size: int = 1, samples_per_label: int = 1, pin_memory: bool = False):
         self.dataset = dataset
         self.batch_size = batch_size
-        self.seed, self.rank, self.world_size, self.flip = seed, rank, world_size, flip
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), batch_size, world_size)
+        self.samples_per_label = samples_per_label
+        if samples_per_label > 1 and batch_size % samples_per_label:
+            raise ValueError(f"a batch of {batch_size} cannot hold whole groups of {samples_per_label} "
+                             "samples per identity")
+        self.labels_N = dataset.labels() if samples_per_label > 1 else None
+        usable = len(dataset)
+        if self.labels_N is not None:
+            usable = int((torch.bincount(self.labels_N) // samples_per_label).sum()) * samples_per_label
+        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(usable, batch_size, world_size)
         if self.batches_per_epoch < 1:
             raise ValueError(f"data set of {len(dataset)} samples is smaller than one global batch of "
                              f"{batch_size} x {world_size} ranks")
@@ -90,7 +123,7 @@ class ResumableBatchStream:
     def _start_epoch(self) -> Iterator:
         sampler = EpochBatchSampler(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
                                     start_batch=self.batch_in_epoch, rank=self.rank, world_size=self.world_size,
-                                    flip=self.flip)
+                                    labels_N=self.labels_N, samples_per_label=self.samples_per_label)
         # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG, which
         # would shift dropout and other random ops after a resume (the iterator starts at a new point).
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from toolkit.config.schema import ViewsConfig
+from toolkit.data.transforms import two_views
+
 # Side of the coarse grid that defines an identity: small enough to be smooth, large enough for variety.
 _PATTERN_GRID = 6
 _SALT_IDENTITY = 0x1D_E471
@@ -77,14 +80,18 @@ class SyntheticFaces:
 class SyntheticTrainSet(torch.utils.data.Dataset):
     """Training samples: index i is sample i % per_identity of identity i // per_identity.
 
-    Items are looked up by key (index, flip): the sampler decides the flip so that augmentation is
-    part of the resumable data order, not of worker RNG state.
+    Items are looked up by key (index, augmentation seed): the sampler draws the seed, so augmentation
+    is part of the resumable data order, not of worker RNG state. One view: 3 x S x S (random flip when
+    `flip`); two views (UniMoCo): 2 x 3 x S x S.
     """
 
-    def __init__(self, faces: SyntheticFaces, num_identities: int, samples_per_identity: int):
+    def __init__(self, faces: SyntheticFaces, num_identities: int, samples_per_identity: int, *,
+                 flip: bool = True, views: ViewsConfig | None = None):
         self.faces = faces
         self.num_classes = num_identities
         self.samples_per_identity = samples_per_identity
+        self.flip = flip
+        self.views = views
 
     def __len__(self) -> int:
         return self.num_classes * self.samples_per_identity
@@ -92,11 +99,18 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
     def label_of(self, index: int) -> int:
         return index // self.samples_per_identity
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
-        index, flip = key
+    def labels(self) -> torch.Tensor:
+        """Label of every sample, N (for identity-grouped sampling)."""
+        return torch.arange(len(self)) // self.samples_per_identity
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, aug_seed = key
         label = self.label_of(index)
         image_3SS = self.faces.render(label, index % self.samples_per_identity)
-        if flip:
+        gen = torch.Generator().manual_seed(aug_seed)
+        if self.views is not None:
+            return two_views(image_3SS, self.views, gen), label
+        if self.flip and float(torch.rand(1, generator=gen)) < 0.5:
             image_3SS = image_3SS.flip(-1)
         return image_3SS, label
 

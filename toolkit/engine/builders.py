@@ -79,9 +79,17 @@ def build_synthetic_faces(recipe: Recipe) -> SyntheticFaces:
                           max_shift=syn.max_shift, color_jitter=syn.color_jitter)
 
 
+def num_views(recipe: Recipe) -> int:
+    """2 augmented views per image when UniMoCo is on (query and key), else 1."""
+    return 2 if recipe.contrastive.weight > 0 else 1
+
+
 def build_train_set(recipe: Recipe) -> SyntheticTrainSet:
+    """The training data set; it knows its class count (`num_classes`) and size (`len`)."""
     syn = recipe.data.synthetic
-    return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity)
+    views = recipe.data.views if num_views(recipe) == 2 else None
+    return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity,
+                             flip=recipe.data.flip, views=views)
 
 
 def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
@@ -96,7 +104,7 @@ def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 
     try:
         return ResumableBatchStream(dataset, shape.batch_size, seed=recipe.run.seed,
                                     num_workers=recipe.data.num_workers, rank=rank, world_size=shape.world_size,
-                                    flip=recipe.data.flip, pin_memory=pin_memory)
+                                    samples_per_label=recipe.data.samples_per_label, pin_memory=pin_memory)
     except ValueError as exc:
         raise ConfigError(f"batch of {shape.batch_size} per rank: {exc}") from None
 

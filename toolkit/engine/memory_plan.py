@@ -1,0 +1,388 @@
+# Per-rank memory plan of a recipe: backbone model states under its engine, center shard, logits buffers.
+"""`plan_memory(recipe, world_size, num_classes)` estimates, in bytes per rank, what a training step keeps
+in memory, without a GPU and without allocating the model (the backbone is built on the meta device).
+
+Backbone (engine part), Psi = its parameter count, K = bytes of optimizer state per parameter
+(4 per state tensor: SGD with momentum 1, SGD without momentum 0, AdamW 2). Gradients, master weights and
+states count the trainable parameters only (iresnet's frozen embedding-BN scale has none):
+
+- single / ddp: every rank holds everything: 4 Psi parameters, 4 Psi gradients, K Psi optimizer states.
+  The toolkit keeps fp32 parameters under autocast (bf16, and fp16 with a GradScaler) on every engine.
+- DeepSpeed ZeRO (Rajbhandari et al. 2020): stage 1 partitions the optimizer side over the N ranks,
+  stage 2 also the gradients, stage 3 also the parameters. FSDP2 (`fully_shard`) partitions all three,
+  like stage 3.
+- DeepSpeed native fp16 (precision fp16, engine deepspeed) is the paper's mixed-precision accounting:
+  2 Psi fp16 parameters + 2 Psi fp16 gradients + (4 + K) Psi fp32 master parameters and states, so
+  16 Psi with AdamW (the paper's K = 12 is this 4 + K: master copy, exp_avg, exp_avg_sq).
+- DeepSpeed with fp32 parameters (precision fp32 or bf16 autocast) at stage 1-2 still clones its
+  partition of the parameters as "fp32 master weights" (`single_partition_of_fp32_groups` in
+  deepspeed/runtime/zero/stage_1_and_2.py, 0.19): 4 Psi / N more than the paper's fp32 count. Stage 3
+  reuses the fp32 partition unless the optimizer is offloaded. This shows as its own line.
+- `offload_optimizer` moves the optimizer side (master weights + states) into CPU memory.
+
+Identity-center head (never partitioned by the engine; sharded by itself, `shard_range`): the largest
+shard (rank 0) of `count` classes x D: weights 4 count D, a dense gradient 4 count D (the sampled
+centers are indexed out of the shard, so the gradient is a full-shard tensor), optimizer states
+K_head count D.
+
+Logits: the head's N x S fp32 buffers for one micro-batch (N = per-rank batch x world size gathered
+rows, S = sampled columns of the shard, see `sampled_columns`); how many are alive at once is
+`LIVE_LOGITS_BUFFERS_AT_PEAK`, plus an N x S bool mask when the inter-class filter is on.
+
+Not included: backbone activations, the gathered embeddings (N x D) and normalised centers (S x D),
+communication buckets, CUDA context and workspaces, allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.config.schema import Recipe
+from toolkit.errors import ConfigError
+from toolkit.heads.partial_fc import shard_range
+
+FP32_BYTES = 4
+FP16_BYTES = 2
+BOOL_BYTES = 1
+BYTES_PER_OPTIMIZER_STATE = 4  # every state tensor (momentum, exp_avg, exp_avg_sq) is fp32
+
+# How many N x S fp32 tensors ShardedIdentityCenterHead keeps alive at once. The peak is inside
+# _DistributedSoftmaxCE.forward, while torch.exp runs:
+#   1. cos_NS: the matmul output. matmul saves its inputs (the normalised N x D embeddings and S x D
+#      centers) for backward, not its output, but the local variable `cos_NS` in the head's forward keeps
+#      it alive until forward returns.
+#   2. logits_NS = cos_NS.index_put(target, margin) * scale: the unscaled index_put result is a temporary
+#      freed when the multiplication returns (a multiplication by a Python number saves nothing); the
+#      scaled logits stay alive as the loss Function's input until forward returns (they are not saved).
+#   3. logits_NS - row_max_N[:, None]: the temporary argument of torch.exp.
+#   4. probs_NS = torch.exp(...): normalised in place and saved for backward (the only one left after
+#      forward).
+# Backward peaks lower, at 3: the gradient reaching cos_NS from index_put's backward, the zeros +
+# index_put gradient of the target gather `cos_NS[rows, cols]`, and their out-of-place sum (the softmax
+# gradient `probs.clone()` and its scaled copy have been freed by then).
+# The measured test (tests/unit/test_memory_plan.py) counts these tensors during a real forward+backward.
+LIVE_LOGITS_BUFFERS_AT_PEAK = 4
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan was computed for."""
+
+    num_classes: int                 # C
+    world_size: int                  # W = N of ZeRO
+    per_rank_batch: int              # samples per rank per micro-step
+    grad_accum_steps: int
+    global_batch: int                # per_rank_batch x grad_accum_steps x world_size
+    embedding_size: int              # D
+    sample_rate: float
+    interclass_filter: float
+    engine: str
+    zero_stage: int
+    precision: str
+    offload_optimizer: bool
+    backbone: str
+    backbone_params: int             # Psi: every backbone parameter
+    backbone_trainable_params: int   # parameters with gradients and optimizer states
+    backbone_optimizer: str          # e.g. "sgd (momentum)"
+    backbone_states_per_param: int   # optimizer state tensors per parameter
+    head_optimizer: str
+    head_states_per_param: int
+
+    @property
+    def engine_label(self) -> str:
+        if self.engine == "deepspeed":
+            return f"deepspeed ZeRO-{self.zero_stage}" + (" + optimizer offload" if self.offload_optimizer else "")
+        if self.engine == "fsdp":
+            return "fsdp (FSDP2, partitioned like ZeRO-3)"
+        return self.engine
+
+
+@dataclass(frozen=True)
+class BackboneMemory:
+    """Model states of the backbone on one rank, in bytes."""
+
+    params: int
+    grads: int
+    master_weights: int              # fp32 copy kept by the optimizer side (DeepSpeed), else 0
+    optimizer_states: int
+    optimizer_on_cpu: bool           # offload_optimizer: master weights + states live in CPU memory
+    param_dtype: str                 # "fp32" or "fp16"
+    params_partitioned: bool
+    grads_partitioned: bool
+    optimizer_partitioned: bool
+
+    @property
+    def optimizer_side(self) -> int:
+        return self.master_weights + self.optimizer_states
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.params + self.grads + (0 if self.optimizer_on_cpu else self.optimizer_side)
+
+    @property
+    def cpu_bytes(self) -> int:
+        return self.optimizer_side if self.optimizer_on_cpu else 0
+
+
+@dataclass(frozen=True)
+class HeadMemory:
+    """This rank's shard of the identity centers, in bytes."""
+
+    shard_classes: int               # classes of the largest shard (rank 0)
+    center_weights: int
+    center_grad: int
+    optimizer_states: int
+
+    @property
+    def total(self) -> int:
+        return self.center_weights + self.center_grad + self.optimizer_states
+
+
+@dataclass(frozen=True)
+class LogitsMemory:
+    """The head's N x S buffers at the peak of one micro-batch's forward+backward, in bytes."""
+
+    gathered_rows: int               # N = per-rank batch x world size
+    sampled_columns: int             # S
+    live_fp32_buffers: int           # LIVE_LOGITS_BUFFERS_AT_PEAK
+    fp32_buffers: int                # live_fp32_buffers x N x S x 4
+    filter_mask: int                 # N x S bool mask saved by the inter-class filter, else 0
+
+    @property
+    def total(self) -> int:
+        return self.fp32_buffers + self.filter_mask
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per rank: GPU (everything not offloaded) and CPU (offloaded optimizer side)."""
+
+    inputs: PlanInputs
+    backbone: BackboneMemory
+    head: HeadMemory
+    logits: LogitsMemory
+
+    @property
+    def gpu_total(self) -> int:
+        return self.backbone.gpu_bytes + self.head.total + self.logits.total
+
+    @property
+    def cpu_total(self) -> int:
+        return self.backbone.cpu_bytes
+
+
+def optimizer_states_per_param(name: str, momentum: float) -> int:
+    """fp32 state tensors the optimizer keeps per parameter (AdamW's scalar step counter not counted)."""
+    if name == "sgd":
+        return 1 if momentum > 0 else 0
+    if name == "adamw":
+        return 2
+    raise ConfigError(f"no memory rule for optimizer {name!r}")
+
+
+def _optimizer_label(name: str, momentum: float) -> str:
+    if name == "sgd":
+        return "sgd (momentum)" if momentum > 0 else "sgd (no momentum)"
+    return name
+
+
+def default_num_classes(recipe: Recipe) -> int:
+    """The training class count the recipe's data section implies."""
+    if recipe.data.backend == "synthetic":
+        return recipe.data.synthetic.num_identities
+    raise ConfigError(f"data.backend {recipe.data.backend!r} does not give a class count here; pass --num-classes")
+
+
+def per_rank_batch(recipe: Recipe, world_size: int) -> int:
+    """Samples per rank per micro-step, derived as build_run_shape derives it."""
+    accum = recipe.parallel.grad_accum_steps
+    if recipe.data.global_batch_size:
+        if recipe.data.global_batch_size % (world_size * accum):
+            raise ConfigError(f"data.global_batch_size={recipe.data.global_batch_size} does not divide into "
+                              f"{world_size} ranks x parallel.grad_accum_steps={accum}")
+        return recipe.data.global_batch_size // (world_size * accum)
+    return recipe.data.batch_size
+
+
+def count_backbone_params(recipe: Recipe) -> tuple[int, int]:
+    """(all, trainable) parameter counts of the recipe's backbone, built on the meta device (no memory)."""
+    from toolkit.engine.builders import build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(recipe)
+    params = list(backbone.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _partition(num_elements: int, world_size: int, partitioned: bool) -> int:
+    """Elements one rank holds: all, or its share rounded up (the largest partition)."""
+    return math.ceil(num_elements / world_size) if partitioned else num_elements
+
+
+def plan_backbone(recipe: Recipe, world_size: int, params: int, trainable: int) -> BackboneMemory:
+    par = recipe.parallel
+    engine = par.engine
+    states_per_param = optimizer_states_per_param(recipe.optim.name, recipe.optim.momentum)
+    # Which model states are split over the ranks: (optimizer side, gradients, parameters).
+    if engine in ("single", "ddp"):
+        split_optimizer = split_grads = split_params = False
+    elif engine == "deepspeed":
+        stage = par.zero_stage
+        split_optimizer, split_grads, split_params = stage >= 1, stage >= 2, stage >= 3
+    elif engine == "fsdp":
+        split_optimizer = split_grads = split_params = True
+    else:
+        raise ConfigError(f"no memory rule for parallel.engine {engine!r}")
+
+    native_fp16 = engine == "deepspeed" and par.precision == "fp16"
+    param_bytes = FP16_BYTES if native_fp16 else FP32_BYTES
+    if native_fp16:
+        has_master_copy = True  # the fp32 master parameters of mixed-precision training
+    elif engine == "deepspeed":
+        # fp32 parameters: ZeRO 1-2 clone their partition anyway; ZeRO 3 only when offloading.
+        has_master_copy = par.zero_stage in (1, 2) or (par.zero_stage == 3 and par.offload_optimizer)
+    else:
+        has_master_copy = False
+    optimizer_elements = _partition(trainable, world_size, split_optimizer)
+    return BackboneMemory(
+        params=param_bytes * _partition(params, world_size, split_params),
+        grads=param_bytes * _partition(trainable, world_size, split_grads),
+        master_weights=FP32_BYTES * optimizer_elements if has_master_copy else 0,
+        optimizer_states=states_per_param * BYTES_PER_OPTIMIZER_STATE * optimizer_elements,
+        optimizer_on_cpu=engine == "deepspeed" and par.offload_optimizer and par.zero_stage >= 1,
+        param_dtype="fp16" if native_fp16 else "fp32",
+        params_partitioned=split_params, grads_partitioned=split_grads, optimizer_partitioned=split_optimizer)
+
+
+def plan_head(recipe: Recipe, world_size: int, num_classes: int) -> HeadMemory:
+    head_optimizer = recipe.optim.name if recipe.head.optimizer == "same" else recipe.head.optimizer
+    states_per_param = optimizer_states_per_param(head_optimizer, recipe.optim.momentum)
+    shard_classes = shard_range(num_classes, world_size, 0).count  # rank 0 owns the largest shard
+    center_elements = shard_classes * recipe.model.embedding_size  # count x D
+    return HeadMemory(shard_classes=shard_classes, center_weights=FP32_BYTES * center_elements,
+                      center_grad=FP32_BYTES * center_elements,
+                      optimizer_states=states_per_param * BYTES_PER_OPTIMIZER_STATE * center_elements)
+
+
+def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) -> int:
+    """Columns S of the logits: int(sample_rate x count) (at least 1), or the whole shard at rate 1.
+
+    Every positive of the gathered batch is kept, so S can exceed int(rate x count) when the batch holds
+    more distinct classes of this shard than that; the plan takes that worst case (min(N, count) positives).
+    """
+    num_sampled = max(1, int(sample_rate * shard_classes))
+    if num_sampled >= shard_classes:
+        return shard_classes
+    return min(shard_classes, max(num_sampled, gathered_rows))
+
+
+def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMemory:
+    gathered_rows = per_rank_batch(recipe, world_size) * world_size  # N
+    columns = sampled_columns(recipe.head.sample_rate, shard_classes, gathered_rows)  # S
+    elements_NS = gathered_rows * columns
+    filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 else 0
+    return LogitsMemory(gathered_rows=gathered_rows, sampled_columns=columns,
+                        live_fp32_buffers=LIVE_LOGITS_BUFFERS_AT_PEAK,
+                        fp32_buffers=LIVE_LOGITS_BUFFERS_AT_PEAK * FP32_BYTES * elements_NS, filter_mask=filter_mask)
+
+
+def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan:
+    """Bytes per rank of `recipe` trained on `world_size` ranks with `num_classes` identities."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if num_classes < 2:
+        raise ConfigError(f"the number of classes must be >= 2, got {num_classes}")
+    if num_classes < world_size:
+        raise ConfigError(f"{num_classes} classes cannot be sharded over {world_size} ranks")
+    if recipe.parallel.engine == "single" and world_size > 1:
+        raise ConfigError(f"parallel.engine 'single' runs one process, but the plan is for {world_size} ranks; "
+                          "choose ddp, deepspeed or fsdp")
+    params, trainable = count_backbone_params(recipe)
+    backbone = plan_backbone(recipe, world_size, params, trainable)
+    head = plan_head(recipe, world_size, num_classes)
+    logits = plan_logits(recipe, world_size, head.shard_classes)
+    batch = per_rank_batch(recipe, world_size)
+    head_optimizer = recipe.optim.name if recipe.head.optimizer == "same" else recipe.head.optimizer
+    inputs = PlanInputs(
+        num_classes=num_classes, world_size=world_size, per_rank_batch=batch,
+        grad_accum_steps=recipe.parallel.grad_accum_steps,
+        global_batch=batch * recipe.parallel.grad_accum_steps * world_size,
+        embedding_size=recipe.model.embedding_size, sample_rate=recipe.head.sample_rate,
+        interclass_filter=recipe.head.interclass_filter, engine=recipe.parallel.engine,
+        zero_stage=recipe.parallel.zero_stage, precision=recipe.parallel.precision,
+        offload_optimizer=recipe.parallel.offload_optimizer, backbone=recipe.model.backbone,
+        backbone_params=params, backbone_trainable_params=trainable,
+        backbone_optimizer=_optimizer_label(recipe.optim.name, recipe.optim.momentum),
+        backbone_states_per_param=optimizer_states_per_param(recipe.optim.name, recipe.optim.momentum),
+        head_optimizer=_optimizer_label(head_optimizer, recipe.optim.momentum),
+        head_states_per_param=optimizer_states_per_param(head_optimizer, recipe.optim.momentum))
+    return MemoryPlan(inputs=inputs, backbone=backbone, head=head, logits=logits)
+
+
+def format_bytes(num_bytes: int) -> str:
+    """GiB from 1 GiB up, else MiB (KiB below 0.1 MiB)."""
+    if num_bytes == 0:
+        return "0"
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:.2f} GiB"
+    if num_bytes >= 2**20 // 10:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A readable table: the inputs, then one named line per buffer, GPU and CPU totals per rank."""
+    inp, bb, head, logits = plan.inputs, plan.backbone, plan.head, plan.logits
+    world = inp.world_size
+
+    def share(partitioned: bool) -> str:
+        return f"1/{world} partition" if partitioned and world > 1 else "full copy"
+
+    shard_shape = f"{head.shard_classes:,} x {inp.embedding_size}"
+    lines = [
+        "Memory plan per rank (largest center shard = rank 0)",
+        f"  classes C = {inp.num_classes:,}; world size W = {world}; global batch {inp.global_batch:,} "
+        f"({inp.per_rank_batch} per rank x {inp.grad_accum_steps} accumulation x {world} ranks)",
+        f"  backbone {inp.backbone}: Psi = {inp.backbone_params:,} parameters "
+        f"({inp.backbone_trainable_params:,} trainable); embedding D = {inp.embedding_size}",
+        f"  engine {inp.engine_label}; precision {inp.precision}; backbone optimizer {inp.backbone_optimizer}; "
+        f"head optimizer {inp.head_optimizer}",
+        f"  head: sample rate {inp.sample_rate:g}, inter-class filter {inp.interclass_filter or 'off'}; center shard "
+        f"{head.shard_classes:,} classes; logits N x S = {logits.gathered_rows:,} gathered rows x "
+        f"{logits.sampled_columns:,} sampled columns",
+        "",
+    ]
+    # (name, bytes, in CPU memory)
+    rows: list[tuple[str, int, bool]] = [
+        (f"backbone parameters ({bb.param_dtype}, {share(bb.params_partitioned)})", bb.params, False),
+        (f"backbone gradients ({bb.param_dtype}, {share(bb.grads_partitioned)})", bb.grads, False),
+    ]
+    if bb.master_weights:
+        rows.append((f"backbone fp32 master weights ({share(bb.optimizer_partitioned)})", bb.master_weights,
+                     bb.optimizer_on_cpu))
+    rows += [
+        (f"backbone optimizer states ({inp.backbone_states_per_param} x fp32, {share(bb.optimizer_partitioned)})",
+         bb.optimizer_states, bb.optimizer_on_cpu),
+        (f"center shard weights ({shard_shape} fp32)", head.center_weights, False),
+        (f"center shard gradient ({shard_shape} fp32, dense)", head.center_grad, False),
+        (f"center shard optimizer states ({inp.head_states_per_param} x fp32)", head.optimizer_states, False),
+        (f"logits buffers ({logits.live_fp32_buffers} live x {logits.gathered_rows:,} x "
+         f"{logits.sampled_columns:,} fp32)", logits.fp32_buffers, False),
+    ]
+    if logits.filter_mask:
+        rows.append((f"inter-class filter mask ({logits.gathered_rows:,} x {logits.sampled_columns:,} bool)",
+                     logits.filter_mask, False))
+    width = max(len(name) for name, _, _ in rows) + 2
+    for title, on_cpu, total_name, total in (("GPU memory per rank", False, "total GPU per rank", plan.gpu_total),
+                                             ("CPU memory per rank (optimizer offload)", True,
+                                              "total CPU per rank", plan.cpu_total)):
+        lines.append(f"  {title}")
+        lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if cpu == on_cpu]
+        lines.append(f"    {total_name:<{width}}{format_bytes(total):>11}")
+        lines.append("")
+    lines.append("  not included: backbone activations, gathered embeddings and normalised centers, "
+                 "communication buckets, CUDA context, allocator fragmentation")
+    return "\n".join(lines)
