@@ -28,6 +28,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
              f"data.synthetic.samples_per_identity must be >= 1, got {syn.samples_per_identity}")
     _require(syn.num_val_identities >= 2,
              f"data.synthetic.num_val_identities must be >= 2, got {syn.num_val_identities}")
+    _require(0.0 <= syn.labeled_fraction <= 1.0,
+             f"data.synthetic.labeled_fraction must be in [0, 1], got {syn.labeled_fraction}")
     folds = recipe.eval.num_folds
     _require(folds >= 2, f"eval.num_folds must be >= 2, got {folds}")
     _require(syn.num_val_pairs >= 2 * folds and syn.num_val_pairs % (2 * folds) == 0,

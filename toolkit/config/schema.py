@@ -115,6 +115,9 @@ class SyntheticDataConfig:
     noise_std: float = doc("Per-pixel Gaussian noise (in [0, 1] pixel units).", 0.08)
     max_shift: int = doc("Largest random shift in pixels at 112x112 (scaled with image_size).", 8)
     color_jitter: float = doc("Largest relative brightness/contrast/colour change per sample.", 0.2)
+    labeled_fraction: float = doc(
+        "Share of training identities whose samples carry their label; the rest are labeled -1 "
+        "(unlabeled: only the contrastive objective learns from them).", 1.0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -86,12 +86,14 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, faces: SyntheticFaces, num_identities: int, samples_per_identity: int, *,
-                 flip: bool = True, views: ViewsConfig | None = None):
+                 flip: bool = True, views: ViewsConfig | None = None, labeled_fraction: float = 1.0):
         self.faces = faces
         self.num_classes = num_identities
         self.samples_per_identity = samples_per_identity
         self.flip = flip
         self.views = views
+        # The first int(fraction * N) identities keep their labels; the others' samples are labeled -1.
+        self.num_labeled_identities = int(round(labeled_fraction * num_identities))
 
     def __len__(self) -> int:
         return self.num_classes * self.samples_per_identity
@@ -100,13 +102,14 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
         return index // self.samples_per_identity
 
     def labels(self) -> torch.Tensor:
-        """Label of every sample, N (for identity-grouped sampling)."""
+        """Identity of every sample, N (for identity-grouped sampling; unlabeled identities included)."""
         return torch.arange(len(self)) // self.samples_per_identity
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, aug_seed = key
-        label = self.label_of(index)
-        image_3SS = self.faces.render(label, index % self.samples_per_identity)
+        identity = self.label_of(index)
+        label = identity if identity < self.num_labeled_identities else -1
+        image_3SS = self.faces.render(identity, index % self.samples_per_identity)
         gen = torch.Generator().manual_seed(aug_seed)
         if self.views is not None:
             return two_views(image_3SS, self.views, gen), label

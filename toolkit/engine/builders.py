@@ -49,6 +49,39 @@ def build_backbone(recipe: Recipe) -> torch.nn.Module:
                            input_size=recipe.data.image_size, activation_checkpointing=cfg.activation_checkpointing)
 
 
+def build_model(recipe: Recipe) -> torch.nn.Module:
+    """What the engine wraps: the backbone, or with UniMoCo the query encoder and its momentum copy."""
+    backbone = build_backbone(recipe)
+    if recipe.contrastive.weight <= 0:
+        return backbone
+    from toolkit.contrastive.encoders import ContrastiveEncoders, ProjectionHead
+
+    cfg = recipe.contrastive
+    projection = ProjectionHead(recipe.model.embedding_size, cfg.projection_dim, cfg.projection, cfg.projection_hidden)
+    encoders = ContrastiveEncoders(backbone, projection)
+    if cfg.key_bn == "sync":
+        # Key statistics over the global batch (GPU only); otherwise shuffle-BN mixes ranks (unimoco.py).
+        encoders.key_backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoders.key_backbone)
+        encoders.key_projection = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoders.key_projection)
+    return encoders
+
+
+def build_unimoco(recipe: Recipe, shape: "RunShape", ctx):
+    """The UniMoCo objective with its label queue (K must be a multiple of the global batch)."""
+    from toolkit.contrastive.queue import LabelQueue
+    from toolkit.contrastive.unimoco import UniMoCoObjective
+
+    cfg = recipe.contrastive
+    if cfg.queue_size % shape.global_batch_size:
+        raise ConfigError(f"contrastive.queue_size {cfg.queue_size} is not a multiple of the global batch "
+                          f"{shape.global_batch_size} ({shape.batch_size} per rank x {shape.world_size} ranks x "
+                          f"{shape.grad_accum_steps} accumulation)")
+    if cfg.key_bn == "sync" and ctx.device.type != "cuda":
+        raise ConfigError("contrastive.key_bn 'sync' needs CUDA devices (SyncBatchNorm); use 'shuffle' on CPU")
+    queue = LabelQueue(cfg.queue_size, cfg.projection_dim, shape.global_batch_size, seed=recipe.run.seed).to(ctx.device)
+    return UniMoCoObjective(cfg, queue, ctx, seed=recipe.run.seed)
+
+
 def build_margin(recipe: Recipe) -> Margin:
     cfg = recipe.head
     return Margin(scale=cfg.scale, m1=cfg.margin_m1, m2=cfg.margin_m2, m3=cfg.margin_m3)
@@ -89,7 +122,7 @@ def build_train_set(recipe: Recipe) -> SyntheticTrainSet:
     syn = recipe.data.synthetic
     views = recipe.data.views if num_views(recipe) == 2 else None
     return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity,
-                             flip=recipe.data.flip, views=views)
+                             flip=recipe.data.flip, views=views, labeled_fraction=syn.labeled_fraction)
 
 
 def build_val_pairs(recipe: Recipe) -> SyntheticPairs:

@@ -68,6 +68,24 @@ class BackboneEngine:
         with self.autocast():
             return self.module(images)
 
+    def key_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """UniMoCo key path through the momentum encoder (no gradients), with the forward's precision."""
+        with torch.no_grad(), self.autocast():
+            return self.unwrapped().key_forward(images)
+
+    def _local(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter this rank stores (all of it, unless the engine shards parameters)."""
+        return param.data
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """key = m * key + (1 - m) * query, on the locally stored (possibly sharded) parameters only."""
+        pairs = self.unwrapped().momentum_pairs()
+        query = [self._local(q) for q, _ in pairs]
+        key = [self._local(k) for _, k in pairs]
+        torch._foreach_mul_(key, momentum)
+        torch._foreach_add_(key, query, alpha=1.0 - momentum)
+
     def _sync_context(self, is_last_micro: bool):
         return contextlib.nullcontext()
 
@@ -215,6 +233,11 @@ class FSDPEngine(BackboneEngine):
         self.module.set_requires_gradient_sync(is_last_micro)
         self.scaler.scale(loss / self.accum).backward()
 
+    def _local(self, param):
+        # Query and key encoder are sharded with the same layout (fsdp_units), so the EMA runs on the
+        # local shards: no all-gather for the momentum update.
+        return param.to_local()
+
     def save_folder(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -263,6 +286,18 @@ class DeepSpeedEngine(BackboneEngine):
         if self.native_fp16:
             images = images.half()
         return self.module(images)
+
+    def key_forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.native_fp16:
+            with torch.no_grad():
+                return self.unwrapped().key_forward(images.half())
+        return super().key_forward(images)
+
+    def _local(self, param):
+        # ZeRO-3 keeps only this rank's partition of every parameter (ds_tensor); the key encoder, inside
+        # the same engine module, is partitioned alike, so the EMA runs partition by partition.
+        # ZeRO-0/1/2 keep full parameters on every rank.
+        return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
 
     def backward(self, loss, is_last_micro):
         self.module.backward(loss)  # divides by gradient_accumulation_steps and applies the fp16 loss scale

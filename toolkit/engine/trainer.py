@@ -38,15 +38,17 @@ from pathlib import Path
 import torch
 
 from toolkit.config import Recipe, dump_recipe
-from toolkit.engine import builders
+from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
+from toolkit.distributed.collectives import all_gather_no_grad
+from toolkit.engine import builders
 from toolkit.engine.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
                                        read_payload, restore_rng_state, write_payload)
 from toolkit.engine.optim import build_scheduler, scaled_lr
-from toolkit.heads.shard_checkpoint import load_shards_into, shard_payload
 from toolkit.engine.progress import ProgressReporter
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.eval import evaluate_pairs
+from toolkit.heads.shard_checkpoint import load_shards_into, shard_payload
 
 
 @dataclass
@@ -98,13 +100,15 @@ class Trainer:
         self.val_pairs = builders.build_val_pairs(recipe)
 
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
-        backbone = builders.build_backbone(recipe).to(self.device)
+        self.contrastive_on = recipe.contrastive.weight > 0
+        model = builders.build_model(recipe).to(self.device)  # backbone, or UniMoCo's two encoders
         # The shards are drawn from a per-rank stream, so that rank r's initial centers do not depend on
         # how many classes other ranks hold (2M x 512 must never be drawn whole on one rank).
         torch.manual_seed(recipe.run.seed * 1_000_003 + 17 + self.ctx.rank)
         self.head = builders.build_head(recipe, self.num_classes, self.ctx).to(self.device)
         torch.manual_seed(recipe.run.seed)
-        self.engine = builders.build_engine(recipe, self.shape, backbone, self.ctx, self.peak_lr)
+        self.engine = builders.build_engine(recipe, self.shape, model, self.ctx, self.peak_lr)
+        self.unimoco = builders.build_unimoco(recipe, self.shape, self.ctx) if self.contrastive_on else None
         self.head_optimizer = builders.build_head_optimizer(recipe, self.head, self.peak_lr)
         self.optimizers = {"backbone": self.engine.optimizer, "head": self.head_optimizer}
         self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
@@ -117,7 +121,9 @@ class Trainer:
         self.step = 0
         self.result = TrainResult(final_step=0)
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
+        self.last_loss_parts: dict[str, torch.Tensor] = {}
         self.num_skipped_steps = 0
+        self.num_micro_steps = 0
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -140,6 +146,7 @@ class Trainer:
             "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
             "rng_per_rank": self.ctx.all_gather_objects(capture_rng_state()),
             "data": self.stream.state_dict(),
+            "contrastive": {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
             "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
                         "skipped_steps": self.num_skipped_steps},
         }
@@ -191,6 +198,10 @@ class Trainer:
                       f"{self.ctx.world_size}: the center shards are resharded exactly; the data order continues "
                       f"from the same epoch position, but not sample for sample")
         self.step = int(payload["step"])
+        if self.unimoco is not None:
+            if "queue" not in payload.get("contrastive", {}):
+                raise CheckpointError(f"checkpoint {source} has no UniMoCo queue (saved without contrastive learning)")
+            self.unimoco.queue.load_state_dict(payload["contrastive"]["queue"])
         history = payload.get("history", {})
         self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
         self.result.evaluations = list(history.get("evaluations", []))
@@ -210,10 +221,10 @@ class Trainer:
             images, labels = self.stream.next_batch()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            emb_BD = self.engine.forward(images)
-            loss = self.head(scale_gradient(emb_BD, self.ctx.world_size), labels)
+            loss = self._micro_step_loss(images, labels)
             self.engine.backward(loss, is_last_micro=micro == accum - 1)
             step_loss += loss.detach()
+            self.num_micro_steps += 1
         self.engine.unscale_()
         head_ok = self._unscale_head_gradients(self.engine.loss_scale())
         if self.fp16 and not head_ok:
@@ -226,6 +237,8 @@ class Trainer:
         stepped = self.engine.step()
         if stepped and head_ok:
             self.head_optimizer.step()
+            if self.unimoco is not None:
+                self.engine.momentum_update(self.momentum)
         else:
             self.num_skipped_steps += 1
         if "backbone" in self.last_grad_norms and self.last_grad_norms["backbone"] is None:
@@ -235,6 +248,37 @@ class Trainer:
         for sched in self.schedulers.values():
             sched.step()
         return step_loss / accum
+
+    def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """total = w_id * margin softmax + w_con * UniCon, both from one forward of the query encoder."""
+        recipe = self.recipe
+        images_q = images[:, 0] if self.contrastive_on else images  # B x 3 x H x W (view 0 = query)
+        output = self.engine.forward(images_q)
+        emb_BD, projection_BP = output if self.contrastive_on else (output, None)
+        total = torch.zeros((), device=self.device)
+        if recipe.head.weight > 0:
+            # x W: the engine averages the backbone's gradients over ranks, the head's loss is a global mean.
+            loss_id = self.head(scale_gradient(emb_BD, self.ctx.world_size), labels_B)
+            total = total + recipe.head.weight * loss_id
+            self.last_loss_parts["loss_id"] = loss_id.detach()
+        if self.unimoco is not None:
+            keys_NP = self.unimoco.keys(self.engine, images[:, 1], self.num_micro_steps)
+            labels_N = all_gather_no_grad(labels_B, self.ctx.group)
+            loss_con = self.unimoco.loss(projection_BP, labels_B, keys_NP, labels_N)
+            self.unimoco.enqueue(keys_NP, labels_N)
+            total = total + recipe.contrastive.weight * loss_con
+            self.last_loss_parts["loss_con"] = loss_con.detach()
+        return total
+
+    @property
+    def momentum(self) -> float:
+        """Key-encoder momentum for the update after the current optimizer step."""
+        return momentum_at(self.recipe.contrastive, self.step, self.shape.total_steps)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The embedding used for verification (the backbone's, not the projection)."""
+        output = self.engine.forward(images)
+        return output[0] if self.contrastive_on else output
 
     def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
         if "head_shards" in payload:
@@ -249,9 +293,9 @@ class Trainer:
 
     def _unscale_head_gradients(self, loss_scale: float) -> bool:
         """Divide the head's gradients by the loss scale; False if any shard's are not finite (fp16 only)."""
-        if not self.fp16:
-            return True
         grads = self._head_grads()
+        if not self.fp16 or not grads:
+            return True
         torch._foreach_div_(grads, loss_scale)
         # A host sync, but fp16 loss scaling needs one per step anyway (the scaler's skip decision).
         bad = (~torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum())).float()
@@ -262,7 +306,8 @@ class Trainer:
     def _clip_head(self, max_norm: float) -> torch.Tensor:
         """Clip the head by its norm over all shards; returns that norm before clipping."""
         grads = self._head_grads()
-        norm_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        norm_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(
+            (), device=self.device)
         if self.ctx.world_size > 1:
             torch.distributed.all_reduce(norm_sq, group=self.ctx.group)
         norm = norm_sq.sqrt()
@@ -270,6 +315,16 @@ class Trainer:
             coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, coefficient)
         return norm
+
+    def _loss_parts_for_log(self) -> dict[str, float]:
+        if len(self.last_loss_parts) < 2:
+            return {}
+        return {name: float(value) for name, value in self.last_loss_parts.items()}
+
+    def _unimoco_stats_for_log(self) -> dict[str, float]:
+        if self.unimoco is None:
+            return {}
+        return {**self.unimoco.statistics(), "momentum": self.momentum}
 
     def _grad_norms_for_log(self) -> dict[str, float]:
         return {f"grad_norm_{part}": float(norm) for part, norm in self.last_grad_norms.items() if norm is not None}
@@ -280,7 +335,7 @@ class Trainer:
         self.engine.sync_buffers()
         self.engine.train(False)
         try:
-            result = evaluate_pairs(self.engine.forward, self.val_pairs, self.val_pairs.is_same_P,
+            result = evaluate_pairs(self._embed, self.val_pairs, self.val_pairs.is_same_P,
                                     device=self.device, batch_size=self.recipe.eval.batch_size,
                                     num_folds=self.recipe.eval.num_folds, rank=self.ctx.rank,
                                     world_size=self.ctx.world_size, group=self.ctx.group)
@@ -333,7 +388,8 @@ class Trainer:
                     self.result.losses.extend((s, v) for (s, _), v in zip(pending_losses, values))
                     pending_losses.clear()
                     reporter.log(self.step, self.step / shape.steps_per_epoch,
-                                 {"loss": values[-1], "lr": lr, **self._grad_norms_for_log()})
+                                 {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
+                                  **self._grad_norms_for_log(), **self._unimoco_stats_for_log()})
                 if (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last:
                     entry = self.evaluate()
                     reporter.log_eval(self.step, "verification",

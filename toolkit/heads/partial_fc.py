@@ -61,7 +61,8 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, row_weight_N: torch.Tensor,
+                group) -> torch.Tensor:
         num_rows = logits_NS.shape[0]
         row_max_N = logits_NS.max(dim=1).values if logits_NS.shape[1] else torch.full(
             (num_rows,), float("-inf"), device=logits_NS.device)
@@ -76,18 +77,19 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
         target_logit_N[rows] = logits_NS[rows, local_target_N[rows]]
         all_reduce_(target_logit_N, dist.ReduceOp.SUM, group)
         loss_N = torch.log(sum_exp_N) + row_max_N - target_logit_N
-        ctx.save_for_backward(probs_NS, local_target_N)
-        return loss_N.mean()
+        # Unlabeled rows (weight 0) take no part; the mean is over labeled rows (0 if there are none).
+        weight_N = row_weight_N / row_weight_N.sum().clamp(min=1.0)
+        ctx.save_for_backward(probs_NS, local_target_N, weight_N)
+        return (loss_N * weight_N).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        probs_NS, local_target_N = ctx.saved_tensors
-        num_rows = probs_NS.shape[0]
+        probs_NS, local_target_N, weight_N = ctx.saved_tensors
         grad_NS = probs_NS.clone()
         rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
         grad_NS[rows, local_target_N[rows]] -= 1.0
-        grad_NS.mul_(grad_loss / num_rows)
-        return grad_NS, None, None
+        grad_NS.mul_(weight_N[:, None] * grad_loss)
+        return grad_NS, None, None, None
 
 
 class ShardedIdentityCenterHead(nn.Module):
@@ -126,7 +128,9 @@ class ShardedIdentityCenterHead(nn.Module):
         return kept_S, local_target_N
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Mean margin-softmax loss over the gathered batch; identical on every rank of the group."""
+        """Mean margin-softmax loss over the gathered batch; identical on every rank of the group.
+
+        Rows labeled -1 (unlabeled data, trained by the contrastive objective only) are left out."""
         with torch.autocast(device_type=emb_BD.device.type, enabled=False):
             emb_ND = all_gather_with_grad(emb_BD.float(), self.group)
             labels_N = all_gather_no_grad(labels_B, self.group)
@@ -144,7 +148,8 @@ class ShardedIdentityCenterHead(nn.Module):
                 cos_NS = cos_NS.masked_fill(too_close_NS, 0.0)
             target = apply_margin_to_target(cos_NS[rows, cols], self.margin)
             logits_NS = cos_NS.index_put((rows, cols), target) * self.margin.scale
-            return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, self.group)
+            row_weight_N = (labels_N >= 0).to(logits_NS.dtype)
+            return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, row_weight_N, self.group)
 
     def extra_repr(self) -> str:
         return (f"classes [{self.shard.start}, {self.shard.end}) of {self.num_classes}, "

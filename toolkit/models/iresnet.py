@@ -223,6 +223,10 @@ class IResNet(nn.Module):
                 if isinstance(module, IBasicBlock):
                     nn.init.constant_(module.bn3.weight, 0.0)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The residual blocks: each becomes one FSDP2 unit (gathered just before it runs)."""
+        return [block for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for block in stage]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, S, S)
         x = self.conv1(images)  # (B, 64, S, S)

@@ -170,6 +170,10 @@ class MobileFaceNet(nn.Module):
                 if isinstance(module, InvertedResidualBottleneck) and module.use_shortcut:
                     nn.init.constant_(module.project[1].weight, 0.0)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The bottleneck blocks: each becomes one FSDP2 unit (gathered just before it runs)."""
+        return list(self.bottlenecks)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, S, S)
         x = self.stem_conv(images)  # (B, 64w, S/2, S/2)
