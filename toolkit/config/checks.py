@@ -23,6 +23,22 @@ def check_recipe(recipe: Recipe) -> Recipe:
     _require(data.image_size >= 16 and data.image_size % 16 == 0,
              f"data.image_size must be a positive multiple of 16, got {data.image_size}")
     _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _require(data.backend == "synthetic" or bool(data.manifest),
+             f"data.backend {data.backend!r} reads shards: set data.manifest to their manifest.json "
+             "(written by launch/prepare_data.py)")
+    _require(0.0 <= data.max_skipped_fraction <= 1.0,
+             f"data.max_skipped_fraction must be in [0, 1], got {data.max_skipped_fraction}")
+    _require(data.webdataset.window_shards >= 1,
+             f"data.webdataset.window_shards must be >= 1, got {data.webdataset.window_shards}")
+    _require(data.webdataset.prefetch_batches >= 1,
+             f"data.webdataset.prefetch_batches must be >= 1, got {data.webdataset.prefetch_batches}")
+    _require(data.dali.num_threads >= 1, f"data.dali.num_threads must be >= 1, got {data.dali.num_threads}")
+    _require(data.dali.shuffle_buffer >= 1, f"data.dali.shuffle_buffer must be >= 1, got {data.dali.shuffle_buffer}")
+    _require(data.dali.prefetch_batches >= 1,
+             f"data.dali.prefetch_batches must be >= 1, got {data.dali.prefetch_batches}")
+    _require(data.backend != "dali" or data.samples_per_label == 1,
+             f"data.backend 'dali' does not build identity-grouped batches (data.samples_per_label="
+             f"{data.samples_per_label}); use data.backend 'webdataset' for them")
     _require(syn.num_identities >= 2, f"data.synthetic.num_identities must be >= 2, got {syn.num_identities}")
     _require(syn.samples_per_identity >= 1,
              f"data.synthetic.samples_per_identity must be >= 1, got {syn.samples_per_identity}")

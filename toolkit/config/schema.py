@@ -121,11 +121,42 @@ class SyntheticDataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WebDatasetConfig:
+    """Streaming reader of WebDataset shards: sharded by rank and worker, shuffled, exactly resumable."""
+
+    window_shards: int = doc(
+        "Shards each loader worker reads into memory and shuffles together (the sample shuffle buffer, and the "
+        "unit a resumed run re-reads); memory per worker is about this many shards of JPEG bytes.", 4)
+    decoder: Literal["auto", "simplejpeg", "pil"] = doc(
+        "JPEG decoder: simplejpeg (libjpeg-turbo, about twice as fast) or PIL; 'auto' prefers simplejpeg.", "auto")
+    prefetch_batches: int = doc("Batches each loader worker prepares ahead.", 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaliConfig:
+    """NVIDIA DALI pipeline (fn.readers.webdataset) on the same shards."""
+
+    decode_device: Literal["auto", "cpu", "mixed"] = doc(
+        "Where JPEGs are decoded: 'mixed' (GPU, nvJPEG), 'cpu', or 'auto' (mixed when a GPU is present).", "auto")
+    num_threads: int = doc("CPU threads of each rank's pipeline.", 4)
+    shuffle_buffer: int = doc("Samples DALI's reader holds for random shuffling (its initial_fill).", 4096)
+    prefetch_batches: int = doc("Batches the pipeline prepares ahead (prefetch_queue_depth).", 2)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where samples come from and how they are batched."""
 
-    backend: Literal["synthetic"] = doc("Data source. 'synthetic' is built in; more arrive with the data issue.",
-                                        "synthetic")
+    backend: Literal["synthetic", "webdataset", "dali"] = doc(
+        "Data source: 'synthetic' (built in, no files), 'webdataset' (streaming reader of the shards written by "
+        "launch/prepare_data.py) or 'dali' (NVIDIA DALI pipeline on the same shards; pip install .[dali]).",
+        "synthetic")
+    manifest: str = doc(
+        "manifest.json of the shards (webdataset and dali backends), e.g. ${DATA_ROOT}/ms1mv3/manifest.json.", "",
+        path=True)
+    max_skipped_fraction: float = doc(
+        "Stop the run with an error when more than this share of the samples read could not be used (corrupt "
+        "JPEG, missing member, damaged shard); until then each is replaced in its batch and counted.", 0.01)
     batch_size: int = doc("Samples per rank per micro-step. Give this or global_batch_size, not both.", 0)
     global_batch_size: int = doc(
         "Samples per optimizer step over all ranks; the per-rank batch is derived as global / (ranks x "
@@ -138,6 +169,8 @@ class DataConfig:
     views: ViewsConfig = doc("Augmentation of the two UniMoCo views (used when contrastive.weight > 0).",
                              default_factory=ViewsConfig)
     synthetic: SyntheticDataConfig = doc("Settings of the synthetic backend.", default_factory=SyntheticDataConfig)
+    webdataset: WebDatasetConfig = doc("Settings of the webdataset backend.", default_factory=WebDatasetConfig)
+    dali: DaliConfig = doc("Settings of the dali backend.", default_factory=DaliConfig)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -146,3 +146,7 @@ class ResumableBatchStream:
     @property
     def fractional_epoch(self) -> float:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch
+
+    def skip_stats(self) -> dict[str, int]:
+        """Skipped inputs by reason (the same interface as the shard streams); in-memory data skips none."""
+        return {}

@@ -117,8 +117,13 @@ def num_views(recipe: Recipe) -> int:
     return 2 if recipe.contrastive.weight > 0 else 1
 
 
-def build_train_set(recipe: Recipe) -> SyntheticTrainSet:
-    """The training data set; it knows its class count (`num_classes`) and size (`len`)."""
+def build_train_set(recipe: Recipe):
+    """The training data set; it knows its class count (`num_classes`) and size (`len`). For shards both
+    come from the manifest."""
+    if recipe.data.backend in ("webdataset", "dali"):
+        from toolkit.data.shard_stream import ShardedTrainSet
+
+        return ShardedTrainSet(recipe.data.manifest, samples_per_label=recipe.data.samples_per_label)
     syn = recipe.data.synthetic
     views = recipe.data.views if num_views(recipe) == 2 else None
     return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity,
@@ -133,8 +138,25 @@ def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
 
 
 def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 0,
-                       pin_memory: bool = False) -> ResumableBatchStream:
+                       pin_memory: bool = False, device: torch.device | None = None):
+    """The rank's endless batch stream: next_batch(), state_dict()/load_state_dict(), skip_stats()."""
+    data = recipe.data
+    views = data.views if num_views(recipe) == 2 else None
     try:
+        if data.backend == "webdataset":
+            from toolkit.data.shard_stream import ShardBatchStream
+
+            return ShardBatchStream(dataset, shape.batch_size, seed=recipe.run.seed, num_workers=data.num_workers,
+                                    rank=rank, world_size=shape.world_size, flip=data.flip, views=views,
+                                    image_size=data.image_size, window_shards=data.webdataset.window_shards,
+                                    decoder=data.webdataset.decoder, max_skipped_fraction=data.max_skipped_fraction,
+                                    pin_memory=pin_memory, prefetch_batches=data.webdataset.prefetch_batches)
+        if data.backend == "dali":
+            from toolkit.data.dali_stream import DaliBatchStream
+
+            return DaliBatchStream(dataset, shape.batch_size, seed=recipe.run.seed, rank=rank,
+                                   world_size=shape.world_size, flip=data.flip, views=views,
+                                   image_size=data.image_size, config=data.dali, device=device)
         return ResumableBatchStream(dataset, shape.batch_size, seed=recipe.run.seed,
                                     num_workers=recipe.data.num_workers, rank=rank, world_size=shape.world_size,
                                     samples_per_label=recipe.data.samples_per_label, pin_memory=pin_memory)

@@ -73,16 +73,17 @@ class BackboneEngine:
         with torch.no_grad(), self.autocast():
             return self.unwrapped().key_forward(images)
 
-    def _local(self, param: torch.Tensor) -> torch.Tensor:
-        """The part of a parameter this rank stores (all of it, unless the engine shards parameters)."""
-        return param.data
+    def _local(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors holding this rank's copy of a parameter (all of it, unless the engine shards it)."""
+        return [param.data]
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
         """key = m * key + (1 - m) * query, on the locally stored (possibly sharded) parameters only."""
-        pairs = self.unwrapped().momentum_pairs()
-        query = [self._local(q) for q, _ in pairs]
-        key = [self._local(k) for _, k in pairs]
+        query, key = [], []
+        for q, k in self.unwrapped().momentum_pairs():
+            query += self._local(q)
+            key += self._local(k)
         torch._foreach_mul_(key, momentum)
         torch._foreach_add_(key, query, alpha=1.0 - momentum)
 
@@ -236,7 +237,7 @@ class FSDPEngine(BackboneEngine):
     def _local(self, param):
         # Query and key encoder are sharded with the same layout (fsdp_units), so the EMA runs on the
         # local shards: no all-gather for the momentum update.
-        return param.to_local()
+        return [param.to_local()]
 
     def save_folder(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -294,10 +295,17 @@ class DeepSpeedEngine(BackboneEngine):
         return super().key_forward(images)
 
     def _local(self, param):
-        # ZeRO-3 keeps only this rank's partition of every parameter (ds_tensor); the key encoder, inside
-        # the same engine module, is partitioned alike, so the EMA runs partition by partition.
-        # ZeRO-0/1/2 keep full parameters on every rank.
-        return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+        # ZeRO-3 keeps only this rank's partition of a parameter (ds_tensor); the key encoder, inside the
+        # same engine module, is partitioned alike, so the EMA runs partition by partition. Small
+        # "persistent" parameters (below stage3_param_persistence_threshold) also keep their full value
+        # in param.data, which forward reads, so both copies are updated. ZeRO-0/1/2: full parameters.
+        if not hasattr(param, "ds_tensor"):
+            return [param.data]
+        if getattr(param, "ds_persist", False) and param.data.numel() > 0:
+            if param.ds_tensor.untyped_storage().data_ptr() == param.data.untyped_storage().data_ptr():
+                return [param.data]
+            return [param.data, param.ds_tensor]
+        return [param.ds_tensor]
 
     def backward(self, loss, is_last_micro):
         self.module.backward(loss)  # divides by gradient_accumulation_steps and applies the fp16 loss scale

@@ -123,7 +123,6 @@ class Trainer:
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
         self.last_loss_parts: dict[str, torch.Tensor] = {}
         self.num_skipped_steps = 0
-        self.num_micro_steps = 0
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -221,10 +220,9 @@ class Trainer:
             images, labels = self.stream.next_batch()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            loss = self._micro_step_loss(images, labels)
+            loss = self._micro_step_loss(images, labels, micro_step=self.step * accum + micro)
             self.engine.backward(loss, is_last_micro=micro == accum - 1)
             step_loss += loss.detach()
-            self.num_micro_steps += 1
         self.engine.unscale_()
         head_ok = self._unscale_head_gradients(self.engine.loss_scale())
         if self.fp16 and not head_ok:
@@ -249,7 +247,7 @@ class Trainer:
             sched.step()
         return step_loss / accum
 
-    def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+    def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor, micro_step: int) -> torch.Tensor:
         """total = w_id * margin softmax + w_con * UniCon, both from one forward of the query encoder."""
         recipe = self.recipe
         images_q = images[:, 0] if self.contrastive_on else images  # B x 3 x H x W (view 0 = query)
@@ -262,7 +260,7 @@ class Trainer:
             total = total + recipe.head.weight * loss_id
             self.last_loss_parts["loss_id"] = loss_id.detach()
         if self.unimoco is not None:
-            keys_NP = self.unimoco.keys(self.engine, images[:, 1], self.num_micro_steps)
+            keys_NP = self.unimoco.keys(self.engine, images[:, 1], micro_step)
             labels_N = all_gather_no_grad(labels_B, self.ctx.group)
             loss_con = self.unimoco.loss(projection_BP, labels_B, keys_NP, labels_N)
             self.unimoco.enqueue(keys_NP, labels_N)

@@ -1,0 +1,105 @@
+# Plain-PyTorch implementations of every toolkit.ops contract: the fallback and the ground truth in tests.
+"""Each function here has the signature and result of its fused twin in toolkit.ops and is built from the
+project's references (`apply_margin_to_target`, `unicon_loss_reference`) and the Partial FC algorithm of
+`toolkit/heads/partial_fc.py`. They materialise the rows x classes logits; the fused kernels do not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from toolkit.contrastive.unicon import unicon_loss_reference
+from toolkit.distributed.collectives import all_reduce_
+from toolkit.heads.margin import Margin, apply_margin_to_target
+
+
+def local_margin_logits(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin: Margin,
+                        interclass_filter: float = 0.0) -> torch.Tensor:
+    """N x C fp32 logits: inter-class filter on negatives, margin on the owned target entries, times the scale.
+
+    The same steps as ShardedIdentityCenterHead.forward; rows with local target -1 get no margin.
+    """
+    cos_NC = cos_NC.float()
+    rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
+    cols = local_target_N[rows]
+    if interclass_filter > 0:
+        too_close_NC = cos_NC.detach() > interclass_filter
+        too_close_NC[rows, cols] = False
+        cos_NC = cos_NC.masked_fill(too_close_NC, 0.0)
+    target = apply_margin_to_target(cos_NC[rows, cols], margin)
+    return cos_NC.index_put((rows, cols), target) * margin.scale
+
+
+def margin_softmax_ce(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, *,
+                      interclass_filter: float = 0.0) -> torch.Tensor:
+    """Per-row loss log(sum_j exp(logit_j)) - target logit against these columns (target logit 0 when -1)."""
+    logits_NC = local_margin_logits(cos_NC, local_target_N, margin, interclass_filter)
+    owned_N = local_target_N >= 0
+    target_N = torch.where(owned_N, logits_NC.gather(1, local_target_N.clamp(min=0)[:, None])[:, 0],
+                           torch.zeros((), dtype=logits_NC.dtype, device=logits_NC.device))
+    return torch.logsumexp(logits_NC, dim=1) - target_N
+
+
+def linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_CD: torch.Tensor, local_target_N: torch.Tensor,
+                             margin: Margin, *, interclass_filter: float = 0.0, block_size: int = 0) -> torch.Tensor:
+    """margin_softmax_ce of the cosines emb @ centers^T (inputs already normalised); block_size is ignored."""
+    del block_size
+    cos_NC = emb_ND.float() @ centers_CD.float().t()
+    return margin_softmax_ce(cos_NC, local_target_N, margin, interclass_filter=interclass_filter)
+
+
+def unicon_loss(query_BD: torch.Tensor, keys_KD: torch.Tensor, query_labels_B: torch.Tensor,
+                key_labels_K: torch.Tensor, own_key_B: torch.Tensor, temperature: float, margin: float = 0.0, *,
+                block_size: int = 0) -> torch.Tensor:
+    """toolkit.contrastive.unicon.unicon_loss_reference; block_size is ignored."""
+    del block_size
+    return unicon_loss_reference(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin)
+
+
+class _DistributedSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of rows whose columns are spread over ranks (the algorithm of partial_fc.py)."""
+
+    @staticmethod
+    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, group) -> torch.Tensor:
+        num_rows = logits_NS.shape[0]
+        row_max_N = logits_NS.max(dim=1).values if logits_NS.shape[1] else torch.full(
+            (num_rows,), float("-inf"), device=logits_NS.device)
+        all_reduce_(row_max_N, dist.ReduceOp.MAX, group)
+        probs_NS = torch.exp(logits_NS - row_max_N[:, None])
+        sum_exp_N = probs_NS.sum(dim=1)
+        all_reduce_(sum_exp_N, dist.ReduceOp.SUM, group)
+        probs_NS.div_(sum_exp_N[:, None])
+        rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
+        target_logit_N = torch.zeros(num_rows, dtype=logits_NS.dtype, device=logits_NS.device)
+        target_logit_N[rows] = logits_NS[rows, local_target_N[rows]]
+        all_reduce_(target_logit_N, dist.ReduceOp.SUM, group)
+        loss_N = torch.log(sum_exp_N) + row_max_N - target_logit_N
+        ctx.save_for_backward(probs_NS, local_target_N)
+        return loss_N.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs_NS, local_target_N = ctx.saved_tensors
+        grad_NS = probs_NS.clone()
+        rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
+        grad_NS[rows, local_target_N[rows]] -= 1.0
+        grad_NS.mul_(grad_loss / probs_NS.shape[0])
+        return grad_NS, None, None
+
+
+def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, group=None, *,
+                                  interclass_filter: float = 0.0) -> torch.Tensor:
+    """Mean margin-softmax loss over rows whose classes are sharded over the ranks of `group`."""
+    logits_NS = local_margin_logits(cos_NS, local_target_N, margin, interclass_filter)
+    return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, group)
+
+
+def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch.Tensor, local_target_N: torch.Tensor,
+                                         margin: Margin, group=None, *, interclass_filter: float = 0.0,
+                                         block_size: int = 0) -> torch.Tensor:
+    """distributed_margin_softmax_ce of emb @ centers^T (inputs already normalised); block_size is ignored."""
+    del block_size
+    cos_NS = emb_ND.float() @ centers_SD.float().t()
+    return distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group, interclass_filter=interclass_filter)
+
