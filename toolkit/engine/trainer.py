@@ -60,10 +60,6 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
 
-    @property
-    def final_accuracy(self) -> float | None:
-        return self.evaluations[-1]["accuracy_mean"] if self.evaluations else None
-
 
 def prepare_run_folder(recipe: Recipe) -> Path:
     """Create <output_dir>/<name> and check it is writable; a one-line error otherwise."""
@@ -110,7 +106,6 @@ class Trainer:
         self.engine = builders.build_engine(recipe, self.shape, model, self.ctx, self.peak_lr)
         self.unimoco = builders.build_unimoco(recipe, self.shape, self.ctx) if self.contrastive_on else None
         self.head_optimizer = builders.build_head_optimizer(recipe, self.head, self.peak_lr)
-        self.optimizers = {"backbone": self.engine.optimizer, "head": self.head_optimizer}
         self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
                                                        recipe.schedule),
                            "head": build_scheduler(self.head_optimizer, self.shape.total_steps, recipe.schedule)}
@@ -131,6 +126,7 @@ class Trainer:
         identity = {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
                     "optimizer": self.recipe.optim.name, "head_optimizer": self.head_optimizer.__class__.__name__,
                     "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
+                    "contrastive": self.contrastive_on,
                     "engine_format": self.engine.name if self.engine.checkpoint_kind == "folder" else "file"}
         if self.engine.name == "deepspeed":
             identity["world_size"] = self.ctx.world_size
