@@ -1,4 +1,4 @@
-# Data sources and batching: synthetic faces (built in) and the resumable batch stream.
+# Data sources and batching: synthetic faces, resumable streams; shards, converters, DALI and .bin sets in submodules.
 from toolkit.data.loader import EpochBatchSampler, ResumableBatchStream
 from toolkit.data.synthetic import SyntheticFaces, SyntheticPairs, SyntheticTrainSet
 

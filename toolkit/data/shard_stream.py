@@ -220,8 +220,11 @@ def _shard_units(train_set: ShardedTrainSet, shard_index: int) -> list[list[Samp
                 slots.append(SampleSlot(image, label, None, where))
         units.append(slots)
     if len(units) < expected:
-        reason = {"truncated": "truncated_shard", "corrupt_header": "corrupt_shard"}.get(
-            problem, "empty_shard" if not samples else "short_shard")
+        if not data:
+            reason = "empty_shard"
+        else:
+            reason = {"truncated": "truncated_shard", "corrupt_header": "corrupt_shard"}.get(
+                problem, "empty_shard" if not samples else "short_shard")
         hole = [SampleSlot(None, -1, reason, f"{entry.name} ({len(units)} of {expected} readable)")] * k
         units.extend([hole] * (expected - len(units)))
     return units
@@ -315,23 +318,24 @@ class _EpochBatches(IterableDataset):
                 row.append(None)
             decoded.append(row)
         samples = _fill_holes(decoded, f"epoch {self.epoch} batch {batch} of rank {self.plan.rank}")
-        images_BHW3 = torch.from_numpy(np.stack([image for image, _ in samples]))
+        images_BHW3 = np.stack([image for image, _ in samples])
         labels_B = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        images_B3HW = images_BHW3.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        gen = torch.Generator().manual_seed(_seed_of(self.plan.seed, _SALT_AUGMENT, self.epoch, self.plan.rank, batch))
+        if aug.views is None and aug.flip:
+            # Flip the uint8 pixels before the float conversion: a quarter of the bytes to move.
+            flip_B = (torch.rand(len(samples), generator=gen) < 0.5).numpy()
+            images_BHW3[flip_B] = images_BHW3[flip_B, :, ::-1]
+        images_B3HW = torch.empty((len(samples), 3) + images_BHW3.shape[1:3], dtype=torch.float32)
+        images_B3HW.copy_(torch.from_numpy(images_BHW3).permute(0, 3, 1, 2)).mul_(1 / 127.5).sub_(1.0)
         if images_B3HW.shape[-1] != aug.image_size:
             images_B3HW = F.interpolate(images_B3HW, size=(aug.image_size, aug.image_size), mode="bilinear",
                                         antialias=True, align_corners=False).clamp_(-1.0, 1.0)
-        gen = torch.Generator().manual_seed(_seed_of(self.plan.seed, _SALT_AUGMENT, self.epoch, self.plan.rank, batch))
-        if aug.views is not None:
-            sample_seeds = torch.randint(0, 2**62, (len(samples),), generator=gen).tolist()
-            images = torch.stack([two_views(image_3HW, aug.views, torch.Generator().manual_seed(s))
-                                  for image_3HW, s in zip(images_B3HW, sample_seeds)])  # B x 2 x 3 x H x W
-        else:
-            images = images_B3HW
-            if aug.flip:
-                flip_B = torch.rand(len(samples), generator=gen) < 0.5
-                images[flip_B] = images[flip_B].flip(-1)
-        return images, labels_B, dict(skipped)
+        if aug.views is None:
+            return images_B3HW, labels_B, dict(skipped)
+        sample_seeds = torch.randint(0, 2**62, (len(samples),), generator=gen).tolist()
+        views_B23HW = torch.stack([two_views(image_3HW, aug.views, torch.Generator().manual_seed(s))
+                                   for image_3HW, s in zip(images_B3HW, sample_seeds)])
+        return views_B23HW, labels_B, dict(skipped)
 
     def _decode(self, data: bytes) -> np.ndarray:
         rgb = decode_rgb(data, self.augmentation.decoder)
