@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise FaceCLError(f"--world-size must be >= 1, got {args.world_size}")
     if args.num_classes is not None and args.num_classes < 2:
         raise FaceCLError(f"--num-classes must be >= 2, got {args.num_classes}")
-    recipe = load_config(args.recipe, args.overrides)
+    # With --num-classes no data path is read, so ${DATA_ROOT} and friends need not be set.
+    recipe = load_config(args.recipe, args.overrides, expand_env=args.num_classes is None)
     num_classes = args.num_classes if args.num_classes is not None else default_num_classes(recipe)
     print(format_plan(plan_memory(recipe, args.world_size, num_classes)))
     return 0

@@ -142,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.fit()
         results_path = trainer.write_results()
         if ctx.is_main:
-            final = result.evaluations[-1]
+            final = trainer.final_verification()
             print(f"results: {results_path}")
             print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
-                  f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs after "
+                  f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs of {final['set']} after "
                   f"{result.final_step} steps", flush=True)
         # Everyone finishes the last collective work before the group goes away; tearing it down while a
         # peer still uses it can abort the peer at exit.

@@ -102,7 +102,7 @@ def test_plan_builds_the_backbone_on_the_meta_device():
                     self.largest = max(self.largest, tensor.numel() * tensor.element_size())
             return out
 
-    recipe = load_config(WEBFACE_RECIPE)
+    recipe = load_config(WEBFACE_RECIPE, expand_env=False)
     with LargestRealTensor() as watcher:
         plan = plan_memory(recipe, 8, 2_059_906)
     assert plan.inputs.backbone_params > 60_000_000
@@ -222,7 +222,7 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_cli_prints_the_webface42m_plan():
-    proc = run_plan("--recipe", str(WEBFACE_RECIPE), "--world-size", "8")
+    proc = run_plan("--recipe", str(WEBFACE_RECIPE), "--world-size", "8", "--num-classes", "2059906")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any("C = 2,059,906" in line for line in lines), proc.stdout
@@ -236,7 +236,7 @@ def test_plan_cli_prints_the_webface42m_plan():
     (["--world-size", "8", "--set", "parallel.zero_stage=5"], "zero_stage"),
 ])
 def test_plan_cli_user_errors_are_one_line(args, needle):
-    proc = run_plan("--recipe", str(WEBFACE_RECIPE), *args)
+    proc = run_plan("--recipe", str(WEBFACE_RECIPE), "--num-classes", "2059906", *args)
     report = f"exit {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
     assert proc.returncode == 2, report
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

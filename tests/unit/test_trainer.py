@@ -125,3 +125,33 @@ def test_checkpoint_holds_everything_needed(tiny_recipe):
     assert len(payload["rng_per_rank"]) == 1
     assert payload["data"]["batch_in_epoch"] == 3
     assert payload["schedulers"]["backbone"]["last_epoch"] == 3
+
+
+def test_eval_sets_from_bin_files_match_the_same_pairs_in_memory(tiny_recipe, tmp_path):
+    """eval.sets: .bin files (insightface format) are evaluated by name; the same pairs stored as JPEG give
+    the same accuracy as evaluating them from memory."""
+    import io
+    import pickle
+
+    from PIL import Image
+
+    reference = make_trainer(tiny_recipe("run.name=evalref", "train.num_epochs=2"))
+    reference.fit()
+    pairs = reference.val_sets["synthetic"]
+    encoded = []
+    for index in range(len(pairs)):
+        pixels = ((pairs[index] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=100)
+        encoded.append(buffer.getvalue())
+    for name in ("lfw", "agedb_30"):
+        (tmp_path / f"{name}.bin").write_bytes(pickle.dumps((encoded, pairs.is_same_P.tolist()), protocol=4))
+    sets = f"eval.sets=[{tmp_path / 'lfw.bin'}, {tmp_path / 'agedb_30.bin'}]"
+    from_files = make_trainer(tiny_recipe("run.name=evalbin", "train.num_epochs=2", sets))
+    from_files.engine.unwrapped().load_state_dict(reference.engine.unwrapped().state_dict())
+    entries = from_files.evaluate()
+    assert [e["set"] for e in entries] == ["lfw", "agedb_30"]
+    expected = reference.final_verification()["accuracy_mean"]
+    assert abs(entries[0]["accuracy_mean"] - expected) <= 0.05
+    assert entries[0]["accuracy_mean"] == entries[1]["accuracy_mean"]
+    assert from_files.final_verification()["set"] == "lfw"

@@ -237,6 +237,9 @@ class EvalConfig:
     """Verification on held-out pairs with the 10-fold protocol."""
 
     every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0)
+    sets: list[str] = doc(
+        "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); the first is the one "
+        "reported last. Empty: the synthetic held-out pairs.", default_factory=list, path=True)
     batch_size: int = doc("Images per forward pass during evaluation.", 256)
     num_folds: int = doc("Cross-validation folds of the verification protocol.", 10)
 

@@ -137,6 +137,26 @@ def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
                           num_identities=syn.num_val_identities, num_pairs=syn.num_val_pairs)
 
 
+def build_val_sets(recipe: Recipe) -> dict:
+    """{name: pairs} to verify on: the recipe's .bin files (named by file stem), else the synthetic pairs."""
+    if not recipe.eval.sets:
+        return {"synthetic": build_val_pairs(recipe)}
+    from pathlib import Path
+
+    from toolkit.data.verification_bin import VerificationBin
+
+    sets = {}
+    for path in recipe.eval.sets:
+        if not Path(path).is_file():
+            raise ConfigError(f"eval.sets: verification file not found: {path}")
+        pairs = VerificationBin(path, image_size=recipe.data.image_size)
+        if pairs.num_pairs % recipe.eval.num_folds:
+            raise ConfigError(f"eval.sets: {path} has {pairs.num_pairs} pairs, not divisible into "
+                              f"eval.num_folds={recipe.eval.num_folds} folds")
+        sets[Path(path).stem] = pairs
+    return sets
+
+
 def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 0,
                        pin_memory: bool = False, device: torch.device | None = None):
     """The rank's endless batch stream: next_batch(), state_dict()/load_state_dict(), skip_stats()."""

@@ -190,10 +190,16 @@ def _optimizer_label(name: str, momentum: float) -> str:
 
 
 def default_num_classes(recipe: Recipe) -> int:
-    """The training class count the recipe's data section implies."""
+    """The training class count the recipe's data implies: synthetic identities, or the shards' manifest."""
     if recipe.data.backend == "synthetic":
         return recipe.data.synthetic.num_identities
-    raise ConfigError(f"data.backend {recipe.data.backend!r} does not give a class count here; pass --num-classes")
+    from pathlib import Path
+
+    from toolkit.data.shards import load_manifest
+
+    if not Path(recipe.data.manifest).is_file():
+        raise ConfigError(f"data.manifest {recipe.data.manifest} not found; pass --num-classes to plan without it")
+    return load_manifest(recipe.data.manifest).num_classes
 
 
 def per_rank_batch(recipe: Recipe, world_size: int) -> int:

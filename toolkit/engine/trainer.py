@@ -93,7 +93,7 @@ class Trainer:
         self.shape = builders.build_run_shape(recipe, len(self.train_set), self.ctx.world_size)
         self.stream = builders.build_train_stream(recipe, self.train_set, self.shape, rank=self.ctx.rank,
                                                   pin_memory=self.device.type == "cuda")
-        self.val_pairs = builders.build_val_pairs(recipe)
+        self.val_sets = builders.build_val_sets(recipe)
 
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
         self.contrastive_on = recipe.contrastive.weight > 0
@@ -320,24 +320,30 @@ class Trainer:
             return {}
         return {**self.unimoco.statistics(), "momentum": self.momentum}
 
+    def _skipped_inputs_for_log(self) -> dict[str, float]:
+        """Inputs the data stream skipped so far (corrupt image, missing key, ...), by reason; this rank's."""
+        return {f"skipped_{reason}": float(count) for reason, count in self.stream.skip_stats().items() if count}
+
     def _grad_norms_for_log(self) -> dict[str, float]:
         return {f"grad_norm_{part}": float(norm) for part, norm in self.last_grad_norms.items() if norm is not None}
 
     # ----- evaluation and the loop ----------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        """Verification on the held-out pairs; every rank takes part (sharded engines need all ranks)."""
+    def evaluate(self) -> list[dict]:
+        """Verification on every set; every rank takes part (sharded engines need all ranks in a forward).
+        Returns one entry per set, the primary (first) set first."""
         self.engine.sync_buffers()
         self.engine.train(False)
+        entries = []
         try:
-            result = evaluate_pairs(self._embed, self.val_pairs, self.val_pairs.is_same_P,
-                                    device=self.device, batch_size=self.recipe.eval.batch_size,
-                                    num_folds=self.recipe.eval.num_folds, rank=self.ctx.rank,
-                                    world_size=self.ctx.world_size, group=self.ctx.group)
+            for name, pairs in self.val_sets.items():
+                result = evaluate_pairs(self._embed, pairs, pairs.is_same_P, device=self.device,
+                                        batch_size=self.recipe.eval.batch_size, num_folds=self.recipe.eval.num_folds,
+                                        rank=self.ctx.rank, world_size=self.ctx.world_size, group=self.ctx.group)
+                entries.append({"step": self.step, "set": name, **result.as_dict()})
         finally:
             self.engine.train(True)
-        entry = {"step": self.step, **result.as_dict()}
-        self.result.evaluations.append(entry)
-        return entry
+        self.result.evaluations.extend(entries)
+        return entries
 
     def _say(self, text: str) -> None:
         if self.verbose:
@@ -383,11 +389,12 @@ class Trainer:
                     pending_losses.clear()
                     reporter.log(self.step, self.step / shape.steps_per_epoch,
                                  {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
-                                  **self._grad_norms_for_log(), **self._unimoco_stats_for_log()})
+                                  **self._grad_norms_for_log(), **self._unimoco_stats_for_log(),
+                                  **self._skipped_inputs_for_log()})
                 if (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last:
-                    entry = self.evaluate()
-                    reporter.log_eval(self.step, "verification",
-                                      {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]})
+                    for entry in self.evaluate():
+                        reporter.log_eval(self.step, entry["set"],
+                                          {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]})
                     reporter.restart_clock()
                 if (recipe.checkpoint.every_steps and self.step % recipe.checkpoint.every_steps == 0) or (
                         last and recipe.checkpoint.save_final):
@@ -403,14 +410,22 @@ class Trainer:
         """Every rank's center shard and optimizer state, on every rank (for tests and small exports)."""
         return self.ctx.all_gather_objects(shard_payload(self.head, self.head_optimizer))
 
+    def final_verification(self) -> dict | None:
+        """The last evaluation of the primary (first) verification set."""
+        primary = next(iter(self.val_sets))
+        entries = [e for e in self.result.evaluations if e.get("set", primary) == primary]
+        return entries[-1] if entries else None
+
     def write_results(self) -> Path | None:
         """results.json (rank 0): final verification, every evaluation and the per-step loss curve."""
         if not self.ctx.is_main:
             return None
-        final = self.result.evaluations[-1] if self.result.evaluations else None
+        last_step = self.result.evaluations[-1]["step"] if self.result.evaluations else None
+        final_by_set = {e["set"]: e for e in self.result.evaluations if e["step"] == last_step}
         payload = {
             "final_step": self.result.final_step,
-            "final_verification": final,
+            "final_verification": self.final_verification(),
+            "final_verification_by_set": final_by_set,
             "evaluations": self.result.evaluations,
             "loss_curve": [{"step": s, "loss": v} for s, v in self.result.losses],
             "skipped_steps": self.num_skipped_steps,
