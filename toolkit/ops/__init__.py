@@ -3,7 +3,7 @@
 
 - margin_softmax_ce(cos_NC, local_target_N, margin)                 per-row loss, backward in place over cos_NC
 - linear_margin_softmax_ce(emb_ND, centers_CD, local_target_N, margin)  per-row loss, no N x C logits
-- distributed_margin_softmax_ce / distributed_linear_margin_softmax_ce   the sharded head's mean loss
+- distributed_margin_softmax_ce / distributed_linear_margin_softmax_ce   the sharded head's (row-weighted) mean loss
 - combine_partial_stats                                              all-reduce of the per-rank statistics
 - unicon_loss(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin)  per-query loss
 

@@ -13,19 +13,26 @@ Protocol of the sharded head (each rank holds some of the classes of every row):
    from the global max and sum.
 
 `distributed_margin_softmax_ce` / `distributed_linear_margin_softmax_ce` wrap the three steps in an
-autograd function and return the mean loss over the N rows, the same value on every rank, with exactly
-the gradients of ShardedIdentityCenterHead's reference path (tested on 1 and 2 ranks).
+autograd function and return the (row-weighted) mean loss over the N rows, the same value on every rank,
+with exactly the gradients of ShardedIdentityCenterHead's reference path (tested on 1 and 2 ranks).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from toolkit.distributed.collectives import all_reduce_
-from toolkit.heads.margin import Margin
 from toolkit.ops import reference
 from toolkit.ops.extension import FUSED_KERNELS_AVAILABLE
+
+if FUSED_KERNELS_AVAILABLE:
+    from toolkit.ops.registration import buffer_is_consumable, gradient_buffer
+
+if TYPE_CHECKING:  # toolkit.heads may import toolkit.ops: no import cycle at run time
+    from toolkit.heads.margin import Margin
 
 
 def _params(margin: Margin, interclass_filter: float) -> tuple[float, float, float, float, float]:
@@ -37,8 +44,8 @@ def margin_softmax_ce(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin
     """Per-row (N) margin softmax loss of cosine logits against these C columns; fp32.
 
     local_target_N: the row's target column, or -1 (no target here: the target logit counts as 0).
-    The backward consumes `cos_NC`: the gradient is written over it (see toolkit/ops/registration.py), so
-    do not read `cos_NC` after backward, and do not hand it to another op that saves it for its backward.
+    The backward consumes `cos_NC` when it is an op's output (not a leaf, not a view): the gradient is
+    written over it (see toolkit/ops/registration.py), so do not read `cos_NC` after backward.
     """
     if not FUSED_KERNELS_AVAILABLE:
         return reference.margin_softmax_ce(cos_NC, local_target_N, margin, interclass_filter=interclass_filter)
@@ -52,7 +59,7 @@ def linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_CD: torch.Tensor, loc
     """Per-row (N) margin softmax loss of emb_ND @ centers_CD^T without materialising the N x C logits.
 
     emb_ND and centers_CD must already be L2-normalised (their product is the cosine). block_size: classes
-    per block (0: about 8 MB of fp32 logits per block on a CPU, 64 MB on a GPU).
+    per block (0: about 64 MB of fp32 logits per block, 4096 classes for 4096 rows).
     """
     if not FUSED_KERNELS_AVAILABLE:
         return reference.linear_margin_softmax_ce(emb_ND, centers_CD, local_target_N, margin,
@@ -76,75 +83,86 @@ def combine_partial_stats(row_max_N: torch.Tensor, sum_exp_N: torch.Tensor, targ
     return global_max_N, summed_2N[0], summed_2N[1]
 
 
-def _mean_grad_per_row(grad_loss: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """d(mean over rows)/d(loss_i) times the incoming gradient, as an fp32 vector of N."""
-    return (grad_loss.float() / num_rows).expand(num_rows).contiguous()
+def _grad_per_row(grad_loss: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+    """d(sum_i w_i loss_i)/d(loss_i) times the incoming gradient, as a contiguous fp32 vector of N."""
+    return (weight_N * grad_loss.float()).contiguous()
 
 
 class _FusedDistributedMarginSoftmaxCE(torch.autograd.Function):
-    """Mean loss over rows of a cosine buffer (N x S, this rank's columns); backward in place over the buffer."""
+    """Weighted loss over rows of a cosine buffer (N x S, this rank's columns); backward in place over the buffer."""
 
     @staticmethod
-    def forward(ctx, cos_NS, local_target_N, params, group):
+    def forward(ctx, cos_NS, local_target_N, weight_N, params, group):
         row_max_N, sum_exp_N, target_logit_N = torch.ops.facecl.margin_softmax_ce_stats(cos_NS, local_target_N,
                                                                                         *params)
         max_N, sum_N, target_N = combine_partial_stats(row_max_N, sum_exp_N, target_logit_N, group)
-        ctx.save_for_backward(cos_NS, local_target_N, max_N, sum_N)
+        ctx.save_for_backward(cos_NS, local_target_N, max_N, sum_N, weight_N)
         ctx.params = params
-        return (torch.log(sum_N) + max_N - target_N).mean()
+        ctx.consume_buffer = buffer_is_consumable(cos_NS)
+        return ((torch.log(sum_N) + max_N - target_N) * weight_N).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        cos_NS, local_target_N, max_N, sum_N = ctx.saved_tensors
-        torch.ops.facecl.margin_softmax_ce_backward_(cos_NS, local_target_N, max_N, sum_N,
-                                                     _mean_grad_per_row(grad_loss, cos_NS.shape[0]), *ctx.params)
-        return cos_NS, None, None, None
+        cos_NS, local_target_N, max_N, sum_N, weight_N = ctx.saved_tensors
+        grad_NS = gradient_buffer(cos_NS, ctx.consume_buffer)
+        torch.ops.facecl.margin_softmax_ce_backward_(grad_NS, local_target_N, max_N, sum_N,
+                                                     _grad_per_row(grad_loss, weight_N), *ctx.params)
+        return grad_NS, None, None, None, None
 
 
 class _FusedDistributedLinearMarginSoftmaxCE(torch.autograd.Function):
-    """Mean loss over rows of emb_ND @ centers_SD^T (this rank's centers), blockwise: no N x S tensor."""
+    """Weighted loss over rows of emb_ND @ centers_SD^T (this rank's centers), blockwise: no N x S tensor."""
 
     @staticmethod
-    def forward(ctx, emb_ND, centers_SD, local_target_N, params, block_size, group):
+    def forward(ctx, emb_ND, centers_SD, local_target_N, weight_N, params, block_size, group):
         row_max_N, sum_exp_N, target_logit_N = torch.ops.facecl.linear_margin_softmax_ce_stats(
             emb_ND, centers_SD, local_target_N, *params, block_size)
         max_N, sum_N, target_N = combine_partial_stats(row_max_N, sum_exp_N, target_logit_N, group)
-        ctx.save_for_backward(emb_ND, centers_SD, local_target_N, max_N, sum_N)
+        ctx.save_for_backward(emb_ND, centers_SD, local_target_N, max_N, sum_N, weight_N)
         ctx.params = params
         ctx.block_size = block_size
-        return (torch.log(sum_N) + max_N - target_N).mean()
+        return ((torch.log(sum_N) + max_N - target_N) * weight_N).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        emb_ND, centers_SD, local_target_N, max_N, sum_N = ctx.saved_tensors
+        emb_ND, centers_SD, local_target_N, max_N, sum_N, weight_N = ctx.saved_tensors
         grad_emb_ND, grad_centers_SD = torch.ops.facecl.linear_margin_softmax_ce_backward(
-            _mean_grad_per_row(grad_loss, emb_ND.shape[0]), emb_ND, centers_SD, local_target_N, max_N, sum_N,
-            *ctx.params, ctx.block_size)
-        return grad_emb_ND, grad_centers_SD, None, None, None, None
+            _grad_per_row(grad_loss, weight_N), emb_ND, centers_SD, local_target_N, max_N, sum_N, *ctx.params,
+            ctx.block_size)
+        return grad_emb_ND, grad_centers_SD, None, None, None, None, None
 
 
 def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, group=None, *,
-                                  interclass_filter: float = 0.0) -> torch.Tensor:
-    """Mean margin-softmax loss over the N rows; this rank holds the S columns of cos_NS (cosines, not logits).
+                                  interclass_filter: float = 0.0,
+                                  row_weight_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Margin-softmax loss over the N rows, averaged with row weights; this rank holds the S columns of cos_NS.
 
-    local_target_N: the row's target column in cos_NS, or -1 when another rank owns it. group: the
-    model-parallel process group (None: single process). The inter-class filter zeroes negative cosines
-    above the threshold (0: off), as the head does. Backward writes the gradient over cos_NS (consumed).
+    cos_NS: cosines (not logits). local_target_N: the row's target column in cos_NS, or -1 when another rank
+    owns it (or the row is unlabeled). group: the model-parallel process group (None: single process).
+    interclass_filter: negative cosines above it are zeroed, as the head does (0: off). row_weight_N: the
+    loss is sum(w * loss_N) with w = row_weight_N / max(sum(row_weight_N), 1) (None: the plain mean); the
+    head passes (labels_N >= 0) so that unlabeled rows are left out. The same value on every rank.
+    Backward writes the gradient over cos_NS (the buffer is consumed).
     """
     if not FUSED_KERNELS_AVAILABLE:
         return reference.distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group,
-                                                       interclass_filter=interclass_filter)
-    return _FusedDistributedMarginSoftmaxCE.apply(cos_NS.contiguous(), local_target_N,
+                                                       interclass_filter=interclass_filter, row_weight_N=row_weight_N)
+    weight_N = reference.normalized_row_weights(row_weight_N, cos_NS.shape[0], cos_NS.device)
+    return _FusedDistributedMarginSoftmaxCE.apply(cos_NS.contiguous(), local_target_N, weight_N,
                                                   _params(margin, interclass_filter), group)
 
 
 def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch.Tensor, local_target_N: torch.Tensor,
                                          margin: Margin, group=None, *, interclass_filter: float = 0.0,
+                                         row_weight_N: torch.Tensor | None = None,
                                          block_size: int = 0) -> torch.Tensor:
     """As distributed_margin_softmax_ce, on normalised embeddings (N x D) and this rank's normalised centers
     (S x D, e.g. the sampled ones), never holding more than one N x block_size block of logits."""
     if not FUSED_KERNELS_AVAILABLE:
         return reference.distributed_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N, margin, group,
-                                                              interclass_filter=interclass_filter)
+                                                              interclass_filter=interclass_filter,
+                                                              row_weight_N=row_weight_N)
+    weight_N = reference.normalized_row_weights(row_weight_N, emb_ND.shape[0], emb_ND.device)
     return _FusedDistributedLinearMarginSoftmaxCE.apply(emb_ND.contiguous(), centers_SD.contiguous(), local_target_N,
-                                                        _params(margin, interclass_filter), int(block_size), group)
+                                                        weight_N, _params(margin, interclass_filter), int(block_size),
+                                                        group)

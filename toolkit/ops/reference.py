@@ -6,12 +6,17 @@ project's references (`apply_margin_to_target`, `unicon_loss_reference`) and the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
-from toolkit.contrastive.unicon import unicon_loss_reference
 from toolkit.distributed.collectives import all_reduce_
-from toolkit.heads.margin import Margin, apply_margin_to_target
+
+if TYPE_CHECKING:
+    from toolkit.heads.margin import Margin
+
+# toolkit.heads and toolkit.contrastive are imported inside the functions: those packages may import toolkit.ops.
 
 
 def local_margin_logits(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin: Margin,
@@ -20,6 +25,8 @@ def local_margin_logits(cos_NC: torch.Tensor, local_target_N: torch.Tensor, marg
 
     The same steps as ShardedIdentityCenterHead.forward; rows with local target -1 get no margin.
     """
+    from toolkit.heads.margin import apply_margin_to_target
+
     cos_NC = cos_NC.float()
     rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
     cols = local_target_N[rows]
@@ -53,15 +60,30 @@ def unicon_loss(query_BD: torch.Tensor, keys_KD: torch.Tensor, query_labels_B: t
                 key_labels_K: torch.Tensor, own_key_B: torch.Tensor, temperature: float, margin: float = 0.0, *,
                 block_size: int = 0) -> torch.Tensor:
     """toolkit.contrastive.unicon.unicon_loss_reference; block_size is ignored."""
+    from toolkit.contrastive.unicon import unicon_loss_reference
+
     del block_size
     return unicon_loss_reference(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin)
 
 
+def normalized_row_weights(row_weight_N: torch.Tensor | None, num_rows: int, device) -> torch.Tensor:
+    """fp32 weights w_N of the loss sum(w_N * loss_N): the head's row_weight_N / max(sum(row_weight_N), 1).
+
+    None weighs every row 1: the loss is then the mean over the N rows. Weight 0 leaves a row out (the head
+    gives unlabeled rows weight 0, so the loss is the mean over labeled rows, 0 when there are none).
+    """
+    if row_weight_N is None:
+        return torch.full((num_rows,), 1.0 / max(num_rows, 1), dtype=torch.float32, device=device)
+    row_weight_N = row_weight_N.float()
+    return row_weight_N / row_weight_N.sum().clamp(min=1.0)
+
+
 class _DistributedSoftmaxCE(torch.autograd.Function):
-    """Mean cross-entropy of rows whose columns are spread over ranks (the algorithm of partial_fc.py)."""
+    """Weighted cross-entropy of rows whose columns are spread over ranks (the algorithm of partial_fc.py)."""
 
     @staticmethod
-    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, weight_N: torch.Tensor,
+                group) -> torch.Tensor:
         num_rows = logits_NS.shape[0]
         row_max_N = logits_NS.max(dim=1).values if logits_NS.shape[1] else torch.full(
             (num_rows,), float("-inf"), device=logits_NS.device)
@@ -75,31 +97,34 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
         target_logit_N[rows] = logits_NS[rows, local_target_N[rows]]
         all_reduce_(target_logit_N, dist.ReduceOp.SUM, group)
         loss_N = torch.log(sum_exp_N) + row_max_N - target_logit_N
-        ctx.save_for_backward(probs_NS, local_target_N)
-        return loss_N.mean()
+        ctx.save_for_backward(probs_NS, local_target_N, weight_N)
+        return (loss_N * weight_N).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        probs_NS, local_target_N = ctx.saved_tensors
+        probs_NS, local_target_N, weight_N = ctx.saved_tensors
         grad_NS = probs_NS.clone()
         rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
         grad_NS[rows, local_target_N[rows]] -= 1.0
-        grad_NS.mul_(grad_loss / probs_NS.shape[0])
-        return grad_NS, None, None
+        grad_NS.mul_(weight_N[:, None] * grad_loss)
+        return grad_NS, None, None, None
 
 
 def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, group=None, *,
-                                  interclass_filter: float = 0.0) -> torch.Tensor:
-    """Mean margin-softmax loss over rows whose classes are sharded over the ranks of `group`."""
+                                  interclass_filter: float = 0.0,
+                                  row_weight_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-weighted mean margin-softmax loss over rows whose classes are sharded over the ranks of `group`."""
     logits_NS = local_margin_logits(cos_NS, local_target_N, margin, interclass_filter)
-    return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, group)
+    weight_N = normalized_row_weights(row_weight_N, logits_NS.shape[0], logits_NS.device)
+    return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, weight_N, group)
 
 
 def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch.Tensor, local_target_N: torch.Tensor,
                                          margin: Margin, group=None, *, interclass_filter: float = 0.0,
+                                         row_weight_N: torch.Tensor | None = None,
                                          block_size: int = 0) -> torch.Tensor:
     """distributed_margin_softmax_ce of emb @ centers^T (inputs already normalised); block_size is ignored."""
     del block_size
     cos_NS = emb_ND.float() @ centers_SD.float().t()
-    return distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group, interclass_filter=interclass_filter)
-
+    return distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group, interclass_filter=interclass_filter,
+                                         row_weight_N=row_weight_N)

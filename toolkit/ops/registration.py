@@ -5,9 +5,9 @@
 Autograd:
 - margin_softmax_ce: backward writes the gradient over the saved cosine buffer (margin_softmax_ce_backward_)
   and returns that buffer as the gradient, so no second N x C tensor is allocated. The buffer is consumed:
-  after backward it holds the gradient, not the cosines. A leaf tensor (created by the user, not by an op)
-  is never overwritten: its gradient goes into a copy. Under torch.compile the compiler owns the buffers,
-  so the gradient goes into a copy that it may reuse.
+  after backward it holds the gradient, not the cosines (see `gradient_buffer` for the safety net). A leaf
+  tensor (created by the user) or a view is never overwritten: its gradient goes into a copy. Under
+  torch.compile the compiler owns the buffers, so the gradient goes into a copy that it may reuse.
 - linear_margin_softmax_ce and unicon_loss: backward recomputes the logits block by block.
 """
 
@@ -75,20 +75,38 @@ def _unicon_backward_fake(grad_loss_B, query_BD, keys_KD, query_labels_B, key_la
 
 # ---- autograd ---------------------------------------------------------------------------------------------------
 
+def buffer_is_consumable(cos_NC: torch.Tensor) -> bool:
+    """Whether backward may overwrite this cosine buffer: an op's own output, not a user's leaf nor a view
+    (a view shares memory with a tensor that may still be needed)."""
+    return cos_NC.grad_fn is not None and not cos_NC._is_view()
+
+
+def gradient_buffer(cos_NC: torch.Tensor, consume: bool) -> torch.Tensor:
+    """The tensor the in-place backward writes into: the cosine buffer itself, or a copy.
+
+    When the buffer is consumed its version counter is bumped, so that a second backward through the same
+    graph (retain_graph=True) fails with autograd's "modified by an inplace operation" error instead of
+    reading gradients as cosines. Under torch.compile the compiler owns the buffers: always a copy (which
+    the compiler may turn back into an in-place update).
+    """
+    if consume and not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(cos_NC)
+        return cos_NC
+    return cos_NC.clone()
+
+
 def _margin_setup_context(ctx, inputs, output):
     cos_NC, local_target_N, *params = inputs
     _, row_max_N, sum_exp_N = output
     ctx.save_for_backward(cos_NC, local_target_N, row_max_N, sum_exp_N)
     ctx.params = params
-    # Overwriting a user-created leaf would destroy the user's data; an op's output is ours to consume.
-    ctx.consume_buffer = cos_NC.grad_fn is not None
+    ctx.consume_buffer = buffer_is_consumable(cos_NC)
     ctx.mark_non_differentiable(row_max_N, sum_exp_N)
 
 
 def _margin_backward(ctx, grad_loss_N, _grad_row_max, _grad_sum_exp):
     cos_NC, local_target_N, row_max_N, sum_exp_N = ctx.saved_tensors
-    in_place = ctx.consume_buffer and not torch.compiler.is_compiling()
-    grad_NC = cos_NC if in_place else cos_NC.clone()
+    grad_NC = gradient_buffer(cos_NC, ctx.consume_buffer)
     torch.ops.facecl.margin_softmax_ce_backward_(grad_NC, local_target_N, row_max_N, sum_exp_N,
                                                  grad_loss_N.float().contiguous(), *ctx.params)
     return (grad_NC,) + (None,) * 6

@@ -1,0 +1,331 @@
+// Device-independent drivers of the fused losses: argument checks, walks over class/key blocks, at::mm calls.
+//
+// Each driver is a template over a `Kernels` backend (CpuKernels in cpu/kernels_cpu.cpp, CudaKernels in
+// cuda/kernels_cuda.cu) that supplies four row-wise block kernels:
+//
+//   margin_stats_block(cos_NB, local_target_N, col_offset, params, row_max_N, sum_exp_N, target_logit_N)
+//       folds columns [col_offset, col_offset + B) of every row into the running softmax statistics
+//       (row max, sum of exp(logit - row max)) and writes the margin target logit of rows whose target
+//       column lies in the block;
+//   margin_grad_block_(cos_NB, local_target_N, col_offset, params, row_max_N, sum_exp_N, grad_loss_N)
+//       overwrites the block with d(sum_i grad_loss_i * loss_i) / d(cos);
+//   unicon_stats_block / unicon_grad_block_: the same for UniCon similarities (two statistics per row:
+//       negatives s + margin and positives -s).
+//
+// The drivers never allocate a rows x classes tensor: the cosine-buffer op works in place on its input, the
+// linear and UniCon ops hold one rows x block fp32 buffer at a time.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "margin_math.h"
+
+// The input types of every kernel: fp32, bf16, fp16 (all accumulate in fp32).
+#define FACECL_DISPATCH_LOSS_TYPES(TYPE, NAME, ...)                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                     \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace facecl {
+
+using at::Tensor;
+
+inline void check_float_input(const Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kBFloat16 ||
+                  tensor.scalar_type() == at::kHalf,
+              "facecl: ", name, " must be float32, bfloat16 or float16, got ", tensor.scalar_type());
+}
+
+inline void check_matrix(const Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.dim() == 2, "facecl: ", name, " must be 2-D, got shape ", tensor.sizes());
+  TORCH_CHECK(tensor.size(1) <= 1 || tensor.stride(1) == 1,
+              "facecl: ", name, " must have contiguous rows (stride 1 along dim 1), got strides ", tensor.strides());
+  TORCH_CHECK(tensor.size(0) <= 1 || tensor.stride(0) >= tensor.size(1),
+              "facecl: ", name, " must not have overlapping rows, got shape ", tensor.sizes(), " and strides ",
+              tensor.strides());
+  check_float_input(tensor, name);
+}
+
+inline void check_index_vector(const Tensor& index, int64_t length, const Tensor& like, const char* name) {
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == length, "facecl: ", name, " must have shape [", length,
+              "], got ", index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong, "facecl: ", name, " must be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.device() == like.device(), "facecl: ", name, " is on ", index.device(), ", expected ",
+              like.device());
+}
+
+inline void check_stat_vector(const Tensor& stat, int64_t length, const Tensor& like, const char* name) {
+  TORCH_CHECK(stat.dim() == 1 && stat.size(0) == length, "facecl: ", name, " must have shape [", length, "], got ",
+              stat.sizes());
+  TORCH_CHECK(stat.scalar_type() == at::kFloat, "facecl: ", name, " must be float32, got ", stat.scalar_type());
+  TORCH_CHECK(stat.device() == like.device(), "facecl: ", name, " is on ", stat.device(), ", expected ",
+              like.device());
+}
+
+// Values in [low, high) or -1. Checked on the CPU only: on a GPU the check would cost a host sync.
+inline void check_index_range(const Tensor& index, int64_t high, bool allow_minus_one, const char* name) {
+  if (!index.device().is_cpu() || index.numel() == 0) {
+    return;
+  }
+  const int64_t low = allow_minus_one ? -1 : 0;
+  const int64_t min_value = index.min().item<int64_t>();
+  const int64_t max_value = index.max().item<int64_t>();
+  TORCH_CHECK(min_value >= low && max_value < high, "facecl: ", name, " must lie in [", low, ", ", high,
+              "), got values from ", min_value, " to ", max_value);
+}
+
+// Columns per block: one N x block fp32 buffer of about 64 MB (16M logits: 4096 classes for 4096 rows). Much
+// smaller blocks make the matrix products slow (measured on CPU: 512 classes per block, 1.45x the time).
+inline int64_t resolve_block_size(int64_t block_size, int64_t num_rows, int64_t num_cols) {
+  if (block_size > 0) {
+    return block_size;
+  }
+  const int64_t budget = int64_t{1} << 24;
+  const int64_t fitting = budget / std::max<int64_t>(num_rows, 1);
+  return std::max<int64_t>(64, std::min<int64_t>(std::max<int64_t>(num_cols, 1), fitting));
+}
+
+// N x width view on the first N*width floats of a flat scratch buffer: contiguous whatever the width.
+inline Tensor scratch_view(const Tensor& flat, int64_t num_rows, int64_t width) {
+  return flat.narrow(0, 0, num_rows * width).view({num_rows, width});
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> empty_margin_stats(int64_t num_rows, const Tensor& like) {
+  const auto options = like.options().dtype(at::kFloat);
+  return {at::full({num_rows}, -INFINITY, options), at::zeros({num_rows}, options), at::zeros({num_rows}, options)};
+}
+
+template <typename Kernels>
+struct FusedOps {
+  // ---- margin softmax on a cosine buffer (N x C) ------------------------------------------------------------
+
+  static std::tuple<Tensor, Tensor, Tensor> margin_softmax_ce_stats(const Tensor& cos_NC, const Tensor& local_target_N,
+                                                                    double scale, double m1, double m2, double m3,
+                                                                    double interclass_filter) {
+    check_matrix(cos_NC, "cos_logits");
+    check_index_vector(local_target_N, cos_NC.size(0), cos_NC, "local_target");
+    check_index_range(local_target_N, cos_NC.size(1), true, "local_target");
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    auto [row_max_N, sum_exp_N, target_logit_N] = empty_margin_stats(cos_NC.size(0), cos_NC);
+    Kernels::margin_stats_block(cos_NC, local_target_N, 0, params, row_max_N, sum_exp_N, target_logit_N);
+    return {row_max_N, sum_exp_N, target_logit_N};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> margin_softmax_ce(const Tensor& cos_NC, const Tensor& local_target_N,
+                                                              double scale, double m1, double m2, double m3,
+                                                              double interclass_filter) {
+    auto [row_max_N, sum_exp_N, target_logit_N] =
+        margin_softmax_ce_stats(cos_NC, local_target_N, scale, m1, m2, m3, interclass_filter);
+    Tensor loss_N = at::log(sum_exp_N) + row_max_N - target_logit_N;
+    return {loss_N, row_max_N, sum_exp_N};
+  }
+
+  static void margin_softmax_ce_backward_(const Tensor& cos_NC, const Tensor& local_target_N, const Tensor& row_max_N,
+                                          const Tensor& sum_exp_N, const Tensor& grad_loss_N, double scale, double m1,
+                                          double m2, double m3, double interclass_filter) {
+    check_matrix(cos_NC, "cos_logits");
+    const int64_t num_rows = cos_NC.size(0);
+    check_index_vector(local_target_N, num_rows, cos_NC, "local_target");
+    check_index_range(local_target_N, cos_NC.size(1), true, "local_target");
+    check_stat_vector(row_max_N, num_rows, cos_NC, "row_max");
+    check_stat_vector(sum_exp_N, num_rows, cos_NC, "sum_exp");
+    check_stat_vector(grad_loss_N, num_rows, cos_NC, "grad_loss");
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    Tensor buffer = cos_NC;  // written in place: the caller hands the buffer over
+    Kernels::margin_grad_block_(buffer, local_target_N, 0, params, row_max_N.contiguous(), sum_exp_N.contiguous(),
+                                grad_loss_N.contiguous());
+  }
+
+  // ---- fused linear margin softmax: embeddings (N x D) against centers (C x D), blockwise ------------------
+
+  static void check_linear_inputs(const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N) {
+    check_matrix(emb_ND, "embeddings");
+    check_matrix(centers_CD, "centers");
+    TORCH_CHECK(emb_ND.size(1) == centers_CD.size(1), "facecl: embeddings have ", emb_ND.size(1),
+                " dims but centers have ", centers_CD.size(1));
+    TORCH_CHECK(emb_ND.device() == centers_CD.device(), "facecl: embeddings on ", emb_ND.device(),
+                " but centers on ", centers_CD.device());
+    check_index_vector(local_target_N, emb_ND.size(0), emb_ND, "local_target");
+    check_index_range(local_target_N, centers_CD.size(0), true, "local_target");
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> linear_margin_softmax_ce_stats(
+      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N, double scale, double m1, double m2,
+      double m3, double interclass_filter, int64_t block_size) {
+    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0);
+    auto [row_max_N, sum_exp_N, target_logit_N] = empty_margin_stats(num_rows, emb_ND);
+    if (num_rows == 0 || num_classes == 0) {
+      return {row_max_N, sum_exp_N, target_logit_N};
+    }
+    const int64_t block = resolve_block_size(block_size, num_rows, num_classes);
+    const Tensor emb_float_ND = emb_ND.to(at::kFloat);
+    const Tensor scratch = at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
+    for (int64_t start = 0; start < num_classes; start += block) {
+      const int64_t width = std::min(block, num_classes - start);
+      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D
+      Tensor cos_NB = scratch_view(scratch, num_rows, width);
+      at::mm_out(cos_NB, emb_float_ND, centers_block_float.t());
+      Kernels::margin_stats_block(cos_NB, local_target_N, start, params, row_max_N, sum_exp_N, target_logit_N);
+    }
+    return {row_max_N, sum_exp_N, target_logit_N};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> linear_margin_softmax_ce(const Tensor& emb_ND, const Tensor& centers_CD,
+                                                                     const Tensor& local_target_N, double scale,
+                                                                     double m1, double m2, double m3,
+                                                                     double interclass_filter, int64_t block_size) {
+    auto [row_max_N, sum_exp_N, target_logit_N] = linear_margin_softmax_ce_stats(
+        emb_ND, centers_CD, local_target_N, scale, m1, m2, m3, interclass_filter, block_size);
+    Tensor loss_N = at::log(sum_exp_N) + row_max_N - target_logit_N;
+    return {loss_N, row_max_N, sum_exp_N};
+  }
+
+  static std::tuple<Tensor, Tensor> linear_margin_softmax_ce_backward(
+      const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N,
+      const Tensor& row_max_N, const Tensor& sum_exp_N, double scale, double m1, double m2, double m3,
+      double interclass_filter, int64_t block_size) {
+    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0);
+    check_stat_vector(row_max_N, num_rows, emb_ND, "row_max");
+    check_stat_vector(sum_exp_N, num_rows, emb_ND, "sum_exp");
+    check_stat_vector(grad_loss_N, num_rows, emb_ND, "grad_loss");
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    const Tensor emb_float_ND = emb_ND.to(at::kFloat);
+    Tensor grad_emb_float_ND = at::zeros_like(emb_float_ND);
+    Tensor grad_centers_CD = at::empty_like(centers_CD, at::MemoryFormat::Contiguous);
+    if (num_rows == 0 || num_classes == 0) {
+      grad_centers_CD.zero_();
+      return {grad_emb_float_ND.to(emb_ND.scalar_type()), grad_centers_CD};
+    }
+    const Tensor max_N = row_max_N.contiguous(), sum_N = sum_exp_N.contiguous(), grad_N = grad_loss_N.contiguous();
+    const int64_t block = resolve_block_size(block_size, num_rows, num_classes);
+    const Tensor scratch = at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
+    const bool centers_are_float = centers_CD.scalar_type() == at::kFloat;
+    for (int64_t start = 0; start < num_classes; start += block) {
+      const int64_t width = std::min(block, num_classes - start);
+      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D
+      Tensor grad_NB = scratch_view(scratch, num_rows, width);
+      at::mm_out(grad_NB, emb_float_ND, centers_block_float.t());  // recomputed cosines
+      Kernels::margin_grad_block_(grad_NB, local_target_N, start, params, max_N, sum_N, grad_N);
+      grad_emb_float_ND.addmm_(grad_NB, centers_block_float);
+      Tensor grad_centers_block = grad_centers_CD.narrow(0, start, width);  // width x D, contiguous
+      if (centers_are_float) {
+        at::mm_out(grad_centers_block, grad_NB.t(), emb_float_ND);
+      } else {
+        grad_centers_block.copy_(at::mm(grad_NB.t(), emb_float_ND));
+      }
+    }
+    return {grad_emb_float_ND.to(emb_ND.scalar_type()), grad_centers_CD};
+  }
+
+  // ---- UniCon: queries (B x D) against keys (K x D), blockwise over the keys -------------------------------
+
+  static void check_unicon_inputs(const Tensor& query_BD, const Tensor& keys_KD, const Tensor& query_labels_B,
+                                  const Tensor& key_labels_K, const Tensor& own_key_B, double temperature) {
+    check_matrix(query_BD, "query");
+    check_matrix(keys_KD, "keys");
+    TORCH_CHECK(query_BD.size(1) == keys_KD.size(1), "facecl: query has ", query_BD.size(1), " dims but keys have ",
+                keys_KD.size(1));
+    TORCH_CHECK(query_BD.device() == keys_KD.device(), "facecl: query on ", query_BD.device(), " but keys on ",
+                keys_KD.device());
+    TORCH_CHECK(temperature > 0.0, "facecl: temperature must be > 0, got ", temperature);
+    const int64_t num_queries = query_BD.size(0), num_keys = keys_KD.size(0);
+    TORCH_CHECK(num_keys > 0 || num_queries == 0, "facecl: unicon_loss needs at least one key (the query's own)");
+    check_index_vector(query_labels_B, num_queries, query_BD, "query_labels");
+    check_index_vector(key_labels_K, num_keys, query_BD, "key_labels");
+    check_index_vector(own_key_B, num_queries, query_BD, "own_key");
+    check_index_range(own_key_B, num_keys, false, "own_key");
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> unicon_loss(const Tensor& query_BD, const Tensor& keys_KD,
+                                                        const Tensor& query_labels_B, const Tensor& key_labels_K,
+                                                        const Tensor& own_key_B, double temperature, double margin,
+                                                        int64_t block_size) {
+    check_unicon_inputs(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature);
+    const int64_t num_queries = query_BD.size(0), num_keys = keys_KD.size(0);
+    const auto options = query_BD.options().dtype(at::kFloat);
+    Tensor negative_max_B = at::full({num_queries}, -INFINITY, options);
+    Tensor negative_sum_B = at::zeros({num_queries}, options);
+    Tensor positive_max_B = at::full({num_queries}, -INFINITY, options);
+    Tensor positive_sum_B = at::zeros({num_queries}, options);
+    if (num_queries > 0) {
+      const int64_t block = resolve_block_size(block_size, num_queries, num_keys);
+      const Tensor query_float_BD = query_BD.to(at::kFloat);
+      const Tensor scratch = at::empty({num_queries * std::min(block, num_keys)}, options);
+      for (int64_t start = 0; start < num_keys; start += block) {
+        const int64_t width = std::min(block, num_keys - start);
+        Tensor dots_BB = scratch_view(scratch, num_queries, width);
+        at::mm_out(dots_BB, query_float_BD, keys_KD.narrow(0, start, width).to(at::kFloat).t());
+        Kernels::unicon_stats_block(dots_BB, query_labels_B, key_labels_K, own_key_B, start, temperature, margin,
+                                    negative_max_B, negative_sum_B, positive_max_B, positive_sum_B);
+      }
+    }
+    // A query with no negative at all has lse_negatives = -inf and loss softplus(-inf) = 0.
+    Tensor lse_negatives_B = negative_max_B + at::log(negative_sum_B);
+    Tensor lse_positives_B = positive_max_B + at::log(positive_sum_B);
+    Tensor loss_B = at::softplus(lse_negatives_B + lse_positives_B, 1.0, 20.0);
+    return {loss_B, lse_negatives_B, lse_positives_B};
+  }
+
+  static std::tuple<Tensor, Tensor> unicon_loss_backward(const Tensor& grad_loss_B, const Tensor& query_BD,
+                                                         const Tensor& keys_KD, const Tensor& query_labels_B,
+                                                         const Tensor& key_labels_K, const Tensor& own_key_B,
+                                                         const Tensor& lse_negatives_B, const Tensor& lse_positives_B,
+                                                         double temperature, double margin, int64_t block_size,
+                                                         bool compute_grad_keys) {
+    check_unicon_inputs(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature);
+    const int64_t num_queries = query_BD.size(0), num_keys = keys_KD.size(0);
+    check_stat_vector(grad_loss_B, num_queries, query_BD, "grad_loss");
+    check_stat_vector(lse_negatives_B, num_queries, query_BD, "lse_negatives");
+    check_stat_vector(lse_positives_B, num_queries, query_BD, "lse_positives");
+    const Tensor query_float_BD = query_BD.to(at::kFloat);
+    Tensor grad_query_float_BD = at::zeros_like(query_float_BD);
+    Tensor grad_keys_KD = compute_grad_keys ? at::zeros_like(keys_KD, at::MemoryFormat::Contiguous)
+                                            : at::empty({0, keys_KD.size(1)}, keys_KD.options());
+    if (num_queries == 0) {
+      return {grad_query_float_BD.to(query_BD.scalar_type()), grad_keys_KD};
+    }
+    const Tensor grad_B = grad_loss_B.contiguous(), lse_neg_B = lse_negatives_B.contiguous(),
+                 lse_pos_B = lse_positives_B.contiguous();
+    const int64_t block = resolve_block_size(block_size, num_queries, num_keys);
+    const Tensor scratch = at::empty({num_queries * std::min(block, num_keys)}, query_float_BD.options());
+    const bool keys_are_float = keys_KD.scalar_type() == at::kFloat;
+    for (int64_t start = 0; start < num_keys; start += block) {
+      const int64_t width = std::min(block, num_keys - start);
+      const Tensor keys_block_float = keys_KD.narrow(0, start, width).to(at::kFloat);  // width x D
+      Tensor grad_BB = scratch_view(scratch, num_queries, width);
+      at::mm_out(grad_BB, query_float_BD, keys_block_float.t());  // recomputed dot products
+      Kernels::unicon_grad_block_(grad_BB, query_labels_B, key_labels_K, own_key_B, start, temperature, margin,
+                                  lse_neg_B, lse_pos_B, grad_B);
+      grad_query_float_BD.addmm_(grad_BB, keys_block_float);
+      if (compute_grad_keys) {
+        Tensor grad_keys_block = grad_keys_KD.narrow(0, start, width);
+        if (keys_are_float) {
+          at::mm_out(grad_keys_block, grad_BB.t(), query_float_BD);
+        } else {
+          grad_keys_block.copy_(at::mm(grad_BB.t(), query_float_BD));
+        }
+      }
+    }
+    return {grad_query_float_BD.to(query_BD.scalar_type()), grad_keys_KD};
+  }
+};
+
+// Registers every op of the library for one dispatch key (CPU or CUDA) with the backend's drivers.
+#define FACECL_REGISTER_FUSED_OPS(m, Kernels)                                                          \
+  m.impl("margin_softmax_ce_stats", &::facecl::FusedOps<Kernels>::margin_softmax_ce_stats);               \
+  m.impl("margin_softmax_ce", &::facecl::FusedOps<Kernels>::margin_softmax_ce);                           \
+  m.impl("margin_softmax_ce_backward_", &::facecl::FusedOps<Kernels>::margin_softmax_ce_backward_);       \
+  m.impl("linear_margin_softmax_ce_stats", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce_stats); \
+  m.impl("linear_margin_softmax_ce", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce);             \
+  m.impl("linear_margin_softmax_ce_backward", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce_backward); \
+  m.impl("unicon_loss", &::facecl::FusedOps<Kernels>::unicon_loss);                                       \
+  m.impl("unicon_loss_backward", &::facecl::FusedOps<Kernels>::unicon_loss_backward)
+
+}  // namespace facecl

@@ -1,0 +1,89 @@
+# Without the extension (or with FACECL_FORCE_REFERENCE=1) toolkit.ops runs the references after one warning.
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import toolkit.ops as ops
+from tests.conftest import REPO
+
+# Imports toolkit.ops, calls every public function twice with autograd, compares with the references,
+# prints what happened as JSON. `prelude` runs first (e.g. to hide the extension).
+PROBE = r"""
+import json, warnings
+warnings.simplefilter("always")
+{prelude}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import toolkit.ops as ops
+    from toolkit.heads.margin import Margin
+    from toolkit.contrastive.unicon import unicon_loss_reference
+    from toolkit.heads.margin import margin_softmax_ce_reference
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(6, 8, generator=gen, requires_grad=True)
+    centers = torch.randn(9, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 9, (6,), generator=gen)
+    errors = []
+    for _ in range(2):
+        e, c = F.normalize(emb, dim=1), F.normalize(centers, dim=1)
+        losses = [ops.margin_softmax_ce(e @ c.t(), labels, Margin()).mean(),
+                  ops.linear_margin_softmax_ce(e, c, labels, Margin()).mean(),
+                  ops.distributed_margin_softmax_ce(e @ c.t(), labels, Margin()),
+                  ops.distributed_linear_margin_softmax_ce(e, c, labels, Margin())]
+        expected = margin_softmax_ce_reference(emb, centers, labels, Margin())
+        errors += [abs(float(loss - expected)) for loss in losses]
+        sum(losses).backward()
+        q = F.normalize(emb, dim=1)
+        own = torch.arange(6)
+        unicon = ops.unicon_loss(q, q, labels, labels, own, 0.1)
+        errors.append(float((unicon - unicon_loss_reference(q, q, labels, labels, own, 0.1)).abs().max()))
+print(json.dumps({{
+    "available": ops.FUSED_KERNELS_AVAILABLE,
+    "max_error": max(errors),
+    "kernel_warnings": [str(w.message) for w in caught if issubclass(w.category, ops.FusedKernelsUnavailableWarning)],
+    "other_toolkit_warnings": [str(w.message) for w in caught
+                               if not issubclass(w.category, ops.FusedKernelsUnavailableWarning)
+                               and "toolkit" in str(w.filename)],
+}}))
+"""
+
+
+def _probe(env_update: dict, prelude: str = "") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_update}
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(prelude=prelude)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_force_reference_env_var_gives_one_warning_and_reference_results():
+    result = _probe({ops.FORCE_REFERENCE_ENV: "1"})
+    assert result["available"] is False
+    assert len(result["kernel_warnings"]) == 1, result["kernel_warnings"]
+    assert "FACECL_FORCE_REFERENCE=1 is set" in result["kernel_warnings"][0]
+    assert result["other_toolkit_warnings"] == []
+    assert result["max_error"] < 1e-5
+
+
+def test_missing_extension_gives_one_warning_and_reference_results():
+    # sys.modules[name] = None makes `from toolkit import _C` raise ImportError, as if it had never been built.
+    result = _probe({ops.FORCE_REFERENCE_ENV: "0"}, prelude="import sys; sys.modules['toolkit._C'] = None")
+    assert result["available"] is False
+    assert len(result["kernel_warnings"]) == 1, result["kernel_warnings"]
+    assert "toolkit._C could not be loaded" in result["kernel_warnings"][0]
+    assert "pip install -e ." in result["kernel_warnings"][0]
+    assert result["max_error"] < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get(ops.FORCE_REFERENCE_ENV, "") not in ("", "0"),
+                    reason="FACECL_FORCE_REFERENCE is set in this environment")
+def test_extension_is_built_and_loaded():
+    """The install builds the kernels: without them the fused tests would all be skipped."""
+    assert ops.FUSED_KERNELS_AVAILABLE, f"toolkit._C is not usable: {ops.UNAVAILABLE_REASON}"
+    result = _probe({ops.FORCE_REFERENCE_ENV: ""})
+    assert result["available"] is True and result["kernel_warnings"] == []
+    assert result["max_error"] < 1e-5
