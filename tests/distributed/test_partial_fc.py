@@ -25,7 +25,7 @@ def _case_tensors(world: int, num_classes: int, seed: int):
     return emb_ND, centers_CD, labels_N
 
 
-def _worker(rank, world, init_file, num_classes, sample_rate, interclass_filter, margin, results):
+def _worker(rank, world, init_file, num_classes, sample_rate, interclass_filter, margin, implementation, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
@@ -33,7 +33,7 @@ def _worker(rank, world, init_file, num_classes, sample_rate, interclass_filter,
         shard = shard_range(num_classes, world, rank)
         head = ShardedIdentityCenterHead(num_classes, D, margin, rank=rank, world_size=world,
                                          group=dist.group.WORLD, sample_rate=sample_rate,
-                                         interclass_filter=interclass_filter)
+                                         interclass_filter=interclass_filter, implementation=implementation)
         with torch.no_grad():
             head.centers_CD.copy_(centers_CD[shard.start:shard.end])
         torch.manual_seed(100 + rank)  # the sampling draws differ per rank, as in a real job
@@ -77,12 +77,13 @@ def _filtered_reference(emb, centers, labels, margin, threshold):
     return torch.nn.functional.cross_entropy(margin_logits(cos, labels, margin), labels)
 
 
-def run_case(tmp_path, world, num_classes, sample_rate=1.0, interclass_filter=0.0, margin=None):
+def run_case(tmp_path, world, num_classes, sample_rate=1.0, interclass_filter=0.0, margin=None,
+             implementation="reference"):
     margin = margin or Margin(scale=16.0, m1=1.0, m2=0.3, m3=0.1)
     results = mp.Manager().dict()
-    init_file = tmp_path / f"init_{world}_{num_classes}_{sample_rate}"
-    mp.spawn(_worker, args=(world, str(init_file), num_classes, sample_rate, interclass_filter, margin, results),
-             nprocs=world, join=True)
+    init_file = tmp_path / f"init_{world}_{num_classes}_{sample_rate}_{implementation}"
+    mp.spawn(_worker, args=(world, str(init_file), num_classes, sample_rate, interclass_filter, margin,
+                            implementation, results), nprocs=world, join=True)
     return [results[r] for r in range(world)]
 
 
@@ -109,6 +110,20 @@ def test_sampled_softmax_equals_reference_on_the_same_classes(tmp_path, world, n
 
 def test_interclass_filtering_equals_reference(tmp_path):
     results = run_case(tmp_path, 2, 12, interclass_filter=0.1, margin=Margin(scale=16.0, m3=0.4))
+    for r in results:
+        assert abs(r["loss"][0] - r["loss"][1]) < 1e-5
+        assert r["emb_err"] < 1e-5 and r["centers_err"] < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["fused", "fused_linear"])
+@pytest.mark.parametrize("world,num_classes,rate,filter_", [(2, 11, 1.0, 0.0), (3, 41, 0.3, 0.1)])
+def test_fused_head_equals_single_process_reference(tmp_path, implementation, world, num_classes, rate, filter_):
+    from toolkit import ops
+
+    if not ops.FUSED_KERNELS_AVAILABLE:
+        pytest.skip(f"fused kernels not built: {ops.UNAVAILABLE_REASON}")
+    results = run_case(tmp_path, world, num_classes, sample_rate=rate, interclass_filter=filter_,
+                       implementation=implementation)
     for r in results:
         assert abs(r["loss"][0] - r["loss"][1]) < 1e-5
         assert r["emb_err"] < 1e-5 and r["centers_err"] < 1e-5

@@ -148,3 +148,28 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch(tiny_recipe):
 
     with pytest.raises(ConfigError, match="queue_size 100 is not a multiple of the global batch 8"):
         make(tiny_recipe(*UNIMOCO, "contrastive.queue_size=100", "run.name=bad"))
+
+
+@pytest.mark.parametrize("head_implementation", ["fused", "fused_linear"])
+def test_fused_kernels_in_the_trainer_match_the_references(tiny_recipe, head_implementation):
+    from toolkit import ops
+
+    if not ops.FUSED_KERNELS_AVAILABLE:
+        pytest.skip(f"fused kernels not built: {ops.UNAVAILABLE_REASON}")
+    # lr ~ 0: the weights stay put, so every step compares the implementations on new batches and a fuller
+    # queue without the chaotic amplification of tiny rounding differences by training.
+    common = [*UNIMOCO, "data.synthetic.labeled_fraction=0.5", "optim.lr=1e-12"]
+    reference = make(tiny_recipe(*common, "run.name=ref", "contrastive.implementation=reference",
+                                 "head.implementation=reference"))
+    fused = make(tiny_recipe(*common, "run.name=fused", "contrastive.implementation=fused",
+                             f"head.implementation={head_implementation}"))
+    for _ in range(3):
+        expected, got = reference.train_step(measure_grad_norm=True), fused.train_step(measure_grad_norm=True)
+        assert float(got) == pytest.approx(float(expected), rel=1e-5)
+        for name in ("loss_id", "loss_con"):
+            assert float(fused.last_loss_parts[name]) == pytest.approx(float(reference.last_loss_parts[name]),
+                                                                       rel=1e-5, abs=1e-6)
+        for part in ("backbone", "head"):
+            assert float(fused.last_grad_norms[part]) == pytest.approx(float(reference.last_grad_norms[part]),
+                                                                       rel=1e-4, abs=1e-6)
+    assert float(reference.last_loss_parts["loss_id"]) > 0 and float(reference.last_grad_norms["head"]) > 0

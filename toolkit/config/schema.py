@@ -88,7 +88,7 @@ class ContrastiveConfig:
     key_bn: Literal["shuffle", "sync"] = doc(
         "Key-encoder batch norm across ranks: MoCo's shuffle-BN or SyncBN.", "shuffle")
     implementation: Literal["auto", "reference", "fused"] = doc(
-        "UniCon implementation: plain-PyTorch reference, fused kernel, or auto.", "reference")
+        "UniCon implementation: plain-PyTorch reference, fused kernel, or auto (the kernel when built).", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)

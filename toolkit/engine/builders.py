@@ -79,7 +79,11 @@ def build_unimoco(recipe: Recipe, shape: "RunShape", ctx):
     if cfg.key_bn == "sync" and ctx.device.type != "cuda":
         raise ConfigError("contrastive.key_bn 'sync' needs CUDA devices (SyncBatchNorm); use 'shuffle' on CPU")
     queue = LabelQueue(cfg.queue_size, cfg.projection_dim, shape.global_batch_size, seed=recipe.run.seed).to(ctx.device)
-    return UniMoCoObjective(cfg, queue, ctx, seed=recipe.run.seed)
+    if cfg.implementation == "reference":
+        from toolkit.contrastive.unicon import unicon_loss_reference as unicon_fn
+    else:  # fused, or auto: the kernel when the extension is built (toolkit.ops falls back otherwise)
+        from toolkit.ops import unicon_loss as unicon_fn
+    return UniMoCoObjective(cfg, queue, ctx, seed=recipe.run.seed, unicon_fn=unicon_fn)
 
 
 def build_margin(recipe: Recipe) -> Margin:
@@ -94,7 +98,7 @@ def build_head(recipe: Recipe, num_classes: int, ctx) -> ShardedIdentityCenterHe
         raise ConfigError(f"{num_classes} classes cannot be sharded over {ctx.world_size} ranks")
     return ShardedIdentityCenterHead(num_classes, recipe.model.embedding_size, build_margin(recipe), rank=ctx.rank,
                                      world_size=ctx.world_size, group=ctx.group, sample_rate=cfg.sample_rate,
-                                     interclass_filter=cfg.interclass_filter)
+                                     interclass_filter=cfg.interclass_filter, implementation=cfg.implementation)
 
 
 def build_head_optimizer(recipe: Recipe, head: torch.nn.Module, peak_lr: float) -> torch.optim.Optimizer:

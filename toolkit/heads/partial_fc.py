@@ -11,7 +11,8 @@ Rank r of the model-parallel group owns a contiguous range of classes (`shard_ra
    negative cosines above a threshold; the margin goes on the target entries this rank owns; times scale;
 4. softmax cross-entropy across ranks: row max by all-reduce(MAX), sum of exp by all-reduce(SUM), target
    logit from the owner (all-reduce SUM of the owner's value); loss = mean over the N rows, the same
-   value on every rank.
+   value on every rank. Steps 3-4 run in plain PyTorch (toolkit/ops/reference.py) or in the fused
+   kernels (toolkit/ops), as `implementation` says.
 
 The gradients are exactly those of that loss: the centers' gradient is this shard's part of the full
 gradient, and each rank's embedding rows get their full gradient (summed over shards, no factor of W).
@@ -22,12 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.distributed.collectives import all_gather_no_grad, all_gather_with_grad, all_reduce_
-from toolkit.heads.margin import Margin, apply_margin_to_target
+from toolkit import ops
+from toolkit.distributed.collectives import all_gather_no_grad, all_gather_with_grad
+from toolkit.heads.margin import Margin
+from toolkit.ops import reference as ops_reference
 
 
 @dataclass(frozen=True)
@@ -53,51 +55,20 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> ShardRange:
     return ShardRange(start, count, num_classes)
 
 
-class _DistributedSoftmaxCE(torch.autograd.Function):
-    """Mean cross-entropy of rows whose columns are spread over ranks.
-
-    logits_NS: this rank's columns of every row; local_target_N: the row's target column on this rank, or -1
-    when another rank owns it. Backward: (softmax - onehot) / N, computed from the saved probabilities.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_NS: torch.Tensor, local_target_N: torch.Tensor, row_weight_N: torch.Tensor,
-                group) -> torch.Tensor:
-        num_rows = logits_NS.shape[0]
-        row_max_N = logits_NS.max(dim=1).values if logits_NS.shape[1] else torch.full(
-            (num_rows,), float("-inf"), device=logits_NS.device)
-        all_reduce_(row_max_N, dist.ReduceOp.MAX, group)
-        probs_NS = torch.exp(logits_NS - row_max_N[:, None])
-        sum_exp_N = probs_NS.sum(dim=1)
-        all_reduce_(sum_exp_N, dist.ReduceOp.SUM, group)
-        probs_NS.div_(sum_exp_N[:, None])
-        owned_N = local_target_N >= 0
-        rows = torch.nonzero(owned_N, as_tuple=True)[0]
-        target_logit_N = torch.zeros(num_rows, dtype=logits_NS.dtype, device=logits_NS.device)
-        target_logit_N[rows] = logits_NS[rows, local_target_N[rows]]
-        all_reduce_(target_logit_N, dist.ReduceOp.SUM, group)
-        loss_N = torch.log(sum_exp_N) + row_max_N - target_logit_N
-        # Unlabeled rows (weight 0) take no part; the mean is over labeled rows (0 if there are none).
-        weight_N = row_weight_N / row_weight_N.sum().clamp(min=1.0)
-        ctx.save_for_backward(probs_NS, local_target_N, weight_N)
-        return (loss_N * weight_N).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        probs_NS, local_target_N, weight_N = ctx.saved_tensors
-        grad_NS = probs_NS.clone()
-        rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
-        grad_NS[rows, local_target_N[rows]] -= 1.0
-        grad_NS.mul_(weight_N[:, None] * grad_loss)
-        return grad_NS, None, None, None
-
-
 class ShardedIdentityCenterHead(nn.Module):
     """This rank's shard of the class centers (count x D, fp32, N(0, 0.01)) and the distributed margin loss."""
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin, *, rank: int = 0, world_size: int = 1,
-                 group=None, sample_rate: float = 1.0, interclass_filter: float = 0.0):
+                 group=None, sample_rate: float = 1.0, interclass_filter: float = 0.0,
+                 implementation: str = "reference"):
         super().__init__()
+        if implementation not in ("reference", "fused", "fused_linear", "auto"):
+            raise ValueError(f"unknown implementation {implementation!r}")
+        if implementation == "auto":
+            implementation = "fused" if ops.FUSED_KERNELS_AVAILABLE else "reference"
+        # reference: plain PyTorch (toolkit/ops/reference.py); fused: kernel on the cosine buffer, gradient
+        # written in place; fused_linear: kernel over blocks of classes, no N x S logits at all.
+        self.implementation = implementation
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.shard = shard_range(num_classes, world_size, rank)
@@ -137,19 +108,17 @@ class ShardedIdentityCenterHead(nn.Module):
             kept_S, local_target_N = self.sample_classes(labels_N)
             self.last_sampled_classes = kept_S + self.shard.start
             centers_SD = self.centers_CD if kept_S.numel() == self.shard.count else self.centers_CD[kept_S]
-            cos_NS = F.normalize(emb_ND, dim=1) @ F.normalize(centers_SD, dim=1).t()
-            rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
-            cols = local_target_N[rows]
-            if self.interclass_filter > 0:
-                # Negatives more similar than the threshold are likely label noise (the same person
-                # under two identities): their cosine is zeroed, targets are kept.
-                too_close_NS = cos_NS.detach() > self.interclass_filter
-                too_close_NS[rows, cols] = False
-                cos_NS = cos_NS.masked_fill(too_close_NS, 0.0)
-            target = apply_margin_to_target(cos_NS[rows, cols], self.margin)
-            logits_NS = cos_NS.index_put((rows, cols), target) * self.margin.scale
-            row_weight_N = (labels_N >= 0).to(logits_NS.dtype)
-            return _DistributedSoftmaxCE.apply(logits_NS, local_target_N, row_weight_N, self.group)
+            emb_ND, centers_SD = F.normalize(emb_ND, dim=1), F.normalize(centers_SD, dim=1)
+            row_weight_N = (labels_N >= 0).float()  # unlabeled rows (-1) take no part
+            options = dict(interclass_filter=self.interclass_filter, row_weight_N=row_weight_N)
+            if self.implementation == "fused_linear":
+                return ops.distributed_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N, self.margin,
+                                                                self.group, **options)
+            cos_NS = emb_ND @ centers_SD.t()
+            if self.implementation == "fused":  # backward writes the gradient over cos_NS (consumed)
+                return ops.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)
+            return ops_reference.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group,
+                                                               **options)
 
     def extra_repr(self) -> str:
         return (f"classes [{self.shard.start}, {self.shard.end}) of {self.num_classes}, "
