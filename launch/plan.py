@@ -17,7 +17,6 @@ from pathlib import Path
 # Running `python launch/plan.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,15 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from toolkit.errors import FaceCLError
+    from toolkit.errors import run_reporting_user_errors
 
-    try:
-        return run(args)
-    except FaceCLError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

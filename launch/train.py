@@ -21,7 +21,6 @@ from pathlib import Path
 # Running `python launch/train.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,20 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from toolkit.errors import ConfigError, FaceCLError
+    from toolkit.errors import ConfigError, run_reporting_user_errors
 
-    try:
-        return run(args)
-    except FaceCLError as exc:
-        if args.debug:
-            raise
+    rank = int(os.environ.get("RANK", "0"))
+
+    def report(exc) -> None:
         # Recipe errors are identical on every rank: rank 0 speaks for all. Anything else may be
         # rank-specific, so every rank reports it.
-        rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or not isinstance(exc, ConfigError):
             prefix = "error: " if rank == 0 else f"error: [rank {rank}] "
             print(f"{prefix}{exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+
+    return run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
 
 
 def _free_port() -> int:

@@ -1,6 +1,11 @@
 # User-facing error type: anything the user can fix (recipe, paths, names) raises FaceCLError.
 """Errors that the command-line entry points turn into one line on stderr and exit status 2."""
 
+import sys
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+
 
 class FaceCLError(Exception):
     """A problem with the user's input (recipe, file, name, path); the message names the bad value."""
@@ -12,3 +17,20 @@ class ConfigError(FaceCLError):
 
 class CheckpointError(FaceCLError):
     """A file that is not a checkpoint of this toolkit, or one from an incompatible run."""
+
+
+def _print_error(exc: FaceCLError) -> None:
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+
+
+def run_reporting_user_errors(run: Callable[[], int], *, debug: bool = False,
+                              report: Callable[[FaceCLError], None] = _print_error) -> int:
+    """run() for an entry point: a FaceCLError becomes one reported line and EXIT_USER_ERROR (2), unless
+    `debug`, which lets the traceback through."""
+    try:
+        return run()
+    except FaceCLError as exc:
+        if debug:
+            raise
+        report(exc)
+        return EXIT_USER_ERROR
