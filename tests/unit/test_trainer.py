@@ -155,3 +155,14 @@ def test_eval_sets_from_bin_files_match_the_same_pairs_in_memory(tiny_recipe, tm
     assert abs(entries[0]["accuracy_mean"] - expected) <= 0.05
     assert entries[0]["accuracy_mean"] == entries[1]["accuracy_mean"]
     assert from_files.final_verification()["set"] == "lfw"
+
+
+def test_lr_follows_the_global_batch_by_the_linear_scaling_rule(tiny_recipe):
+    # 8 per rank x 3 accumulation = 24; quoted lr 0.1 at a global batch of 48 -> 0.05.
+    trainer = make_trainer(tiny_recipe("run.name=lr", "optim.lr=0.1", "optim.reference_batch_size=48",
+                                       "parallel.grad_accum_steps=3", "schedule.warmup_steps=0",
+                                       "schedule.decay=constant"))
+    assert trainer.shape.global_batch_size == 24
+    assert trainer.peak_lr == pytest.approx(0.05)
+    assert trainer.schedulers["backbone"].get_last_lr()[0] == pytest.approx(0.05)
+    assert trainer.head_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
