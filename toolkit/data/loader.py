@@ -77,7 +77,37 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             yield list(zip(keys, seeds))
 
 
-class ResumableBatchStream:
+class EpochStream:
+    """Endless items across epochs at a resumable (epoch, batch_in_epoch) position.
+
+    Subclasses set `batches_per_epoch` and implement `_start_epoch()`, an iterator over the current epoch's
+    batches from `batch_in_epoch` on; they advance `batch_in_epoch` for every batch the trainer takes.
+    """
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    batches_per_epoch: int
+    _iterator: Iterator | None = None
+
+    def _start_epoch(self) -> Iterator:
+        raise NotImplementedError
+
+    def _next_item(self):
+        """The next item of the epoch's iterator, moving to the next epoch (and a new iterator) when done."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._iterator = None
+        if self._iterator is None:
+            self._iterator = self._start_epoch()
+        return next(self._iterator)
+
+    @property
+    def fractional_epoch(self) -> float:
+        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
+
+
+class ResumableBatchStream(EpochStream):
     """Endless stream of (images, labels) batches across epochs, with `state_dict()` for checkpoints."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, rank: int = 0,
@@ -133,19 +163,9 @@ class ResumableBatchStream:
         return iter(loader)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._iterator = None
-        if self._iterator is None:
-            self._iterator = self._start_epoch()
-        batch = next(self._iterator)
+        batch = self._next_item()
         self.batch_in_epoch += 1
         return batch
-
-    @property
-    def fractional_epoch(self) -> float:
-        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
 
     def skip_stats(self) -> dict[str, int]:
         """Skipped inputs by reason (the same interface as the shard streams); in-memory data skips none."""

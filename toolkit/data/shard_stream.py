@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from toolkit.config.schema import ViewsConfig
 from toolkit.data.jpeg import CorruptImageError, decode_rgb, resolve_decoder
+from toolkit.data.loader import EpochStream
 from toolkit.data.shards import (IMAGE_EXT, LABEL_INT32_EXT, LABEL_TEXT_EXT, Manifest, ShardEntry, chunk_of_key,
                                  load_manifest, parse_tar)
 from toolkit.data.transforms import two_views
@@ -377,7 +378,7 @@ def _no_collate(batch):
     return batch
 
 
-class ShardBatchStream:
+class ShardBatchStream(EpochStream):
     """Endless (images, labels) batches over shards, with `state_dict()` for checkpoints and skip counts."""
 
     backend = "webdataset"
@@ -440,10 +441,6 @@ class ShardBatchStream:
                            state["num_streams"])
         self._iterator = None
 
-    @property
-    def fractional_epoch(self) -> float:
-        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
-
     # ----- batches -----------------------------------------------------------------------------------
     def _start_epoch(self) -> Iterator:
         epoch_data = _EpochBatches(self.train_set, self.plan, self.augmentation, self.epoch, self.batch_in_epoch,
@@ -455,13 +452,7 @@ class ShardBatchStream:
         return iter(loader)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._iterator = None
-        if self._iterator is None:
-            self._iterator = self._start_epoch()
-        item = next(self._iterator)
+        item = self._next_item()
         if item[0] == "error":
             self._iterator = None
             raise DataSkipError(item[1])
