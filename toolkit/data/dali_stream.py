@@ -177,6 +177,9 @@ class DaliBatchStream:
     def fractional_epoch(self) -> float:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch
 
+    def close(self) -> None:
+        """Nothing to stop: DALI's pipeline threads end with the process."""
+
     def skip_stats(self) -> dict[str, int]:
         """DALI passes over incomplete samples without counting them: nothing to report."""
         return {}

@@ -106,6 +106,10 @@ class EpochStream:
     def fractional_epoch(self) -> float:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch
 
+    def close(self) -> None:
+        """Drop the epoch's iterator, which stops its loader worker processes; the position is kept."""
+        self._iterator = None
+
 
 class ResumableBatchStream(EpochStream):
     """Endless stream of (images, labels) batches across epochs, with `state_dict()` for checkpoints."""
