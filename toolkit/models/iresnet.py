@@ -1,4 +1,4 @@
-# IResNet backbones (iresnet18/34/50/100/200) in the insightface ArcFace layout, registered by name.
+# IResNet backbones (iresnet18/34/50/100/200/2060) in the insightface ArcFace layout, registered by name.
 """Improved ResNet ("IResNet") face-embedding backbones.
 
 Layout (insightface arcface_torch): 3x3 stem conv (stride 1) + BN + PReLU, four stages of
@@ -7,20 +7,18 @@ then the embedding head BN2d -> dropout -> flatten -> Linear -> BN1d ("features"
 weight frozen at 1.0).  Module attribute names follow insightface (conv1, bn1, prelu,
 layer1..layer4, bn2, fc, features) so insightface state dicts load without renaming.
 
-Also holds two helpers shared with the other backbones: ``run_block`` (optional activation
-checkpointing that does not double-update BatchNorm running statistics) and
-``check_backbone_arguments``.
+Also holds two helpers shared with the other backbones: ``check_backbone_arguments`` and
+``fp32_autocast_disabled``. Activation checkpointing is applied from outside the model
+(``toolkit.models.wrapping``), per residual block (``fsdp_units``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Sequence, Type
+from typing import List, Sequence, Type
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import FaceCLError
 from toolkit.models.registry import register_backbone
@@ -35,6 +33,8 @@ IRESNET_BLOCKS_PER_STAGE = {
     "iresnet50": (3, 4, 14, 3),
     "iresnet100": (3, 13, 30, 3),
     "iresnet200": (6, 26, 60, 6),
+    # arcface_torch's iresnet2060: 1030 blocks, 1.12B parameters; train it with activation checkpointing.
+    "iresnet2060": (3, 128, 1024 - 128, 3),
 }
 
 
@@ -59,49 +59,6 @@ def check_backbone_arguments(
         )
     if not 0.0 <= float(dropout) < 1.0:
         raise FaceCLError(f"{backbone_name}: dropout must be in [0, 1), got {dropout!r}")
-
-
-@contextlib.contextmanager
-def _batchnorm_running_stats_restored(module: nn.Module) -> Iterator[None]:
-    """Undo any running-statistics update that BatchNorm layers inside ``module`` make."""
-    saved_buffers = [
-        (buffer, buffer.detach().clone())
-        for submodule in module.modules()
-        if isinstance(submodule, _BatchNorm) and submodule.training and submodule.track_running_stats
-        for buffer in (submodule.running_mean, submodule.running_var, submodule.num_batches_tracked)
-        if buffer is not None
-    ]
-    try:
-        yield
-    finally:
-        # `finally`: non-reentrant checkpoint may stop the recomputation early via an exception.
-        with torch.no_grad():
-            for buffer, saved in saved_buffers:
-                buffer.copy_(saved)
-
-
-def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """``block(x)``, optionally under non-reentrant activation checkpointing.
-
-    Checkpointing only applies while training with autograd enabled.  The backward-time
-    recomputation runs the block's BatchNorm layers in training mode a second time; their
-    running statistics are restored afterwards so each step updates them exactly once, as
-    without checkpointing.
-    """
-    if not (use_checkpoint and block.training and torch.is_grad_enabled()):
-        return block(x)
-
-    calls_so_far = 0
-
-    def forward_once_then_recompute(block_input: torch.Tensor) -> torch.Tensor:
-        nonlocal calls_so_far
-        calls_so_far += 1
-        if calls_so_far == 1:  # the real forward pass
-            return block(block_input)
-        with _batchnorm_running_stats_restored(block):  # recomputation during backward
-            return block(block_input)
-
-    return checkpoint(forward_once_then_recompute, x, use_reentrant=False)
 
 
 def fp32_autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -164,7 +121,6 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         input_size: int = 112,
-        activation_checkpointing: bool = False,
         zero_init_residual: bool = False,
         block_type: Type[IBasicBlock] = IBasicBlock,
         name: str = "iresnet",
@@ -177,7 +133,6 @@ class IResNet(nn.Module):
             raise ValueError(f"need {len(IRESNET_STAGE_WIDTHS)} stages, got {blocks_per_stage!r}")
         self.embedding_size = embedding_size
         self.input_size = input_size
-        self.activation_checkpointing = activation_checkpointing
         final_map_size = input_size // BACKBONE_STRIDE  # 7 at 112x112
         final_channels = IRESNET_STAGE_WIDTHS[-1]
 
@@ -234,7 +189,7 @@ class IResNet(nn.Module):
         x = self.prelu(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = run_block(block, x, self.activation_checkpointing)
+                x = block(x)
         # x: (B, 512, S/16, S/16)
         x = self.bn2(x)
         with fp32_autocast_disabled(x):
@@ -251,44 +206,47 @@ def _build_iresnet(name: str, **options) -> IResNet:
 
 @register_backbone("iresnet18")
 def iresnet18(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              activation_checkpointing: bool = False, zero_init_residual: bool = False) -> IResNet:
+              zero_init_residual: bool = False) -> IResNet:
     """IResNet-18: blocks per stage (2, 2, 2, 2); 24.0M parameters at 112x112 / 512-d."""
     return _build_iresnet("iresnet18", embedding_size=embedding_size, dropout=dropout,
-                          input_size=input_size, activation_checkpointing=activation_checkpointing,
-                          zero_init_residual=zero_init_residual)
+                          input_size=input_size, zero_init_residual=zero_init_residual)
 
 
 @register_backbone("iresnet34")
 def iresnet34(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              activation_checkpointing: bool = False, zero_init_residual: bool = False) -> IResNet:
+              zero_init_residual: bool = False) -> IResNet:
     """IResNet-34: blocks per stage (3, 4, 6, 3); 34.1M parameters at 112x112 / 512-d."""
     return _build_iresnet("iresnet34", embedding_size=embedding_size, dropout=dropout,
-                          input_size=input_size, activation_checkpointing=activation_checkpointing,
-                          zero_init_residual=zero_init_residual)
+                          input_size=input_size, zero_init_residual=zero_init_residual)
 
 
 @register_backbone("iresnet50")
 def iresnet50(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              activation_checkpointing: bool = False, zero_init_residual: bool = False) -> IResNet:
+              zero_init_residual: bool = False) -> IResNet:
     """IResNet-50: blocks per stage (3, 4, 14, 3); 43.6M parameters at 112x112 / 512-d."""
     return _build_iresnet("iresnet50", embedding_size=embedding_size, dropout=dropout,
-                          input_size=input_size, activation_checkpointing=activation_checkpointing,
-                          zero_init_residual=zero_init_residual)
+                          input_size=input_size, zero_init_residual=zero_init_residual)
 
 
 @register_backbone("iresnet100")
 def iresnet100(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-               activation_checkpointing: bool = False, zero_init_residual: bool = False) -> IResNet:
+               zero_init_residual: bool = False) -> IResNet:
     """IResNet-100: blocks per stage (3, 13, 30, 3); 65.2M parameters at 112x112 / 512-d."""
     return _build_iresnet("iresnet100", embedding_size=embedding_size, dropout=dropout,
-                          input_size=input_size, activation_checkpointing=activation_checkpointing,
-                          zero_init_residual=zero_init_residual)
+                          input_size=input_size, zero_init_residual=zero_init_residual)
 
 
 @register_backbone("iresnet200")
 def iresnet200(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-               activation_checkpointing: bool = False, zero_init_residual: bool = False) -> IResNet:
+               zero_init_residual: bool = False) -> IResNet:
     """IResNet-200: blocks per stage (6, 26, 60, 6); 118.8M parameters at 112x112 / 512-d."""
     return _build_iresnet("iresnet200", embedding_size=embedding_size, dropout=dropout,
-                          input_size=input_size, activation_checkpointing=activation_checkpointing,
-                          zero_init_residual=zero_init_residual)
+                          input_size=input_size, zero_init_residual=zero_init_residual)
+
+
+@register_backbone("iresnet2060")
+def iresnet2060(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
+                zero_init_residual: bool = False) -> IResNet:
+    """IResNet-2060: blocks per stage (3, 128, 896, 3); 1,122.3M parameters at 112x112 / 512-d."""
+    return _build_iresnet("iresnet2060", embedding_size=embedding_size, dropout=dropout,
+                          input_size=input_size, zero_init_residual=zero_init_residual)

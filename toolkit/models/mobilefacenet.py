@@ -32,7 +32,6 @@ from toolkit.models.iresnet import (
     BACKBONE_STRIDE,
     check_backbone_arguments,
     fp32_autocast_disabled,
-    run_block,
 )
 from toolkit.models.registry import register_backbone
 
@@ -108,7 +107,6 @@ class MobileFaceNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         input_size: int = 112,
-        activation_checkpointing: bool = False,
         width_multiplier: float = 1.0,
         zero_init_residual: bool = False,
         bottlenecks: Sequence[Tuple[int, int, int, int]] = MOBILEFACENET_BOTTLENECKS,
@@ -124,7 +122,6 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"bottleneck table must downsample by {BACKBONE_STRIDE}, got {total_stride}")
         self.embedding_size = embedding_size
         self.input_size = input_size
-        self.activation_checkpointing = activation_checkpointing
         final_map_size = input_size // BACKBONE_STRIDE  # 7 at 112x112
 
         # Stem: (B, 3, S, S) -> conv s2 -> (B, C0, S/2, S/2) -> depthwise -> same shape.
@@ -179,7 +176,7 @@ class MobileFaceNet(nn.Module):
         x = self.stem_conv(images)  # (B, 64w, S/2, S/2)
         x = self.stem_depthwise(x)  # (B, 64w, S/2, S/2)
         for block in self.bottlenecks:
-            x = run_block(block, x, self.activation_checkpointing)
+            x = block(x)
         # x: (B, 128w, S/16, S/16)
         x = self.conv_to_head(x)  # (B, 512, S/16, S/16)
         x = self.global_depthwise(x)  # (B, 512, 1, 1)
@@ -193,9 +190,8 @@ class MobileFaceNet(nn.Module):
 
 @register_backbone("mobilefacenet")
 def mobilefacenet(*, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-                  activation_checkpointing: bool = False, width_multiplier: float = 1.0,
+                  width_multiplier: float = 1.0,
                   zero_init_residual: bool = False) -> MobileFaceNet:
     """MobileFaceNet (paper layout); ~1.2M parameters at 112x112 / 512-d, width 1.0."""
     return MobileFaceNet(embedding_size=embedding_size, dropout=dropout, input_size=input_size,
-                         activation_checkpointing=activation_checkpointing,
                          width_multiplier=width_multiplier, zero_init_residual=zero_init_residual)

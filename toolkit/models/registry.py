@@ -3,10 +3,12 @@
 
 Model modules decorate their factory functions with ``@register_backbone("name")``;
 builders call ``create_backbone(name, ...)`` with the values from the recipe.
-A factory takes keyword-only arguments ``embedding_size``, ``dropout``, ``input_size``,
-``activation_checkpointing`` plus any backbone-specific options, and returns an
-``nn.Module`` mapping ``(B, 3, input_size, input_size)`` images to ``(B, embedding_size)``
-fp32 embeddings.
+A factory takes keyword-only arguments ``embedding_size``, ``dropout``, ``input_size``
+plus any backbone-specific options, and returns a plain ``nn.Module`` mapping
+``(B, 3, input_size, input_size)`` images to ``(B, embedding_size)`` fp32 embeddings, with an
+``fsdp_units()`` method listing its repeated blocks. Activation checkpointing is not a model
+option: ``create_backbone(..., activation_checkpointing=True)`` applies
+``toolkit.models.wrapping.apply_activation_checkpointing`` to the built model.
 """
 
 from __future__ import annotations
@@ -90,12 +92,11 @@ def create_backbone(
     factory = _BACKBONE_FACTORIES.get(name) if isinstance(name, str) else None
     if factory is None:
         raise FaceCLError(_unknown_backbone_message(name))
-    options = dict(
-        embedding_size=embedding_size,
-        dropout=dropout,
-        input_size=input_size,
-        activation_checkpointing=activation_checkpointing,
-        **kwargs,
-    )
+    options = dict(embedding_size=embedding_size, dropout=dropout, input_size=input_size, **kwargs)
     _check_backbone_options(name, factory, options)
-    return factory(**options)
+    model = factory(**options)
+    if activation_checkpointing:
+        from toolkit.models.wrapping import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    return model

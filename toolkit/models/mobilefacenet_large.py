@@ -1,0 +1,127 @@
+# MobileFaceNet-large in the arcface_torch "mbf_large" layout (wide stem, narrow depthwise branches), registered.
+"""``mobilefacenet_large``: the larger MobileFaceNet of insightface arcface_torch (``mbf_large``).
+
+It differs from the paper layout of ``mobilefacenet`` (toolkit/models/mobilefacenet.py): the trunk is
+scale x wider (scale 4: 256 / 512 channels) while each residual branch squeezes to a fixed narrow width
+(128 / 256 / 512) for its depthwise convolution, and the stages repeat (2, 8, 12, 4) blocks. At 112x112:
+
+    conv3x3 s2 3 -> 256 + BN + PReLU                                   -> (B, 256, 56, 56)
+    2 x residual branch 256 -> 128 -> 256                              -> (B, 256, 56, 56)
+    branch s2 256 -> 128 -> 256                                        -> (B, 256, 28, 28)
+    8 x residual branch 256 -> 128 -> 256                              -> (B, 256, 28, 28)
+    branch s2 256 -> 256 -> 512                                        -> (B, 512, 14, 14)
+    12 x residual branch 512 -> 256 -> 512                             -> (B, 512, 14, 14)
+    branch s2 512 -> 512 -> 512                                        -> (B, 512,  7,  7)
+    4 x residual branch 512 -> 256 -> 512                              -> (B, 512,  7,  7)
+    conv1x1 512 + BN + PReLU; GDC: depthwise 7x7 + BN; Linear(512, E, no bias) + BN1d   -> (B, E)
+
+A branch ``in -> h -> out``: 1x1 conv to h + BN + PReLU, depthwise 3x3 (stride) + BN + PReLU, 1x1 linear
+conv to out + BN, plus the identity when it is a residual one. Every branch is one FSDP2 /
+activation-checkpointing unit.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+
+from toolkit.models.iresnet import BACKBONE_STRIDE, check_backbone_arguments, fp32_autocast_disabled
+from toolkit.models.mobilefacenet import ConvBN, ConvBNPReLU
+from toolkit.models.registry import register_backbone
+
+MBF_LARGE_SCALE = 4
+MBF_LARGE_REPEATS = (2, 8, 12, 4)
+MBF_HEAD_CHANNELS = 512
+
+# One row per trunk stage: (out channels before scale, branch width of the strided entry block, branch
+# width of the residual repeats, repeats index). The first stage has no strided entry block (the stem is).
+_STAGES: Tuple[Tuple[int, int, int, int], ...] = (
+    (64, 0, 128, 0),
+    (64, 128, 128, 1),
+    (128, 256, 256, 2),
+    (128, 512, 256, 3),
+)
+
+
+class SqueezedBranch(nn.Module):
+    """in -> 1x1 to hidden + PReLU -> depthwise 3x3 (stride) + PReLU -> 1x1 to out (+ identity if residual)."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, stride: int, residual: bool) -> None:
+        super().__init__()
+        if residual and (stride != 1 or in_channels != out_channels):
+            raise ValueError(f"a residual branch keeps the shape; got {in_channels}->{out_channels} stride {stride}")
+        self.residual = residual
+        self.squeeze = ConvBNPReLU(in_channels, hidden, kernel_size=1)
+        self.depthwise = ConvBNPReLU(hidden, hidden, kernel_size=3, stride=stride, groups=hidden)
+        self.project = ConvBN(hidden, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C_in, H, W)
+        out = self.project(self.depthwise(self.squeeze(x)))  # (B, C_out, H/s, W/s)
+        return out + x if self.residual else out
+
+
+class MobileFaceNetLarge(nn.Module):
+    """mbf_large: (B, 3, S, S) images -> (B, embedding_size) fp32 embeddings."""
+
+    def __init__(self, *, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
+                 scale: int = MBF_LARGE_SCALE, repeats: Tuple[int, int, int, int] = MBF_LARGE_REPEATS) -> None:
+        super().__init__()
+        check_backbone_arguments("mobilefacenet_large", embedding_size=embedding_size, dropout=dropout,
+                                 input_size=input_size)
+        self.embedding_size = embedding_size
+        self.input_size = input_size
+        final_map_size = input_size // BACKBONE_STRIDE  # 7 at 112x112
+
+        stem_channels = 64 * scale
+        self.stem = ConvBNPReLU(3, stem_channels, kernel_size=3, stride=2)  # (B, 64s, S/2, S/2)
+        branches: List[nn.Module] = []
+        in_channels = stem_channels
+        for base_channels, entry_hidden, repeat_hidden, repeat_index in _STAGES:
+            out_channels = base_channels * scale
+            if entry_hidden:  # strided entry block, no identity: halves the resolution
+                branches.append(SqueezedBranch(in_channels, out_channels, entry_hidden, stride=2, residual=False))
+                in_channels = out_channels
+            for _ in range(repeats[repeat_index]):
+                branches.append(SqueezedBranch(in_channels, out_channels, repeat_hidden, stride=1, residual=True))
+        self.branches = nn.Sequential(*branches)  # (B, 128s, S/16, S/16)
+
+        self.conv_to_head = ConvBNPReLU(in_channels, MBF_HEAD_CHANNELS, kernel_size=1)  # (B, 512, S/16, S/16)
+        self.global_depthwise = ConvBN(MBF_HEAD_CHANNELS, MBF_HEAD_CHANNELS, kernel_size=final_map_size,
+                                       groups=MBF_HEAD_CHANNELS, padding=0)  # (B, 512, 1, 1)
+        self.dropout = nn.Dropout(p=dropout)
+        self.embedding_fc = nn.Linear(MBF_HEAD_CHANNELS, embedding_size, bias=False)
+        self.embedding_bn = nn.BatchNorm1d(embedding_size)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The 30 branches: each becomes one FSDP2 unit (and one activation-checkpointing unit)."""
+        return list(self.branches)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (B, 3, S, S)
+        x = self.stem(images)  # (B, 64s, S/2, S/2)
+        for branch in self.branches:
+            x = branch(x)
+        x = self.conv_to_head(x)  # (B, 512, S/16, S/16)
+        x = self.global_depthwise(x)  # (B, 512, 1, 1)
+        with fp32_autocast_disabled(x):
+            x = self.dropout(torch.flatten(x.float(), 1))  # (B, 512) fp32
+            return self.embedding_bn(self.embedding_fc(x))  # (B, embedding_size)
+
+
+@register_backbone("mobilefacenet_large")
+def mobilefacenet_large(*, embedding_size: int = 512, dropout: float = 0.0,
+                        input_size: int = 112) -> MobileFaceNetLarge:
+    """MobileFaceNet-large (arcface_torch mbf_large: scale 4, repeats (2, 8, 12, 4))."""
+    return MobileFaceNetLarge(embedding_size=embedding_size, dropout=dropout, input_size=input_size)
