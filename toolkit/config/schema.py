@@ -42,10 +42,23 @@ class RunConfig:
 class ModelConfig:
     """The backbone that maps an aligned face to an embedding."""
 
-    backbone: str = required("Registered backbone name (iresnet18/34/50/100/200, mobilefacenet, ...).")
+    backbone: str = required(
+        "Registered backbone name: iresnet18/34/50/100/200/2060, mobilefacenet, mobilefacenet_large, "
+        "vit_t/s/b/l/h.")
     embedding_size: int = doc("Embedding dimension.", 512)
     dropout: float = doc("Dropout before the embedding FC layer.", 0.0)
-    activation_checkpointing: bool = doc("Recompute residual blocks in backward to save memory.", False)
+    activation_checkpointing: bool = doc(
+        "Recompute each block (transformer or residual) in backward to save activation memory.", False)
+    drop_path: float = doc(
+        "ViTs: stochastic depth, rising linearly over the blocks to this rate (0.05 in the WebFace42M "
+        "reference models, 0.1 for Glint360K/MS1M).", 0.0)
+    mask_ratio: float = doc(
+        "ViTs: share of the patch tokens dropped at random per sample in training (0.05 in the WebFace42M "
+        "reference models); none at evaluation.", 0.0)
+    patch_size: int = doc("ViTs: patch size in pixels; 0 = 9 (a 12 x 12 grid at 112x112).", 0)
+    compile: bool = doc(
+        "Run each block under torch.compile (single, ddp, fsdp and DeepSpeed ZeRO 0-2; not ZeRO-3).", False)
+    channels_last: bool = doc("Convolutions in channels_last (NHWC) memory layout (faster on GPU).", False)
 
 
 @dataclass(frozen=True, kw_only=True)
