@@ -1,0 +1,220 @@
+# Safe loading of checkpoint files: tensors and plain containers only, never code hidden in a pickle.
+"""Every file FaceCL reads from disk that is a pickle goes through this module.
+
+A torch file (torch.save) and DCP's `.metadata` are pickles, and unpickling a pickle can run arbitrary
+code (`__reduce__`). `safe_torch_load` loads torch files with `torch.load(weights_only=True)`, which only
+rebuilds tensors, plain containers and an explicit allowlist of classes. The allowlist here adds the few
+classes that DeepSpeed's own checkpoint files really hold (found by saving ZeRO-0/1/2/3 checkpoints and
+listing them with `torch.serialization.get_unsafe_globals_in_checkpoint`): they are plain data holders
+(an enum of ZeRO stages, the fp16 loss scaler's attributes) and are imported lazily, by name, only when a
+file names them, so this module needs neither DeepSpeed nor any other part of the toolkit.
+
+`safe_dcp_metadata` reads torch.distributed.checkpoint's `.metadata` with an unpickler that admits only
+DCP's metadata dataclasses and what they are built from (torch.Size, dtypes, layouts, memory formats).
+
+Both raise `CheckpointError` with one line in plain words naming the file and why, e.g.
+"... holds a pickled object of type os.system that FaceCL does not load (it could run code)".
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from toolkit.errors import CheckpointError
+
+# Classes (by "module.qualname") that DeepSpeed 0.19 writes into its checkpoint files, beyond what
+# weights_only admits by itself. Each is data only: instances are rebuilt from their attribute dict
+# (or an enum value), no method of theirs runs while loading.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",            # optim states: the ZeRO stage
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",          # optim states: static loss scaler attributes
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",   # optim states: dynamic loss scaler attributes
+    "deepspeed.utils.tensor_fragment.fragment_address",       # ZeRO-1/2 param slice mappings
+    "deepspeed.checkpoint.constants.ZeroStageEnum",           # older spelling of the stage enum
+)
+# Plain Python types some writers put into torch files (argparse namespaces of other tools are NOT here).
+_PLAIN_GLOBALS = ("builtins.set", "builtins.frozenset", "collections.OrderedDict", "collections.defaultdict",
+                  "builtins.slice", "torch.torch_version.TorchVersion")
+
+
+def _resolve(dotted: str):
+    """The object named "package.module.Name" (or "module.Outer.Inner"), or None if it is not importable."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[split:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _allowed_names(extra_allowed: Iterable[str]) -> set[str]:
+    return {*DEEPSPEED_GLOBALS, *_PLAIN_GLOBALS, *extra_allowed}
+
+
+def _describe(path: Path) -> str:
+    return str(path)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{_describe(path)} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{_describe(path)} is not a file")
+
+
+def _unsupported_global(text: str) -> str | None:
+    """The class named in torch's weights_only refusal ("Unsupported global: GLOBAL os.system ...")."""
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+        r"(?:Unsupported|unsupported) (?:operand|class|global)[^\w]*([\w.]+)", text)
+    return match.group(1) if match else None
+
+
+def pickled_object_message(path: Path, type_name: str) -> str:
+    return (f"{_describe(path)} holds a pickled object of type {type_name} that FaceCL does not load "
+            f"(it could run code)")
+
+
+def truncated_message(path: Path, detail: str = "") -> str:
+    tail = f" ({detail})" if detail else ""
+    return f"{_describe(path)} is truncated or not a torch file{tail}"
+
+
+def _precheck_zip_globals(path: Path, allowed: set[str]) -> None:
+    """For zip-format torch files: name the first class outside the allowlist before any unpickling.
+
+    `get_unsafe_globals_in_checkpoint` only disassembles the pickle (pickletools), it runs nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip file, truncated, ...: torch.load below gives the verdict
+        return
+    for name in names:
+        if name not in allowed:
+            raise CheckpointError(pickled_object_message(path, name))
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    extra_allowed: Iterable[str] = (), *, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` admitting only an explicit allowlist of classes.
+
+    `extra_allowed` names further classes ("module.Name") a caller knows to be data only. `mmap=True`
+    maps the tensor data instead of reading it (a 4 GB center shard costs no memory until it is read).
+    Any failure is a one-line CheckpointError naming the file and why; torch's own message (which
+    suggests loading with weights_only=False, i.e. unsafely) is never shown.
+    """
+    path = Path(path)
+    _check_exists(path)
+    allowed = _allowed_names(extra_allowed)
+    _precheck_zip_globals(path, allowed)
+    resolved = []
+    for name in sorted(allowed):
+        obj = _resolve(name)
+        if obj is not None:
+            resolved.append((obj, name))
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # foreign pickle protocols warn before being refused
+            with torch.serialization.safe_globals(resolved):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch raises many types for foreign or damaged files
+        text = str(exc)
+        type_name = _unsupported_global(text)
+        if type_name is not None:
+            raise CheckpointError(pickled_object_message(path, type_name)) from None
+        if path.stat().st_size == 0:
+            raise CheckpointError(truncated_message(path, "empty file")) from None
+        detail = _short_reason(text)
+        raise CheckpointError(truncated_message(path, detail)) from None
+
+
+def _short_reason(text: str) -> str:
+    """A short, plain cause from torch's error text (its advice to load unsafely is dropped)."""
+    for pattern, reason in ((r"failed finding central directory", "no zip directory: cut short?"),
+                            (r"invalid header or archive is corrupted", "damaged zip archive"),
+                            (r"magic number", "not a torch.save file"),
+                            (r"EOF|Ran out of input|unpickling stack underflow|truncated", "ends early"),
+                            (r"file offset|size mismatch|PytorchStreamReader", "damaged record")):
+        if re.search(pattern, text):
+            return reason
+    return ""
+
+
+# ----- DCP .metadata -------------------------------------------------------------------------------------
+
+# Modules whose classes may appear in a DCP .metadata pickle: DCP's metadata dataclasses and storage
+# info. Only classes (dataclasses and enums) from these modules are admitted, never functions.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.planner")
+# torch.Size, layouts (pickled as a call of torch.serialization._get_layout("torch.strided"), a lookup
+# in a table of layouts) and the checkpoint id DCP records (a path).
+_DCP_OTHER_NAMES = {("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"),
+                    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+                    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Admits DCP metadata classes, torch.Size/dtype/layout/memory_format; refuses everything else."""
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        dotted = f"{module}.{name}"
+        if module in _DCP_MODULES:
+            obj = _resolve(dotted)
+            if isinstance(obj, type) and not issubclass(obj, BaseException):
+                return obj
+        elif (module, name) in _DCP_OTHER_NAMES:
+            return _resolve(dotted) if module != "builtins" else getattr(__import__("builtins"), name)
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise CheckpointError(pickled_object_message(self.path, dotted))
+
+    def persistent_load(self, pid):
+        raise CheckpointError(f"{_describe(self.path)} is not DCP metadata (it references tensor storage)")
+
+
+def safe_dcp_metadata(path: str | os.PathLike):
+    """torch.distributed.checkpoint's `Metadata` from a `.metadata` file (or the folder holding it),
+    read with a restricted unpickler (DCP itself unpickles it freely)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ".metadata"
+    _check_exists(path)
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    data = path.read_bytes()
+    try:
+        metadata = _DCPMetadataUnpickler(io.BytesIO(data), path).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{_describe(path)} is truncated or not DCP metadata ({type(exc).__name__})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{_describe(path)} is not DCP metadata (it holds a {type(metadata).__name__})")
+    return metadata
