@@ -1,0 +1,113 @@
+# Evaluation entry point: a model (or cached features) on verification sets, IJB-B/C and all-to-all benchmarks.
+"""Evaluate a model the way papers report it, or compare earlier evaluations.
+
+    python launch/evaluate.py --model MODEL --benchmark NAME=PATH [--benchmark NAME=PATH ...]
+    python launch/evaluate.py --features FILE.npz --benchmark NAME=PATH ...     # re-score cached features
+    python launch/evaluate.py --compare eval/run_a eval/run_b                    # results table side by side
+    torchrun --nproc_per_node 8 launch/evaluate.py --model MODEL --benchmark ... # each rank embeds a slice
+
+MODEL: a run folder, a checkpoint, an exported .safetensors/.pt backbone, or an .onnx file. NAME=PATH: a
+.bin verification set, an IJB-B/IJB-C release folder, a folder of identity sub-folders or a .npz of
+features + labels (all-to-all). See toolkit/eval/runner.py and docs/evaluation.md. User errors print one
+line `error: ...` on stderr and exit with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Running `python launch/evaluate.py` from a checkout works even before `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a face-recognition model on standard benchmarks.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="run folder, checkpoint, exported .safetensors/.pt backbone or .onnx file")
+    source.add_argument("--features", metavar="FILE", help="re-score the features saved by --save-features")
+    source.add_argument("--compare", nargs="+", metavar="EVAL", help="print the results table of several "
+                        "evaluation.json files (or folders holding one) side by side")
+    parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
+                        help="a benchmark: .bin set, IJB release folder, identity folder or features .npz; repeatable")
+    parser.add_argument("--output", metavar="DIR", help="where evaluation.json, table.md and ROC PNGs go "
+                        "(default: eval/<model name>)")
+    parser.add_argument("--save-features", metavar="FILE.npz", help="also write the extracted features here")
+    parser.add_argument("--no-flip", action="store_true", help="embed images only, not also their mirror image")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes (default 2)")
+    parser.add_argument("--device", help="torch device for checkpoints (default: cuda when present, else cpu)")
+    parser.add_argument("--detector-score-weighting", action="store_true",
+                        help="IJB: multiply each image feature by its detector score before pooling")
+    parser.add_argument("--max-skipped-fraction", type=float, default=0.01,
+                        help="fail when more than this share of a benchmark's images is unusable (default 0.01)")
+    parser.add_argument("--compute-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="all-to-all: round embeddings to this type for the score matmul (fp32 accumulation)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolkit.errors import FaceCLError
+
+    if args.compare:
+        from toolkit.eval.table import compare
+
+        markdown, _ = compare(args.compare)
+        print(markdown)
+        return 0
+    if args.model is None and args.features is None:
+        raise FaceCLError("give --model MODEL or --features FILE (or --compare EVAL ...)")
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise FaceCLError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and "
+                          f"{args.num_workers}")
+    from toolkit.eval.runner import run_evaluation, summary_lines
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, group = 0, None
+    if world_size > 1:  # started by torchrun: each rank embeds a slice, rank 0 reports
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+        rank = torch.distributed.get_rank()
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.compute_dtype]
+    try:
+        device = args.device
+        if device is None and world_size > 1 and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+        report = run_evaluation(
+            model=args.model, benchmarks=args.benchmark, features_in=args.features,
+            save_features=args.save_features, output_dir=args.output, flip=not args.no_flip,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+            detector_score_weighting=args.detector_score_weighting,
+            max_skipped_fraction=args.max_skipped_fraction, compute_dtype=dtype, rank=rank,
+            world_size=world_size, progress=not args.no_progress)
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        from toolkit.eval.table import format_markdown
+
+        for line in summary_lines(report):
+            print(line)
+        print()
+        print(format_markdown({report["model"]: report["table_row"]}))
+        print(f"\nwritten: {report['output_dir']}/evaluation.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from toolkit.errors import run_reporting_user_errors
+
+    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+# TAR at FAR: hand-computed cases, ties, too-small sets, and sklearn's roc_curve as an independent reference.
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from toolkit.eval.roc import num_accepted_impostors, plot_roc, roc_points, tar_at_far
+
+
+def test_hand_computed_operating_points():
+    impostor = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    genuine = np.array([0.95, 0.85, 0.75, 0.65])
+    out = tar_at_far(genuine, impostor, (0.1, 0.2, 0.35))
+    # FAR 0.1: k = 1, threshold 0.9, genuine >= 0.9: 1 of 4.
+    assert out["1e-01"] == {"tar": 0.25, "threshold": 0.9, "achieved_far": 0.1}
+    # FAR 0.2: k = 2, threshold 0.8: 0.95, 0.85 -> 0.5.
+    assert out["2e-01"]["tar"] == 0.5 and out["2e-01"]["threshold"] == 0.8
+    # FAR 0.35: k = ceil(3.5) = 4, threshold 0.6: 0.95, 0.85, 0.75, 0.65 -> 1.0; achieved FAR 0.4.
+    assert out["0.35"]["tar"] == 1.0 and out["0.35"]["achieved_far"] == pytest.approx(0.4)
+
+
+def test_ties_accept_every_equal_score():
+    impostor = np.array([0.5, 0.5, 0.5, 0.1])
+    genuine = np.array([0.5, 0.4])
+    point = tar_at_far(genuine, impostor, (0.25,))["0.25"]
+    # k = 1, threshold 0.5, score >= 0.5 accepts the 3 tied impostors (FAR 0.75) and the genuine 0.5.
+    assert point == {"tar": 0.5, "threshold": 0.5, "achieved_far": 0.75}
+
+
+def test_too_few_impostors_gives_none():
+    out = tar_at_far(np.ones(3), np.zeros(1000), (1e-3, 1e-4))
+    assert out["1e-03"]["tar"] == 1.0
+    assert out["1e-04"] == {"tar": None, "threshold": None, "achieved_far": None}
+
+
+def test_k_is_exact_at_round_numbers():
+    assert num_accepted_impostors(1e-4, 10_000) == 1  # 1e-4 * 1e4 is 1.0000000000000002 in floats
+    assert num_accepted_impostors(1e-4, 10_001) == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_sklearn_roc_curve(seed):
+    rng = np.random.default_rng(seed)
+    # Quantised scores: many ties between and within the classes.
+    genuine = np.round(rng.normal(0.6, 0.2, 700), 2)
+    impostor = np.round(rng.normal(0.0, 0.2, 20_000), 2)
+    labels = np.r_[np.ones(genuine.size), np.zeros(impostor.size)]
+    fpr, tpr, _ = roc_curve(labels, np.r_[genuine, impostor], drop_intermediate=False)
+    ours = tar_at_far(genuine, impostor, (1e-4, 1e-3, 1e-2, 1e-1))
+    for far in (1e-4, 1e-3, 1e-2, 1e-1):
+        first = int(np.nonzero(fpr >= far - 1e-12)[0][0])  # the ROC point with the smallest FPR >= far
+        point = ours[f"{far:.0e}"]
+        assert point["tar"] == pytest.approx(tpr[first], abs=1e-12)
+        assert point["achieved_far"] == pytest.approx(fpr[first], abs=1e-12)
+
+
+def test_roc_plot_is_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    far, tar = roc_points(rng.normal(1, 1, 500), rng.normal(0, 1, 50_000))
+    assert np.all(np.diff(far) > 0) and np.all(np.diff(tar) >= 0)
+    path = plot_roc({"model": (far, tar)}, tmp_path / "roc.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

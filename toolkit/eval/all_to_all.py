@@ -1,0 +1,243 @@
+# All-to-all 1:1 verification (the MFR protocol): exact TAR at FAR over every pair, without an N x N matrix.
+"""Every unordered pair (i < j) of a labelled set is scored: same label = genuine, else impostor. MFR-ALL has
+1.6M images: 4.7M genuine and 2.6e12 impostor pairs, so the impostor scores are never stored. The threshold at
+FAR f is the k-th largest impostor score, k = ceil(f * num_impostors) (the convention of toolkit.eval.roc:
+accept when score >= threshold; ties count once each), found exactly in passes over the score tiles:
+
+1. pass 1: every tile of scores S = E_I @ E_J^T (rows I, columns J >= I, strict upper triangle on the
+   diagonal) is computed; genuine scores are kept (there are few), impostor scores go into a histogram of
+   `num_bins` bins over [-r, r], r >= every |score| (r = max squared norm: Cauchy-Schwarz);
+2. for each FAR the bin holding the k-th largest is found from the top; the bracket [lo, hi] is that bin
+   widened by one bin each side (so float rounding of the binning cannot put the k-th value outside);
+3. pass 2 recomputes the tiles and, per bracket, counts impostors > hi and keeps those in [lo, hi]; the
+   threshold is the (k - count_above)-th largest kept value. If a bracket would hold more than
+   `max_kept` values, a histogram pass inside the bracket narrows it first (memory never depends on N^2).
+
+The result is checked (count_above < k <= count_above + kept) and the bracket widened if it ever fails.
+Memory: the embeddings, one tile (row_block x col_block fp32 and a few temporaries), the genuine scores and
+the kept values. Tiles are cut from label-sorted embeddings, so only tiles near the diagonal contain
+genuine pairs; all other tiles need no mask at all.
+
+bf16/fp16: `compute_dtype` rounds the (normalised) embeddings to that type; the products are accumulated
+in fp32 (CUDA: torch.mm with out_dtype=float32; CPU: the rounded values are upcast, which is the same
+arithmetic). Under torchrun, rank r takes the row blocks I with I % world_size == r; histograms and counts
+are summed, genuine and kept scores gathered, and every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toolkit.eval.roc import far_key, num_accepted_impostors, operating_point
+
+MFR_FARS = (1e-6, 1e-5, 1e-4)
+
+
+@dataclass
+class _Bracket:
+    far: float
+    k: int            # rank of the threshold among impostor scores, from the top (1-based)
+    lo: float
+    hi: float
+    mode: str         # "hist" (narrow it with a histogram pass) or "collect" (keep the values)
+    threshold: float | None = None
+    num_accepted: int | None = None  # impostors >= threshold
+
+
+class _Tiles:
+    """Iterates the strict upper triangle of E E^T in tiles, yielding (genuine values, impostor values)."""
+
+    def __init__(self, emb_ND: torch.Tensor, labels_N: torch.Tensor, *, row_block: int, col_block: int,
+                 compute_dtype: torch.dtype | None, rank: int, world_size: int):
+        self.emb_ND, self.labels_N = emb_ND, labels_N
+        self.row_block, self.col_block = row_block, col_block
+        self.compute_dtype = compute_dtype
+        self.rank, self.world_size = rank, world_size
+        n = emb_ND.shape[0]
+        self.row_starts = [s for i, s in enumerate(range(0, n, row_block)) if i % world_size == rank]
+        self.num_tiles = sum(math.ceil((n - s) / col_block) for s in self.row_starts)
+
+    def _matmul(self, a_RD: torch.Tensor, b_CD: torch.Tensor) -> torch.Tensor:
+        if a_RD.dtype == torch.float32:
+            return a_RD @ b_CD.T
+        if a_RD.is_cuda:
+            return torch.mm(a_RD, b_CD.T, out_dtype=torch.float32)
+        return a_RD.float() @ b_CD.float().T  # exact upcast of the rounded inputs; fp32 accumulation
+
+    def __iter__(self):
+        n = self.emb_ND.shape[0]
+        emb, labels = self.emb_ND, self.labels_N
+        for r0 in self.row_starts:
+            r1 = min(r0 + self.row_block, n)
+            a_RD, la_R = emb[r0:r1], labels[r0:r1]
+            for c0 in range(r0, n, self.col_block):
+                c1 = min(c0 + self.col_block, n)
+                s_RC = self._matmul(a_RD, emb[c0:c1])
+                lb_C = labels[c0:c1]
+                diagonal = c0 < r1  # the tile crosses i == j
+                shares_labels = bool(lb_C[0] <= la_R[-1])  # sorted labels: overlap iff this holds
+                if not diagonal and not shares_labels:
+                    yield None, s_RC.reshape(-1)
+                    continue
+                upper_RC = None
+                if diagonal:
+                    rows = torch.arange(r0, r1, device=emb.device)[:, None]
+                    cols = torch.arange(c0, c1, device=emb.device)[None, :]
+                    upper_RC = cols > rows
+                same_RC = la_R[:, None] == lb_C[None, :]
+                genuine_RC = same_RC if upper_RC is None else same_RC & upper_RC
+                impostor_RC = ~same_RC if upper_RC is None else ~same_RC & upper_RC
+                yield s_RC[genuine_RC], s_RC[impostor_RC]
+
+
+def _all_reduce_sum(t: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    if world_size > 1:
+        torch.distributed.all_reduce(t, group=group)
+    return t
+
+
+def _gather_cat(values: torch.Tensor, world_size: int, group) -> np.ndarray:
+    arr = values.cpu().numpy()
+    if world_size == 1:
+        return arr
+    parts: list = [None] * world_size
+    torch.distributed.all_gather_object(parts, arr, group=group)
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndarray,
+                          fars: Sequence[float] = MFR_FARS, *, normalize: bool = True,
+                          device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
+                          row_block: int = 2048, col_block: int = 8192, num_bins: int = 1 << 16,
+                          max_kept: int = 1 << 24, rank: int = 0, world_size: int = 1, group=None,
+                          progress: bool = False) -> dict:
+    """Exact TAR at each FAR over all pairs of (emb_ND, labels_N); see the module docstring.
+
+    Returns {"num_images", "num_identities", "num_genuine", "num_impostor", "num_passes",
+    "tar_at_far": {far_key: {"tar", "threshold", "achieved_far"}}}; TAR is None where f * num_impostor < 1.
+    `normalize=False` scores raw dot products (tests use integer features to get exact ties).
+    """
+    labels_N = torch.as_tensor(np.asarray(labels_N)).long().reshape(-1)
+    if emb_ND.ndim != 2 or emb_ND.shape[0] != labels_N.shape[0]:
+        raise ValueError(f"expected N x D embeddings and N labels, got {tuple(emb_ND.shape)} and "
+                         f"{tuple(labels_N.shape)}")
+    n = emb_ND.shape[0]
+    if n < 2:
+        raise ValueError(f"all-to-all needs at least 2 images, got {n}")
+    device = torch.device(device) if device is not None else emb_ND.device
+    order = torch.argsort(labels_N, stable=True)
+    labels_N = labels_N[order].to(device)
+    emb_ND = emb_ND[order].float()
+    if normalize:
+        emb_ND = F.normalize(emb_ND, dim=1)
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        emb_ND = emb_ND.to(compute_dtype)
+    emb_ND = emb_ND.to(device).contiguous()
+
+    _, counts = torch.unique_consecutive(labels_N.cpu(), return_counts=True)
+    num_genuine = int(sum(int(c) * (int(c) - 1) // 2 for c in counts.tolist()))
+    num_impostor = n * (n - 1) // 2 - num_genuine
+    max_sq_norm = float(emb_ND.float().pow(2).sum(dim=1).max())
+    radius = max_sq_norm * (1 + 1e-4) + 1e-6  # every |score| is <= max |e|^2 (Cauchy-Schwarz)
+
+    tiles = _Tiles(emb_ND, labels_N, row_block=row_block, col_block=col_block, compute_dtype=compute_dtype,
+                   rank=rank, world_size=world_size)
+
+    def tile_iter(desc: str):
+        if not progress or rank != 0:
+            return iter(tiles)
+        from tqdm import tqdm
+        return iter(tqdm(tiles, total=tiles.num_tiles, desc=desc, unit="tile", leave=False))
+
+    # Pass 1: genuine scores and a histogram of impostor scores over [-radius, radius].
+    hist_B = torch.zeros(num_bins, dtype=torch.float64, device=device)
+    genuine_parts = []
+    for genuine, impostor in tile_iter("all-to-all pass 1"):
+        if genuine is not None and genuine.numel():
+            genuine_parts.append(genuine.float().cpu())
+        hist_B += torch.histc(impostor.clamp(-radius, radius), bins=num_bins, min=-radius, max=radius).double()
+    hist_B = _all_reduce_sum(hist_B, world_size, group)
+    genuine_G = _gather_cat(torch.cat(genuine_parts) if genuine_parts else torch.zeros(0), world_size, group)
+    genuine_asc_G = np.sort(genuine_G.astype(np.float64))
+    num_passes = 1
+
+    results: dict[str, dict] = {}
+    brackets: list[_Bracket] = []
+    for far in fars:
+        if num_impostor == 0 or far * num_impostor < 1.0 - 1e-9:
+            results[far_key(far)] = {"tar": None, "threshold": None, "achieved_far": None}
+            continue
+        k = num_accepted_impostors(far, num_impostor)
+        brackets.append(_bracket_from_histogram(hist_B, -radius, radius, k, far, max_kept, count_above=0))
+
+    while any(b.threshold is None for b in brackets):
+        pending = [b for b in brackets if b.threshold is None]
+        num_passes += 1
+        counts_above = torch.zeros(len(pending), dtype=torch.float64, device=device)
+        hists = [torch.zeros(num_bins, dtype=torch.float64, device=device) if b.mode == "hist" else None
+                 for b in pending]
+        kept: list[list[torch.Tensor]] = [[] for _ in pending]
+        lowest = min(b.lo for b in pending)
+        for _, impostor in tile_iter(f"all-to-all pass {num_passes}"):
+            tail = impostor[impostor >= lowest]  # only the upper tail matters; usually tiny
+            if tail.numel() == 0:
+                continue
+            for i, b in enumerate(pending):
+                counts_above[i] += (tail > b.hi).sum()
+                if b.mode == "hist":
+                    hists[i] += torch.histc(tail, bins=num_bins, min=b.lo, max=b.hi).double()
+                else:
+                    kept[i].append(tail[(tail >= b.lo) & (tail <= b.hi)].float().cpu())
+        counts_above = _all_reduce_sum(counts_above, world_size, group).cpu().tolist()
+        for i, b in enumerate(pending):
+            above = int(round(counts_above[i]))
+            if b.mode == "hist":
+                hist = _all_reduce_sum(hists[i], world_size, group)
+                new = _bracket_from_histogram(hist, b.lo, b.hi, b.k, b.far, max_kept, count_above=above)
+                b.lo, b.hi, b.mode = new.lo, new.hi, new.mode
+                continue
+            values = _gather_cat(torch.cat(kept[i]) if kept[i] else torch.zeros(0), world_size, group)
+            rank_in_bracket = b.k - above  # 1-based, from the top of the kept values
+            if above >= b.k or rank_in_bracket > values.size:
+                # Rounding put the k-th value outside the bracket (not expected): widen and retry.
+                width = b.hi - b.lo
+                b.lo, b.hi, b.mode = b.lo - width, b.hi + width, "collect"
+                continue
+            desc = np.sort(values)[::-1]
+            b.threshold = float(desc[rank_in_bracket - 1])
+            b.num_accepted = above + int(np.count_nonzero(desc >= b.threshold))
+
+    for b in brackets:
+        results[far_key(b.far)] = operating_point(genuine_asc_G, b.threshold,
+                                                  num_impostors_accepted=b.num_accepted,
+                                                  num_impostors=num_impostor) if genuine_asc_G.size else \
+            {"tar": None, "threshold": b.threshold, "achieved_far": b.num_accepted / num_impostor}
+    ordered = {far_key(f): results[far_key(f)] for f in fars}
+    return {"num_images": n, "num_identities": int(counts.numel()), "num_genuine": num_genuine,
+            "num_impostor": num_impostor, "num_passes": num_passes,
+            "compute_dtype": str(compute_dtype or torch.float32).replace("torch.", ""), "tar_at_far": ordered}
+
+
+def _bracket_from_histogram(hist_B: torch.Tensor, lo: float, hi: float, k: int, far: float, max_kept: int, *,
+                            count_above: int) -> _Bracket:
+    """The bins around the one holding the k-th largest value (k counted over everything, `count_above`
+    of which lie above `hi`); 'collect' when they hold at most max_kept values, else 'hist'."""
+    num_bins = hist_B.numel()
+    width = (hi - lo) / num_bins
+    from_top_B = torch.flip(torch.cumsum(torch.flip(hist_B, [0]), 0), [0]).cpu().numpy() + count_above
+    # Largest bin index whose count of values at or above it reaches k (the bin holding the k-th largest).
+    reaching = np.nonzero(from_top_B >= k)[0]
+    b = int(reaching[-1]) if reaching.size else 0
+    first, last = max(0, b - 1), min(num_bins - 1, b + 1)
+    new_lo = lo + first * width - (width if first == 0 else 0.0)
+    new_hi = lo + (last + 1) * width + (width if last == num_bins - 1 else 0.0)
+    inside = float(hist_B[first:last + 1].sum())
+    mode = "collect" if inside <= max_kept or width < 1e-7 * max(1.0, abs(lo)) else "hist"
+    return _Bracket(far=far, k=k, lo=new_lo, hi=new_hi, mode=mode)

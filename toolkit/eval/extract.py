@@ -1,0 +1,94 @@
+# Batched embedding extraction: DataLoader workers, flip TTA, progress bar, skipped images, rank slices.
+"""`extract_embeddings(embedder, dataset)` returns the raw flip-summed embeddings f(x) + f(flip(x)) of every
+item (N x D float32, not normalised: each protocol normalises where it says) and a status per item.
+
+Datasets yield (image 3 x S x S float32 in [-1, 1], status): status 0 = usable, otherwise the reason the
+item was skipped (its embedding is set to zeros and it is counted). Under torchrun (world_size > 1) rank r
+embeds the contiguous slice r of the items and the slices are all-gathered, so every rank holds the same
+result and rank 0 can compute and write the metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from toolkit.errors import FaceCLError
+
+SKIP_MISSING = 1     # file missing or not decodable
+SKIP_LANDMARKS = 2   # landmarks outside the image, not finite or degenerate
+SKIP_REASONS = {SKIP_MISSING: "missing or unreadable image", SKIP_LANDMARKS: "unusable landmarks"}
+
+
+def to_model_input(rgb_HW3: np.ndarray) -> torch.Tensor:
+    """uint8 H x W x 3 RGB -> 3 x H x W float32 (rgb - 127.5) / 127.5."""
+    return torch.from_numpy(np.ascontiguousarray(rgb_HW3)).permute(2, 0, 1).float().sub_(127.5).div_(127.5)
+
+
+def skip_counts(status_N: np.ndarray) -> dict[str, int]:
+    """{reason: count} of the skipped items."""
+    status_N = np.asarray(status_N)
+    return {SKIP_REASONS.get(int(code), f"status {int(code)}"): int(np.count_nonzero(status_N == code))
+            for code in np.unique(status_N) if code != 0}
+
+
+def check_skipped(status_N: np.ndarray, max_skipped_fraction: float, what: str) -> None:
+    """Fail when more than `max_skipped_fraction` of the items were skipped (like the training loader)."""
+    status_N = np.asarray(status_N)
+    num_skipped = int(np.count_nonzero(status_N))
+    if status_N.size and num_skipped / status_N.size > max_skipped_fraction:
+        raise FaceCLError(f"{what}: {num_skipped} of {status_N.size} images skipped ({skip_counts(status_N)}), "
+                          f"more than --max-skipped-fraction={max_skipped_fraction}")
+
+
+class _Slice(torch.utils.data.Dataset):
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        image, status = self.dataset[self.start + i]
+        return image, int(status)
+
+
+@torch.no_grad()
+def extract_embeddings(embed, dataset, *, batch_size: int = 128, num_workers: int = 2, flip: bool = True,
+                       rank: int = 0, world_size: int = 1, group=None, progress: bool = True,
+                       desc: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+    """(raw embeddings N x D float32, status N int8); `embed` maps a CPU batch to N x D embeddings."""
+    n = len(dataset)
+    chunk = -(-n // world_size)
+    start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
+    loader = torch.utils.data.DataLoader(_Slice(dataset, start, stop), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, persistent_workers=False)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=stop - start, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+    emb_parts, status_parts = [], []
+    for images_BCHW, status_B in loader:
+        emb_BD = embed(images_BCHW).float()
+        if flip:
+            emb_BD = emb_BD + embed(images_BCHW.flip(-1)).float()
+        emb_BD = emb_BD.cpu()
+        emb_BD[status_B != 0] = 0.0
+        emb_parts.append(emb_BD)
+        status_parts.append(status_B.to(torch.int8))
+        if bar is not None:
+            bar.update(len(images_BCHW))
+    if bar is not None:
+        bar.close()
+    emb_MD = torch.cat(emb_parts) if emb_parts else torch.zeros(0, 0)
+    status_M = torch.cat(status_parts) if status_parts else torch.zeros(0, dtype=torch.int8)
+    if world_size > 1:
+        parts: list = [None] * world_size
+        torch.distributed.all_gather_object(parts, (emb_MD.numpy(), status_M.numpy()), group=group)
+        dims = {p[0].shape[1] for p in parts if p[0].size}
+        emb = np.concatenate([p[0] for p in parts if p[0].size]) if dims else np.zeros((0, 0), np.float32)
+        status = np.concatenate([p[1] for p in parts])
+        return emb.astype(np.float32), status.astype(np.int8)
+    return emb_MD.numpy().astype(np.float32), status_M.numpy().astype(np.int8)

@@ -1,0 +1,109 @@
+# TAR at FAR from genuine and impostor scores (one convention for IJB and all-to-all), and the ROC plot.
+"""The operating point at a target false-accept rate f, used by every 1:1 benchmark of the toolkit.
+
+Convention (exact, no interpolation): with n impostor scores, k = ceil(f * n); the threshold t is the k-th
+largest impostor score (counting ties as separate scores); a pair is accepted when score >= t. Then
+TAR = #(genuine >= t) / #genuine and the achieved FAR = #(impostor >= t) / n, which is k / n when no other
+impostor ties with t (so at most f + 1/n) and larger when some do; it is reported beside every TAR. When
+f * n < 1 the set has too few impostor pairs for that FAR and the TAR is None (not 0), so a tiny set never
+prints a number it cannot support.
+
+This is the point of sklearn's ``roc_curve(drop_intermediate=False)`` with the smallest FPR >= f (tested).
+insightface's IJB script instead reads the ROC point whose FPR is closest to f, which can differ from
+this slightly where the ROC is coarse (few impostor pairs per step of FAR).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def num_accepted_impostors(far: float, num_impostors: int) -> int:
+    """k = ceil(far * n) computed without the float error of 1e-4 * 10_000 = 1.0000000000000002."""
+    if not 0.0 < far <= 1.0:
+        raise ValueError(f"FAR must be in (0, 1], got {far}")
+    return max(1, math.ceil(round(far * num_impostors, 9)))
+
+
+def far_key(far: float) -> str:
+    """'1e-04' style key used in JSON results; FARs that are not 1 significant digit keep their repr."""
+    short = f"{far:.0e}"
+    return short if float(short) == far else repr(far)
+
+
+def tar_at_far(genuine_G: np.ndarray, impostor_I: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict:
+    """{far_key: {"tar", "threshold", "achieved_far"}} by the module's convention, from scores in memory."""
+    genuine_G = np.asarray(genuine_G, dtype=np.float64).ravel()
+    impostor_I = np.asarray(impostor_I, dtype=np.float64).ravel()
+    if genuine_G.size == 0 or impostor_I.size == 0:
+        raise ValueError(f"need genuine and impostor scores, got {genuine_G.size} and {impostor_I.size}")
+    impostor_desc_I = np.sort(impostor_I)[::-1]
+    genuine_asc_G = np.sort(genuine_G)
+    out = {}
+    for far in fars:
+        out[far_key(far)] = threshold_point(genuine_asc_G, impostor_desc_I, far)
+    return out
+
+
+def threshold_point(genuine_asc_G: np.ndarray, impostor_desc_I: np.ndarray, far: float) -> dict:
+    """The operating point for one FAR from sorted scores (genuine ascending, impostor descending)."""
+    n = impostor_desc_I.size
+    if far * n < 1.0 - 1e-9:
+        return {"tar": None, "threshold": None, "achieved_far": None}
+    k = num_accepted_impostors(far, n)
+    threshold = float(impostor_desc_I[k - 1])
+    return operating_point(genuine_asc_G, threshold,
+                           num_impostors_accepted=int(np.searchsorted(-impostor_desc_I, -threshold, side="right")),
+                           num_impostors=n)
+
+
+def operating_point(genuine_asc_G: np.ndarray, threshold: float, *, num_impostors_accepted: int,
+                    num_impostors: int) -> dict:
+    """TAR of 'score >= threshold' over sorted genuine scores, with the achieved FAR."""
+    num_genuine_accepted = genuine_asc_G.size - int(np.searchsorted(genuine_asc_G, threshold, side="left"))
+    return {"tar": num_genuine_accepted / genuine_asc_G.size, "threshold": threshold,
+            "achieved_far": num_impostors_accepted / num_impostors}
+
+
+def roc_points(genuine_G: np.ndarray, impostor_I: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """(far, tar) at up to `max_points` thresholds spaced evenly in log FAR: enough for a plot."""
+    genuine_asc_G = np.sort(np.asarray(genuine_G, dtype=np.float64).ravel())
+    impostor_desc_I = np.sort(np.asarray(impostor_I, dtype=np.float64).ravel())[::-1]
+    n = impostor_desc_I.size
+    ks = np.unique(np.geomspace(1, n, num=max_points).astype(np.int64))
+    thresholds = impostor_desc_I[ks - 1]
+    far = ks / n
+    tar = (genuine_asc_G.size - np.searchsorted(genuine_asc_G, thresholds, side="left")) / genuine_asc_G.size
+    return far, tar
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
+    """PNG of TAR against FAR (log axis), one line per name; matplotlib's Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, (far, tar) in curves.items():
+        ax.plot(far, tar, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("False accept rate (log scale)")
+    ax.set_ylabel("True accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
