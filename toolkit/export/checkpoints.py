@@ -38,6 +38,15 @@ RECIPE_FILE = "resolved.yaml"
 INPUT_NORMALISATION = "rgb, (x - 127.5) / 127.5"
 
 
+# Recipe model options passed to the backbone factory when set (as the trainer's builder does): a
+# convolutional backbone rejects them by name, a ViT needs patch_size to get its shapes right.
+BACKBONE_OPTION_KEYS = ("drop_path", "mask_ratio", "patch_size")
+
+
+def backbone_options(recipe_model: dict) -> dict:
+    return {name: recipe_model[name] for name in BACKBONE_OPTION_KEYS if recipe_model.get(name)}
+
+
 def head_file_name(rank: int) -> str:
     return f"head_rank{rank:05d}.pt"
 
@@ -153,7 +162,7 @@ class CheckpointSource:
         return {"backbone": backbone,
                 "embedding_size": int(self.identity.get("embedding_size", recipe_model.get("embedding_size", 512))),
                 "image_size": int(self.identity.get("image_size", recipe_data.get("image_size", 112))),
-                "options": dict(recipe_model.get("options") or {})}
+                "options": backbone_options(recipe_model)}
 
     @property
     def num_classes(self) -> int | None:

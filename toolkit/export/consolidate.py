@@ -172,3 +172,27 @@ def _write_pt(tmp: Path, entries: list[TensorEntry], metadata: dict[str, str], b
         bar.advance(entry.nbytes)
     torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "metadata": metadata,
                 "tensors": tensors}, tmp)
+
+
+def save_consolidated(out: str | Path, backbone: torch.nn.Module, model_config: dict[str, Any], *,
+                      step: int = 0, num_classes: int | None = None, head_centers: torch.Tensor | None = None,
+                      overwrite: bool = False) -> ConsolidateResult:
+    """A consolidated file from an in-memory registry backbone (e.g. built or fine-tuned outside a run)."""
+    out = Path(out)
+    check_output_path(out, overwrite)
+    state = _fp32(backbone.state_dict())
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "backbone": model_config["backbone"],
+                "embedding_size": str(model_config["embedding_size"]), "image_size": str(model_config["image_size"]),
+                "input_normalisation": INPUT_NORMALISATION, "step": str(step), "recipe_sha256": "",
+                "num_classes": str(num_classes or ""), "engine": "none", "world_size": "1",
+                "parts": "backbone" + (",head" if head_centers is not None else "")}
+    if model_config.get("options"):
+        metadata["backbone_options"] = json.dumps(model_config["options"], sort_keys=True)
+    entries = [tensor_entry(k, v) for k, v in state.items()]
+    if head_centers is not None:
+        entries.append(tensor_entry(HEAD_KEY, head_centers.detach().float().contiguous()))
+    if out.suffix == ".safetensors":
+        size = atomic_output(out, lambda tmp: write_safetensors(tmp, entries, metadata))
+    else:
+        size = atomic_output(out, lambda tmp: _write_pt(tmp, entries, metadata, Progress(0, "", enabled=False)))
+    return ConsolidateResult(out=out, num_bytes=size, metadata=metadata, tensors={e.name: e.shape for e in entries})
