@@ -24,7 +24,7 @@ SKIP_REASONS = {SKIP_MISSING: "missing or unreadable image", SKIP_LANDMARKS: "un
 
 def to_model_input(rgb_HW3: np.ndarray) -> torch.Tensor:
     """uint8 H x W x 3 RGB -> 3 x H x W float32 (rgb - 127.5) / 127.5."""
-    return torch.from_numpy(np.ascontiguousarray(rgb_HW3)).permute(2, 0, 1).float().sub_(127.5).div_(127.5)
+    return torch.from_numpy(np.array(rgb_HW3, dtype=np.uint8, order="C")).permute(2, 0, 1).float().sub_(127.5).div_(127.5)
 
 
 def skip_counts(status_N: np.ndarray) -> dict[str, int]:
