@@ -32,7 +32,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolkit.eval.roc import far_key, num_accepted_impostors, operating_point
 
@@ -134,9 +133,9 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     device = torch.device(device) if device is not None else emb_ND.device
     order = torch.argsort(labels_N, stable=True)
     labels_N = labels_N[order].to(device)
-    emb_ND = emb_ND[order].float()
+    emb_ND = emb_ND[order].float()  # one copy, label-sorted; normalised in place (N x D can be GBs)
     if normalize:
-        emb_ND = F.normalize(emb_ND, dim=1)
+        emb_ND.div_(emb_ND.norm(dim=1, keepdim=True).clamp_(min=1e-12))
     if compute_dtype is not None and compute_dtype != torch.float32:
         emb_ND = emb_ND.to(compute_dtype)
     emb_ND = emb_ND.to(device).contiguous()
@@ -162,7 +161,8 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     for genuine, impostor in tile_iter("all-to-all pass 1"):
         if genuine is not None and genuine.numel():
             genuine_parts.append(genuine.float().cpu())
-        hist_B += torch.histc(impostor.clamp(-radius, radius), bins=num_bins, min=-radius, max=radius).double()
+        # In place: `impostor` is this tile's own buffer (or a masked copy), never read again.
+        hist_B += torch.histc(impostor.clamp_(-radius, radius), bins=num_bins, min=-radius, max=radius).double()
     hist_B = _all_reduce_sum(hist_B, world_size, group)
     genuine_G = _gather_cat(torch.cat(genuine_parts) if genuine_parts else torch.zeros(0), world_size, group)
     genuine_asc_G = np.sort(genuine_G.astype(np.float64))
