@@ -108,7 +108,7 @@ def write_onnx(model: torch.nn.Module, meta: dict[str, Any], tmp: Path) -> dict[
                         f"{props['input_normalisation']}; output {props['output']}")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
-    return counts
+    return {"opset": ONNX_OPSET, **counts}
 
 
 def remove_unused_initializers(proto) -> None:

@@ -1,0 +1,96 @@
+# Conversion entry point: inspect a checkpoint, consolidate it into one file, export the backbone (ONNX, ...).
+"""After training: see what a checkpoint holds, get a plain backbone out, hand it to deployment tools.
+
+    python launch/convert.py inspect PATH [--json] [--checksums]
+    python launch/convert.py consolidate PATH --out FILE.safetensors [--with-head] [--with-key-encoder]
+    python launch/convert.py export PATH --format onnx|safetensors|torchscript --out FILE
+
+PATH is a run folder, its checkpoints/ folder or one checkpoint of any engine (single, DDP, DeepSpeed
+ZeRO 0-3, FSDP2, any world size); `export` and `inspect` also take a consolidated file. Everything runs on
+CPU without a process group and reads tensors only. Outputs are written atomically and never over an
+existing file unless --overwrite. User errors print one line `error: ...` on stderr and exit with status
+2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Running `python launch/convert.py` from a checkout works even before `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Inspect, consolidate and export FaceCL checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds and whether it is complete")
+    inspect.add_argument("path", help="run folder, checkpoints folder, checkpoint, or consolidated file")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    inspect.add_argument("--checksums", action="store_true", help="also verify every zip record's CRC (reads all)")
+
+    consolidate = commands.add_parser("consolidate", help="one file: full fp32 backbone (+ centers, key encoder)")
+    consolidate.add_argument("path", help="run folder, checkpoints folder or checkpoint")
+    consolidate.add_argument("--out", required=True, help="output file: .safetensors (streamed) or .pt")
+    consolidate.add_argument("--with-head", action="store_true", help="add the C x D identity centers, in class order")
+    consolidate.add_argument("--with-key-encoder", action="store_true",
+                             help="UniMoCo runs: add the momentum (key) encoder and the projections")
+    consolidate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    export = commands.add_parser("export", help="the backbone alone, for deployment")
+    export.add_argument("path", help="run folder, checkpoints folder, checkpoint or consolidated file")
+    export.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"])
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    for sub in (inspect, consolidate, export):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolkit.export.files import human_bytes
+
+    if args.command == "inspect":
+        from toolkit.export.inspect import format_report, inspect_path
+
+        info = inspect_path(args.path, checksums=args.checksums)
+        print(json.dumps(info, indent=1, default=str) if args.json else format_report(info))
+        return 0 if info["complete"] else 1
+    if args.command == "consolidate":
+        from toolkit.export.consolidate import consolidate
+
+        result = consolidate(args.path, args.out, with_head=args.with_head, with_key_encoder=args.with_key_encoder,
+                             overwrite=args.overwrite, progress=False if args.no_progress else None)
+        parts = result.metadata["parts"].replace(",", ", ")
+        print(f"wrote {result.out} ({human_bytes(result.num_bytes)}): {parts} of step {result.metadata['step']}, "
+              f"{result.metadata['backbone']} from {result.metadata['engine']} on "
+              f"{result.metadata['world_size']} rank(s)")
+        return 0
+    from toolkit.export.deploy import export_model
+
+    result = export_model(args.path, args.format, args.out, overwrite=args.overwrite)
+    extra = ""
+    if args.format == "onnx":
+        extra = (f"; opset {result.details.get('opset')}, batch norms folded: " +
+                 ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.details.items() if k != "opset"))
+    print(f"wrote {result.out} ({human_bytes(result.num_bytes)}): {result.metadata['backbone']} "
+          f"{args.format}, input N x 3 x {result.metadata['image_size']} x {result.metadata['image_size']} "
+          f"({result.metadata['input_normalisation']}){extra}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from toolkit.errors import run_reporting_user_errors
+
+    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
