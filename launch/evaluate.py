@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
                         help="a benchmark: .bin set, IJB release folder, identity folder or features .npz; repeatable")
     parser.add_argument("--output", metavar="DIR", help="where evaluation.json, table.md and ROC PNGs go "
-                        "(default: eval/<model name>)")
+                        "(default: RUN/eval for a run folder, else eval/<model name>)")
     parser.add_argument("--save-features", metavar="FILE.npz", help="also write the extracted features here")
     parser.add_argument("--no-flip", action="store_true", help="embed images only, not also their mirror image")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")

@@ -245,3 +245,14 @@ def test_usage_errors_exit_2(data, tmp_path, capsys):
     assert "path not found" in one_error_line(capsys)
     assert main(["--compare", str(tmp_path)]) == 2
     assert "no evaluation.json" in one_error_line(capsys)
+
+
+def test_default_output_of_a_run_folder_is_its_eval_folder(data, tmp_path, monkeypatch, capsys):
+    _fake_export(monkeypatch)
+    run = tmp_path / "runs" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    assert run_cli("--model", str(run), "--benchmark", f"lfw={data / 'lfw.bin'}") == 0
+    assert (run / "eval" / "evaluation.json").is_file()
+    capsys.readouterr()
+    assert main(["--compare", str(run)]) == 0
+    assert "| r1 |" in capsys.readouterr().out

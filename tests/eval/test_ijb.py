@@ -153,3 +153,25 @@ def test_pairs_naming_unknown_templates_are_refused(tmp_path):
 def test_ijbb_prefix_is_detected(tmp_path):
     write_ijb_release(tmp_path, prefix="ijbb", num_subjects=3, templates_per_subject=2, with_1n=False)
     assert load_release(tmp_path).name == "IJB-B"
+
+
+def test_training_evaluator_equals_the_offline_pipeline(release_dir):
+    from tests.eval.factories import ColourNet
+    from toolkit.eval.extract import extract_embeddings
+    from toolkit.eval.ijb import IJBEvaluator, IJBImages
+
+    root, _ = release_dir
+    model = ColourNet(16).eval()
+    full = IJBEvaluator(root, num_workers=0, fars=(1e-2, 1e-1))
+    got = full.evaluate(model)
+    release = load_release(root)
+    emb, status = extract_embeddings(model, IJBImages(release), num_workers=0, progress=False)
+    expected, _ = verification_1to1(release, emb, status, fars=(1e-2, 1e-1))
+    assert got["TAR@FAR=1e-01"] == expected["tar_at_far"]["1e-01"]["tar"]
+    assert got["TAR@FAR=1e-02"] == expected["tar_at_far"]["1e-02"]["tar"]
+    assert got["num_pairs"] == len(release.labels_P) and got["num_skipped"] == 0
+    # A subset: half genuine pairs at most, and only the images of its templates are embedded.
+    subset = IJBEvaluator(root, max_pairs=60, num_workers=0, fars=(1e-1,))
+    assert subset.evaluate(model)["num_pairs"] == 60
+    assert len(subset.image_indices) <= release.num_images
+    assert int(release.labels_P[subset.pair_indices].sum()) == 30

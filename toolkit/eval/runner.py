@@ -185,6 +185,17 @@ def score_benchmark(spec: BenchmarkSpec, context, emb_ND: np.ndarray, status_N: 
     return result
 
 
+def default_output_dir(model: str | None, model_name: str) -> Path:
+    """RUN/eval for a run folder (or RUN/checkpoints), so `--compare RUN_A RUN_B` finds it; else
+    eval/<model name> in the working directory."""
+    if model is not None and Path(model).is_dir():
+        run = Path(model)
+        if run.name == "checkpoints":
+            run = run.parent
+        return run / "eval"
+    return Path("eval") / model_name
+
+
 def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in: str | None = None,
                    save_features: str | None = None, output_dir: str | Path | None = None, flip: bool = True,
                    batch_size: int = 128, num_workers: int = 2, device: str | None = None,
@@ -218,7 +229,7 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
 
         embedder = load_model(model, device)
         model_name = embedder.name
-    out = Path(output_dir) if output_dir is not None else Path("eval") / model_name
+    out = Path(output_dir) if output_dir is not None else default_output_dir(model, model_name)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
