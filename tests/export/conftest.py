@@ -1,0 +1,67 @@
+# Real training checkpoints for the converter tests: one job per engine (cached), plus what the trainer held.
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+
+ENGINES = {
+    "single": [],
+    "ddp": ["parallel.engine=ddp"],
+    "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
+    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3",
+              "parallel.deepspeed_config=tests/distributed/zero3_no_persistence.yaml"],
+    "fsdp": ["parallel.engine=fsdp"],
+}
+UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
+           "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
+           "data.synthetic.labeled_fraction=0.5"]
+ENGINES["zero2_unimoco"] = [*ENGINES["zero2"], *UNIMOCO]
+ENGINES["single_unimoco"] = UNIMOCO
+SAVE_STEP = 3
+
+
+class ProbedRun:
+    """A run folder with one checkpoint (step 3) and the full parameters / centers its trainer held then."""
+
+    def __init__(self, run_dir: Path, probe: Path):
+        self.run_dir = run_dir
+        payload = torch.load(probe, weights_only=True)
+        self.step = payload["step"]
+        self.state = payload["state"]
+        self.centers = payload["centers"]
+
+    @property
+    def checkpoint(self) -> Path:
+        folder = self.run_dir / "checkpoints" / f"step_{SAVE_STEP:08d}"
+        return folder if folder.is_dir() else folder.with_suffix(".pt")
+
+
+_runs: dict[str, ProbedRun] = {}
+
+
+def probed_run(engine: str, root: Path) -> ProbedRun:
+    """Train 3 steps with `engine` (2 gloo ranks; one process for single*), save, probe (cached per session)."""
+    if engine not in _runs:
+        port = free_port()
+        launcher = [sys.executable] if engine.startswith("single") else torchrun(2, port)
+        probe = root / f"{engine}_probe.pt"
+        proc = run_job(launcher, [*train_args(root, engine, *ENGINES[engine]), "--steps", str(SAVE_STEP),
+                                  "--out", str(probe)], port=port, script="tests/export/save_probe.py")
+        check_ok(proc)
+        _runs[engine] = ProbedRun(root / engine, probe)
+    return _runs[engine]
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export_runs")
+
+
+@pytest.fixture(scope="session")
+def single_run(runs_root) -> ProbedRun:
+    return probed_run("single", runs_root)
