@@ -256,3 +256,30 @@ def test_default_output_of_a_run_folder_is_its_eval_folder(data, tmp_path, monke
     capsys.readouterr()
     assert main(["--compare", str(run)]) == 0
     assert "| r1 |" in capsys.readouterr().out
+
+
+def test_all_to_all_from_shards_equals_the_same_faces_in_a_folder(data, tmp_path):
+    from toolkit.data.shards import Manifest, ShardEntry, ShardWriter, sample_key
+    from tests.eval.factories import jpeg_bytes, subject_colour
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "shards").mkdir()
+    writer = ShardWriter(tmp_path / "shards" / "s-000000.tar")
+    for identity in range(5):
+        (tmp_path / "faces" / f"id{identity}").mkdir(parents=True)
+        for k in range(3):
+            image = np.clip(subject_colour(identity) + rng.integers(-30, 30, size=(32, 32, 3)), 0, 255)
+            jpeg = jpeg_bytes(image.astype(np.uint8))
+            (tmp_path / "faces" / f"id{identity}" / f"{k}.jpg").write_bytes(jpeg)
+            writer.add(sample_key(identity, k), jpeg, identity)
+    size, sha = writer.close()
+    manifest = Manifest(num_classes=5, num_samples=15, image_size=32, group_size=3,
+                        shards=[ShardEntry("s-000000.tar", 15, 5, sha, size)], root=tmp_path / "shards")
+    (tmp_path / "shards" / "manifest.json").write_text(manifest.to_json())
+    reports = {}
+    for name, path in (("folder", tmp_path / "faces"), ("shards", tmp_path / "shards" / "manifest.json")):
+        assert run_cli("--model", str(data / "colour.onnx"), "--benchmark", f"mfr={path}",
+                       "--output", str(tmp_path / name)) == 0
+        reports[name] = json.loads((tmp_path / name / "evaluation.json").read_text())["benchmarks"]["mfr"]
+    assert reports["shards"]["num_genuine"] == 5 * 3
+    assert reports["shards"]["tar_at_far"] == reports["folder"]["tar_at_far"]

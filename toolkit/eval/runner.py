@@ -4,8 +4,9 @@
 - a `.bin` file: pair verification (10-fold accuracy, toolkit.eval.verification);
 - a folder with `meta/ijbc_face_tid_mid.txt` or `meta/ijbb_face_tid_mid.txt`: IJB-C / IJB-B 1:1 (and 1:N when
   the 1:N CSVs are there), toolkit.eval.ijb;
-- a folder of identity sub-folders of aligned faces (ROOT/IDENTITY/IMAGE) or a `.npz` with arrays
-  `features` (N x D) and `labels` (N): all-to-all 1:1, the MFR protocol (toolkit.eval.all_to_all).
+- a folder of identity sub-folders of aligned faces (ROOT/IDENTITY/IMAGE), the `manifest.json` of FaceCL
+  WebDataset shards (launch/prepare_data.py), or a `.npz` with arrays `features` (N x D) and `labels` (N):
+  all-to-all 1:1, the MFR protocol (toolkit.eval.all_to_all).
 
 Embeddings come from `model` (toolkit.eval.models.load_model) or from a feature file written by an earlier
 run (`features_in`, toolkit.eval.features). Rank 0 writes `evaluation.json`, `table.md` and one ROC PNG per
@@ -51,13 +52,15 @@ def parse_benchmark(spec: str) -> BenchmarkSpec:
         return BenchmarkSpec(name, path, "verification")
     if path.is_file() and path.suffix == ".npz":
         return BenchmarkSpec(name, path, "all_to_all_features")
+    if path.is_file() and path.suffix == ".json":
+        return BenchmarkSpec(name, path, "all_to_all_shards")
     if path.is_dir() and detect_prefix(path) is not None:
         return BenchmarkSpec(name, path, "ijb")
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return BenchmarkSpec(name, path, "all_to_all")
     raise FaceCLError(f"benchmark {name}: {path} is none of: a .bin verification set, an IJB-B/IJB-C release "
-                      "folder (meta/ijbc_face_tid_mid.txt), a folder of identity sub-folders, a .npz of "
-                      "features and labels")
+                      "folder (meta/ijbc_face_tid_mid.txt), a folder of identity sub-folders, a shard "
+                      "manifest.json, a .npz of features and labels")
 
 
 class LabelledFolder(torch.utils.data.Dataset):
@@ -93,6 +96,61 @@ class LabelledFolder(torch.utils.data.Dataset):
         return to_model_input(rgb), 0
 
 
+class ShardFaces(torch.utils.data.Dataset):
+    """Aligned faces of FaceCL WebDataset shards (a manifest.json from launch/prepare_data.py), read by
+    offset through each shard's DALI index; labels from the `label.i32` members. Item = (image, status)."""
+
+    def __init__(self, manifest_path: Path, image_size: int = 112):
+        from toolkit.data.shards import IMAGE_EXT, LABEL_INT32_EXT, dali_index_path, load_manifest
+
+        try:
+            manifest = load_manifest(manifest_path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise FaceCLError(str(exc)) from None
+        self.image_size = image_size
+        self.locations: list[tuple[Path, int, int]] = []  # (shard, offset, size) of each JPEG
+        labels = []
+        for entry in manifest.shards:
+            shard = manifest.shard_path(entry)
+            index = dali_index_path(shard)
+            if not shard.is_file() or not index.is_file():
+                raise FaceCLError(f"{manifest_path}: shard {shard} or its index {index} is missing")
+            lines = index.read_text().splitlines()[1:]
+            with open(shard, "rb") as handle:
+                for line_number, line in enumerate(lines, 2):
+                    fields = line.split()
+                    members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
+                               for i in range(0, len(fields) - 3, 4)}
+                    if IMAGE_EXT not in members or LABEL_INT32_EXT not in members:
+                        raise FaceCLError(f"{index} line {line_number}: expected {IMAGE_EXT} and "
+                                          f"{LABEL_INT32_EXT} members, got {sorted(members)}")
+                    handle.seek(members[LABEL_INT32_EXT][0])
+                    labels.append(int.from_bytes(handle.read(4), "little", signed=True))
+                    self.locations.append((shard, *members[IMAGE_EXT]))
+        if not self.locations:
+            raise FaceCLError(f"{manifest_path}: the shards hold no samples")
+        self.labels_N = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int):
+        from toolkit.data.jpeg import CorruptImageError, decode_rgb
+
+        shard, offset, size = self.locations[i]
+        try:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                rgb = decode_rgb(handle.read(size), "pil")
+        except (OSError, CorruptImageError):
+            return torch.zeros(3, self.image_size, self.image_size), SKIP_MISSING
+        if rgb.shape[:2] != (self.image_size, self.image_size):
+            from PIL import Image
+
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.image_size, self.image_size), Image.BILINEAR))
+        return to_model_input(rgb), 0
+
+
 class _BinImages(torch.utils.data.Dataset):
     """A VerificationBin as (image, status) items; an undecodable image is skipped and counted."""
 
@@ -124,6 +182,9 @@ def _dataset(spec: BenchmarkSpec, image_size: int):
     if spec.kind == "all_to_all":
         folder = LabelledFolder(spec.path, image_size)
         return folder, folder
+    if spec.kind == "all_to_all_shards":
+        shards = ShardFaces(spec.path, image_size)
+        return shards, shards
     raise AssertionError(spec.kind)
 
 
@@ -139,6 +200,8 @@ def _context_without_images(spec: BenchmarkSpec):
         return load_release(spec.path)
     if spec.kind == "all_to_all":
         return LabelledFolder(spec.path)
+    if spec.kind == "all_to_all_shards":
+        return ShardFaces(spec.path)
     raise AssertionError(spec.kind)
 
 
@@ -261,7 +324,7 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
                                                   num_workers=num_workers, flip=flip, rank=rank,
                                                   world_size=world_size, group=group, progress=progress,
                                                   desc=spec.name)
-            if spec.kind == "all_to_all":
+            if spec.kind in ("all_to_all", "all_to_all_shards"):
                 labels_N = context.labels_N
         check_skipped(status_N, max_skipped_fraction, f"benchmark {spec.name} ({spec.path})")
         if embedding_size is not None and emb_ND.shape[1] != embedding_size:
