@@ -32,8 +32,8 @@ def quantised_set(n=3000, num_ids=400, dim=16, seed=0):
     return emb, labels
 
 
-@pytest.mark.parametrize("blocks", [(512, 1024), (300, 700)])
-def test_exact_against_brute_force_with_ties(blocks):
+@pytest.mark.parametrize("blocks, sample_floor", [((512, 1024), True), ((300, 700), True), ((512, 1024), False)])
+def test_exact_against_brute_force_with_ties(blocks, sample_floor):
     emb, labels = quantised_set()
     fars = (1e-3, 1e-4)
     expected = brute_force(emb, labels, fars)
@@ -42,8 +42,10 @@ def test_exact_against_brute_force_with_ties(blocks):
     for far in fars:
         assert np.count_nonzero(scores == expected[f"{far:.0e}"]["threshold"]) > 10
     got = all_to_all_tar_at_far(torch.from_numpy(emb), labels, fars, normalize=False, row_block=blocks[0],
-                                col_block=blocks[1])
+                                col_block=blocks[1], sample_floor=sample_floor)
     assert got["tar_at_far"] == expected
+    # One pass with the sampled floor; histogram then kept values without it.
+    assert got["num_passes"] == (1 if sample_floor else 2)
     num_pairs = len(labels) * (len(labels) - 1) // 2
     assert got["num_genuine"] + got["num_impostor"] == num_pairs
 
@@ -118,3 +120,14 @@ def test_two_gloo_ranks_equal_one(tmp_path):
     for rank in (0, 1):
         assert results[rank]["tar_at_far"] == single["tar_at_far"]
         assert results[rank]["num_impostor"] == single["num_impostor"]
+
+
+def test_a_sampled_floor_that_is_too_high_falls_back_to_the_histogram(monkeypatch):
+    import toolkit.eval.all_to_all as module
+
+    emb, labels = quantised_set(n=1500, num_ids=200, seed=4)
+    # A floor above every score: nothing is kept in pass 1, so each FAR must take the histogram path.
+    monkeypatch.setattr(module, "_sampled_floor", lambda *args, **kwargs: 1e9)
+    got = all_to_all_tar_at_far(torch.from_numpy(emb), labels, (1e-3, 1e-4), normalize=False)
+    assert got["num_passes"] == 3
+    assert got["tar_at_far"] == brute_force(emb, labels, (1e-3, 1e-4))

@@ -14,6 +14,12 @@ accept when score >= threshold; ties count once each), found exactly in passes o
    `max_kept` values, a histogram pass inside the bracket narrows it first (memory never depends on N^2).
 
 The result is checked (count_above < k <= count_above + kept) and the bracket widened if it ever fails.
+
+One-pass shortcut: when the largest k is small (k_max x 4 scores fit in `max_kept`, e.g. FAR <= 1e-4 at
+N = 100,000 or FAR 1e-6 at MFR scale with a larger max_kept), a floor with about 4 x k_max impostor scores
+above it is estimated from 1M random impostor pairs, and pass 1 keeps every impostor score >= floor instead
+of the histogram: the thresholds are read from those directly. If fewer than k were kept (the estimate was
+off), that FAR falls back to the histogram passes, so the result stays exact either way.
 Memory: the embeddings, one tile (row_block x col_block fp32 and a few temporaries), the genuine scores and
 the kept values. Tiles are cut from label-sorted embeddings, so only tiles near the diagonal contain
 genuine pairs; all other tiles need no mask at all.
@@ -45,6 +51,7 @@ class _Bracket:
     lo: float
     hi: float
     mode: str         # "hist" (narrow it with a histogram pass) or "collect" (keep the values)
+    from_floor: bool = False  # a "collect" bracket [sampled floor, radius] (the one-pass path)
     threshold: float | None = None
     num_accepted: int | None = None  # impostors >= threshold
 
@@ -115,8 +122,8 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
                           fars: Sequence[float] = MFR_FARS, *, normalize: bool = True,
                           device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
                           row_block: int = 2048, col_block: int = 8192, num_bins: int = 1 << 16,
-                          max_kept: int = 1 << 24, rank: int = 0, world_size: int = 1, group=None,
-                          progress: bool = False) -> dict:
+                          max_kept: int = 1 << 24, sample_floor: bool = True, rank: int = 0, world_size: int = 1,
+                          group=None, progress: bool = False) -> dict:
     """Exact TAR at each FAR over all pairs of (emb_ND, labels_N); see the module docstring.
 
     Returns {"num_images", "num_identities", "num_genuine", "num_impostor", "num_passes",
@@ -155,62 +162,82 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
         from tqdm import tqdm
         return iter(tqdm(tiles, total=tiles.num_tiles, desc=desc, unit="tile", leave=False))
 
-    # Pass 1: genuine scores and a histogram of impostor scores over [-radius, radius].
-    hist_B = torch.zeros(num_bins, dtype=torch.float64, device=device)
-    genuine_parts = []
-    for genuine, impostor in tile_iter("all-to-all pass 1"):
-        if genuine is not None and genuine.numel():
-            genuine_parts.append(genuine.float().cpu())
-        # In place: `impostor` is this tile's own buffer (or a masked copy), never read again.
-        hist_B += torch.histc(impostor.clamp_(-radius, radius), bins=num_bins, min=-radius, max=radius).double()
-    hist_B = _all_reduce_sum(hist_B, world_size, group)
-    genuine_G = _gather_cat(torch.cat(genuine_parts) if genuine_parts else torch.zeros(0), world_size, group)
-    genuine_asc_G = np.sort(genuine_G.astype(np.float64))
-    num_passes = 1
-
     results: dict[str, dict] = {}
     brackets: list[_Bracket] = []
     for far in fars:
         if num_impostor == 0 or far * num_impostor < 1.0 - 1e-9:
             results[far_key(far)] = {"tar": None, "threshold": None, "achieved_far": None}
             continue
-        k = num_accepted_impostors(far, num_impostor)
-        brackets.append(_bracket_from_histogram(hist_B, -radius, radius, k, far, max_kept, count_above=0))
+        brackets.append(_Bracket(far=far, k=num_accepted_impostors(far, num_impostor), lo=-radius, hi=radius,
+                                 mode="hist"))
+    floor = None
+    if sample_floor and brackets:
+        floor = _sampled_floor(emb_ND, labels_N, max(b.k for b in brackets), num_impostor, max_kept)
+    if floor is not None:  # one pass: keep every impostor score >= floor (a few times k_max of them)
+        for b in brackets:
+            b.lo, b.mode, b.from_floor = floor, "collect", True
 
-    while any(b.threshold is None for b in brackets):
+    genuine_parts: list[torch.Tensor] = []
+    num_passes = 0
+    while num_passes == 0 or any(b.threshold is None for b in brackets):
         pending = [b for b in brackets if b.threshold is None]
         num_passes += 1
-        counts_above = torch.zeros(len(pending), dtype=torch.float64, device=device)
-        hists = [torch.zeros(num_bins, dtype=torch.float64, device=device) if b.mode == "hist" else None
-                 for b in pending]
-        kept: list[list[torch.Tensor]] = [[] for _ in pending]
-        lowest = min(b.lo for b in pending)
-        for _, impostor in tile_iter(f"all-to-all pass {num_passes}"):
-            tail = impostor[impostor >= lowest]  # only the upper tail matters; usually tiny
+        # Brackets asking the same thing share one histogram / one list of kept values.
+        requests = sorted({(b.mode, b.lo, b.hi) for b in pending})
+        counts_above = torch.zeros(len(requests), dtype=torch.float64, device=device)
+        hists = [torch.zeros(num_bins, dtype=torch.float64, device=device) if mode == "hist" else None
+                 for mode, _, _ in requests]
+        kept: list[list[torch.Tensor]] = [[] for _ in requests]
+        lowest = min((lo for _, lo, _ in requests), default=radius)
+        for genuine, impostor in tile_iter(f"all-to-all pass {num_passes}"):
+            if num_passes == 1 and genuine is not None and genuine.numel():
+                genuine_parts.append(genuine.float().cpu())
+            if not requests:
+                continue
+            # The whole tile in a full-range histogram pass, else only the upper tail (usually tiny).
+            tail = impostor if lowest <= -radius else impostor[impostor >= lowest]
             if tail.numel() == 0:
                 continue
-            for i, b in enumerate(pending):
-                counts_above[i] += (tail > b.hi).sum()
-                if b.mode == "hist":
-                    hists[i] += torch.histc(tail, bins=num_bins, min=b.lo, max=b.hi).double()
+            for i, (mode, lo, hi) in enumerate(requests):
+                if hi < radius:
+                    counts_above[i] += (tail > hi).sum()
+                if mode == "hist":
+                    hists[i] += torch.histc(tail, bins=num_bins, min=lo, max=hi).double()
+                elif lo <= lowest and hi >= radius:
+                    kept[i].append(tail.float().cpu())
                 else:
-                    kept[i].append(tail[(tail >= b.lo) & (tail <= b.hi)].float().cpu())
-        counts_above = _all_reduce_sum(counts_above, world_size, group).cpu().tolist()
-        for i, b in enumerate(pending):
-            above = int(round(counts_above[i]))
+                    kept[i].append(tail[(tail >= lo) & (tail <= hi)].float().cpu())
+        if num_passes == 1:
+            genuine_G = _gather_cat(torch.cat(genuine_parts) if genuine_parts else torch.zeros(0), world_size, group)
+            genuine_asc_G = np.sort(genuine_G.astype(np.float64))
+            del genuine_parts
+        counts_above_list = _all_reduce_sum(counts_above, world_size, group).cpu().tolist()
+        hist_of = {}
+        values_of = {}
+        for i, request in enumerate(requests):
+            if request[0] == "hist":
+                hist_of[request] = _all_reduce_sum(hists[i], world_size, group)
+            else:
+                gathered = _gather_cat(torch.cat(kept[i]) if kept[i] else torch.zeros(0), world_size, group)
+                values_of[request] = np.sort(gathered)[::-1]  # descending
+        for b in pending:
+            request = (b.mode, b.lo, b.hi)
+            above = int(round(counts_above_list[requests.index(request)]))
             if b.mode == "hist":
-                hist = _all_reduce_sum(hists[i], world_size, group)
-                new = _bracket_from_histogram(hist, b.lo, b.hi, b.k, b.far, max_kept, count_above=above)
+                new = _bracket_from_histogram(hist_of[request], b.lo, b.hi, b.k, b.far, max_kept, count_above=above)
                 b.lo, b.hi, b.mode = new.lo, new.hi, new.mode
                 continue
-            values = _gather_cat(torch.cat(kept[i]) if kept[i] else torch.zeros(0), world_size, group)
+            desc = values_of[request]
             rank_in_bracket = b.k - above  # 1-based, from the top of the kept values
-            if above >= b.k or rank_in_bracket > values.size:
-                # Rounding put the k-th value outside the bracket (not expected): widen and retry.
-                width = b.hi - b.lo
-                b.lo, b.hi, b.mode = b.lo - width, b.hi + width, "collect"
+            if above >= b.k or rank_in_bracket > desc.size:
+                if b.from_floor:
+                    # The sampled floor was too high for this FAR (unlikely): fall back to the histogram.
+                    b.lo, b.hi, b.mode, b.from_floor = -radius, radius, "hist", False
+                else:
+                    # Rounding put the k-th value outside the bracket (not expected): widen and retry.
+                    width = b.hi - b.lo
+                    b.lo, b.hi = b.lo - width, b.hi + width
                 continue
-            desc = np.sort(values)[::-1]
             b.threshold = float(desc[rank_in_bracket - 1])
             b.num_accepted = above + int(np.count_nonzero(desc >= b.threshold))
 
@@ -223,6 +250,30 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     return {"num_images": n, "num_identities": int(counts.numel()), "num_genuine": num_genuine,
             "num_impostor": num_impostor, "num_passes": num_passes,
             "compute_dtype": str(compute_dtype or torch.float32).replace("torch.", ""), "tar_at_far": ordered}
+
+
+def _sampled_floor(emb_ND: torch.Tensor, labels_N: torch.Tensor, k_max: int, num_impostor: int, max_kept: int,
+                   num_samples: int = 1 << 20, seed: int = 0) -> float | None:
+    """A score with about 4 x k_max impostor scores above it, estimated from ~1M random impostor pairs; None
+    when keeping that many scores could exceed max_kept or the FAR reaches into the bulk (then the histogram
+    path is used). Only a guess: the pass checks that at least k scores were kept and falls back otherwise."""
+    fraction = 4.0 * k_max / num_impostor
+    if fraction >= 0.05:
+        return None
+    n = emb_ND.shape[0]
+    gen = torch.Generator().manual_seed(seed)  # the same pairs on every rank: the same floor
+    i = torch.randint(n, (num_samples,), generator=gen).to(emb_ND.device)
+    j = torch.randint(n, (num_samples,), generator=gen).to(emb_ND.device)
+    keep = labels_N[i] != labels_N[j]
+    i, j = i[keep], j[keep]
+    if i.numel() < 1000:
+        return None
+    scores = torch.cat([(emb_ND[i[s:s + 65536]].float() * emb_ND[j[s:s + 65536]].float()).sum(dim=1)
+                        for s in range(0, i.numel(), 65536)])
+    rank = max(math.ceil(fraction * scores.numel()), 64)
+    if rank > scores.numel() // 10 or rank / scores.numel() * num_impostor * 2 > max_kept:
+        return None
+    return float(torch.topk(scores, rank).values[-1])
 
 
 def _bracket_from_histogram(hist_B: torch.Tensor, lo: float, hi: float, k: int, far: float, max_kept: int, *,
