@@ -105,7 +105,7 @@ def merged_centers_entry(name: str, shards: list[dict[str, Any]], num_classes: i
 
     def chunks() -> Iterator[torch.Tensor]:
         for shard in shards:
-            for piece in row_chunks(shard["centers"]):
+            for piece in row_chunks(shard["centers"], release=True):   # shards are memory-mapped
                 yield piece.float() if piece.dtype != torch.float32 else piece
 
     return TensorEntry(name, torch.float32, (num_classes, dim), chunks)

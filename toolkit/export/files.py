@@ -81,16 +81,17 @@ def atomic_output(out: Path, write: Callable[[Path], None]) -> int:
 
 # ----- page release for memory-mapped inputs ---------------------------------------------------------------
 
-_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21   # Linux >= 5.4: reclaim now, contents preserved (clean file pages are simply dropped)
 _libc = None
 
 
 def release_pages(tensor: torch.Tensor) -> None:
-    """Tell the kernel it may drop the resident pages of a memory-mapped, unmodified tensor.
+    """Ask the kernel to reclaim the resident pages of a memory-mapped tensor that has been copied out.
 
-    torch.load(mmap=True) maps files privately; pages that were only read can be discarded and are
-    read from the file again if touched. Without this, copying a 4 GB mapped shard would leave 4 GB
-    resident. A no-op where madvise is unavailable.
+    torch.load(mmap=True) maps files privately; pages that were only read are clean and are read from
+    the file again if touched. Without this, copying a 4 GB mapped shard would leave 4 GB resident.
+    MADV_PAGEOUT never changes contents (unlike MADV_DONTNEED, which zeroes anonymous memory), so a
+    tensor that is not file-backed is left as it is. A no-op where madvise or PAGEOUT is unavailable.
     """
     global _libc
     if not sys.platform.startswith("linux") or tensor.numel() == 0:
@@ -108,7 +109,7 @@ def release_pages(tensor: torch.Tensor) -> None:
     aligned_start = (start + page - 1) // page * page   # only whole pages inside the tensor
     aligned_end = end // page * page
     if aligned_end > aligned_start:
-        _libc.madvise(ctypes.c_void_p(aligned_start), ctypes.c_size_t(aligned_end - aligned_start), _MADV_DONTNEED)
+        _libc.madvise(ctypes.c_void_p(aligned_start), ctypes.c_size_t(aligned_end - aligned_start), _MADV_PAGEOUT)
 
 
 # ----- streaming safetensors -------------------------------------------------------------------------------
@@ -135,8 +136,10 @@ def tensor_entry(name: str, tensor: torch.Tensor) -> TensorEntry:
     return TensorEntry(name, tensor.dtype, tuple(tensor.shape), lambda t=tensor: row_chunks(t))
 
 
-def row_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
-    """Contiguous pieces of `tensor` along dim 0, each at most ~chunk_bytes; mapped pages are released."""
+def row_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, *, release: bool = False
+               ) -> Iterator[torch.Tensor]:
+    """Contiguous pieces of `tensor` along dim 0, each at most ~chunk_bytes; with `release` (memory-mapped
+    sources) the pages of each piece are reclaimed once it has been written."""
     if tensor.dim() == 0 or tensor.numel() == 0:
         yield tensor.contiguous()
         return
@@ -145,7 +148,8 @@ def row_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator
     for start in range(0, tensor.shape[0], rows):
         piece = tensor[start:start + rows]
         yield piece.contiguous()
-        release_pages(piece)
+        if release:
+            release_pages(piece)
 
 
 def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
