@@ -4,7 +4,9 @@ landmarks (left eye, right eye, nose tip, left and right mouth corners, in image
 points of a 112 x 112 image. Benchmarks that ship loose crops and landmarks (IJB-B, IJB-C) are aligned
 the same way: a similarity transform (rotation, uniform scale, translation) estimated by least squares
 from the 5 detected points to the template (Umeyama's closed form, scikit-image's SimilarityTransform),
-then a bilinear warp of the crop, black outside it.
+then a bilinear warp of the crop, black outside it (OpenCV's warpAffine: ~0.2 ms per face whatever the crop
+size, where scikit-image's warp converts the whole crop to float64 first and takes ~10 ms for a 400 x 400
+crop; both use integer pixel centres and agree to rounding).
 
 Template (x, y) for 112 x 112: (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
 (41.5493, 92.3655), (70.7299, 92.2041). For another output size S the template is scaled by S / 112.
@@ -62,13 +64,11 @@ def check_landmarks_inside(landmarks_52: np.ndarray, height: int, width: int) ->
 
 def align_face(image_HW3: np.ndarray, landmarks_52: np.ndarray, size: int = 112) -> np.ndarray:
     """The aligned face: size x size x 3 uint8 (bilinear, zeros outside the source image)."""
-    from skimage.transform import warp
+    import cv2
 
     if image_HW3.ndim != 3 or image_HW3.shape[2] != 3:
         raise AlignmentError(f"expected an H x W x 3 image, got shape {image_HW3.shape}")
     check_landmarks_inside(landmarks_52, image_HW3.shape[0], image_HW3.shape[1])
     matrix_33 = estimate_similarity(landmarks_52, size)
-    # warp() wants the map from output to input coordinates.
-    aligned = warp(image_HW3, np.linalg.inv(matrix_33), output_shape=(size, size), order=1, mode="constant",
-                   cval=0.0, preserve_range=True)
-    return np.clip(np.rint(aligned), 0, 255).astype(np.uint8)
+    return cv2.warpAffine(np.ascontiguousarray(image_HW3, dtype=np.uint8), matrix_33[:2], (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
