@@ -283,3 +283,19 @@ def test_all_to_all_from_shards_equals_the_same_faces_in_a_folder(data, tmp_path
         reports[name] = json.loads((tmp_path / name / "evaluation.json").read_text())["benchmarks"]["mfr"]
     assert reports["shards"]["num_genuine"] == 5 * 3
     assert reports["shards"]["tar_at_far"] == reports["folder"]["tar_at_far"]
+
+
+def test_all_to_all_on_a_features_and_labels_npz(data, tmp_path):
+    from tests.eval.test_all_to_all import brute_force
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 30, 400)
+    feats = (rng.normal(0, 1, (30, 8))[labels] + rng.normal(0, 1, (400, 8))).astype(np.float32)
+    np.savez(tmp_path / "mfr.npz", features=feats, labels=labels)
+    assert run_cli("--model", str(data / "colour.onnx"), "--benchmark", f"mfr={tmp_path / 'mfr.npz'}",
+                   "--output", str(tmp_path / "o")) == 0
+    got = json.loads((tmp_path / "o" / "evaluation.json").read_text())["benchmarks"]["mfr"]
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    expected = brute_force(unit, labels, (1e-4,))["1e-04"]
+    assert got["tar_at_far"]["1e-04"]["threshold"] == pytest.approx(expected["threshold"], abs=2e-6)
+    assert got["tar_at_far"]["1e-06"]["tar"] is None  # 76,000-odd impostor pairs
