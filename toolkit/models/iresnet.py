@@ -63,6 +63,8 @@ def check_backbone_arguments(
 
 def fp32_autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context in which autocast is off for ``x``'s device type (embedding heads run in fp32)."""
+    if x.device.type == "meta":  # shape-only traces (parameter counts, memory estimates): no autocast there
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
