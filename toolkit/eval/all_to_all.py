@@ -15,11 +15,13 @@ accept when score >= threshold; ties count once each), found exactly in passes o
 
 The result is checked (count_above < k <= count_above + kept) and the bracket widened if it ever fails.
 
-One-pass shortcut: when the largest k is small (k_max x 4 scores fit in `max_kept`, e.g. FAR <= 1e-4 at
-N = 100,000 or FAR 1e-6 at MFR scale with a larger max_kept), a floor with about 4 x k_max impostor scores
-above it is estimated from 1M random impostor pairs, and pass 1 keeps every impostor score >= floor instead
-of the histogram: the thresholds are read from those directly. If fewer than k were kept (the estimate was
-off), that FAR falls back to the histogram passes, so the result stays exact either way.
+One-pass shortcut: when the largest k is small (4 x k_max scores fit in `max_kept`, e.g. FAR <= 1e-4 at
+N = 100,000), a floor with about 4 x k_max impostor scores above it is estimated from ~1M impostor pairs
+(random rows x random columns), and pass 1 keeps every impostor score >= floor instead of the histogram:
+the thresholds are read from those directly. If fewer than k were kept (the estimate was off), that FAR
+falls back to the histogram passes, so the result stays exact either way. At MFR-ALL scale with FAR 1e-4
+in the list (k = 2.6e8) the two-pass path is taken.
+
 Memory: the embeddings, one tile (row_block x col_block fp32 and a few temporaries), the genuine scores and
 the kept values. Tiles are cut from label-sorted embeddings, so only tiles near the diagonal contain
 genuine pairs; all other tiles need no mask at all.
