@@ -97,8 +97,10 @@ def _rank_main(rank, world_size, init_file, emb, labels, queue):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world_size)
     torch.set_num_threads(1)
-    out = all_to_all_tar_at_far(torch.from_numpy(emb), labels, (1e-3, 1e-4), normalize=False, row_block=256,
-                                col_block=512, num_bins=256, max_kept=500, rank=rank, world_size=world_size)
+    # Histogram passes with refinement (tiny max_kept), and the one-pass path with the sampled floor.
+    out = [all_to_all_tar_at_far(torch.from_numpy(emb), labels, (1e-3, 1e-4), normalize=False, row_block=256,
+                                 col_block=512, num_bins=256, max_kept=max_kept, rank=rank, world_size=world_size)
+           for max_kept in (500, 1 << 24)]
     queue.put((rank, out))
     torch.distributed.destroy_process_group()
 
@@ -106,8 +108,9 @@ def _rank_main(rank, world_size, init_file, emb, labels, queue):
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one(tmp_path):
     emb, labels = quantised_set(n=1200, num_ids=150, seed=5)
-    single = all_to_all_tar_at_far(torch.from_numpy(emb), labels, (1e-3, 1e-4), normalize=False, row_block=256,
-                                   col_block=512, num_bins=256, max_kept=500)
+    single = [all_to_all_tar_at_far(torch.from_numpy(emb), labels, (1e-3, 1e-4), normalize=False, row_block=256,
+                                    col_block=512, num_bins=256, max_kept=max_kept) for max_kept in (500, 1 << 24)]
+    assert single[0]["num_passes"] >= 2 and single[1]["num_passes"] == 1
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, tmp_path / "init", emb, labels, queue)) for r in range(2)]
@@ -118,8 +121,10 @@ def test_two_gloo_ranks_equal_one(tmp_path):
         p.join(timeout=60)
         assert p.exitcode == 0
     for rank in (0, 1):
-        assert results[rank]["tar_at_far"] == single["tar_at_far"]
-        assert results[rank]["num_impostor"] == single["num_impostor"]
+        for got, expected in zip(results[rank], single):
+            assert got["tar_at_far"] == expected["tar_at_far"]
+            assert got["num_impostor"] == expected["num_impostor"]
+            assert got["num_passes"] == expected["num_passes"]
 
 
 def test_a_sampled_floor_that_is_too_high_falls_back_to_the_histogram(monkeypatch):
