@@ -299,3 +299,12 @@ def test_all_to_all_on_a_features_and_labels_npz(data, tmp_path):
     expected = brute_force(unit, labels, (1e-4,))["1e-04"]
     assert got["tar_at_far"]["1e-04"]["threshold"] == pytest.approx(expected["threshold"], abs=2e-6)
     assert got["tar_at_far"]["1e-06"]["tar"] is None  # 76,000-odd impostor pairs
+
+
+def test_every_rank_gets_the_same_batches():
+    from toolkit.eval.extract import _Slice
+
+    data = [(torch.full((1,), float(i)), 0) for i in range(10)]
+    slices = [_Slice(data, r * 4, 4) for r in range(3)]  # 10 items over 3 ranks: chunks of 4
+    assert [len(s) for s in slices] == [4, 4, 4]
+    assert [float(slices[2][i][0]) for i in range(4)] == [8.0, 9.0, 9.0, 9.0]  # padded with the last item

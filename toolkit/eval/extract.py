@@ -1,6 +1,8 @@
 # Batched embedding extraction: DataLoader workers, flip TTA, progress bar, skipped images, rank slices.
 """`extract_embeddings(embedder, dataset)` returns the raw flip-summed embeddings f(x) + f(flip(x)) of every
 item (N x D float32, not normalised: each protocol normalises where it says) and a status per item.
+Every rank runs the same number of equal-sized batches (see _Slice), so it can be called from a training
+job whose backbone is sharded.
 
 Datasets yield (image 3 x S x S float32 in [-1, 1], status): status 0 = usable, otherwise the reason the
 item was skipped (its embedding is set to zeros and it is counted). Under torchrun (world_size > 1) rank r
@@ -44,14 +46,19 @@ def check_skipped(status_N: np.ndarray, max_skipped_fraction: float, what: str) 
 
 
 class _Slice(torch.utils.data.Dataset):
-    def __init__(self, dataset, start: int, stop: int):
-        self.dataset, self.start, self.stop = dataset, start, stop
+    """Items start .. start + length - 1 of `dataset`, indices past its end repeating the last item: every
+    rank gets the same number of batches of the same sizes, which sharded engines (FSDP, ZeRO-3) need,
+    because every rank must take part in every forward."""
+
+    def __init__(self, dataset, start: int, length: int):
+        self.dataset, self.start, self.length = dataset, start, length
+        self.last = len(dataset) - 1
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return self.length
 
     def __getitem__(self, i: int):
-        image, status = self.dataset[self.start + i]
+        image, status = self.dataset[min(self.start + i, self.last)]
         return image, int(status)
 
 
@@ -61,14 +68,15 @@ def extract_embeddings(embed, dataset, *, batch_size: int = 128, num_workers: in
                        desc: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
     """(raw embeddings N x D float32, status N int8); `embed` maps a CPU batch to N x D embeddings."""
     n = len(dataset)
-    chunk = -(-n // world_size)
-    start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
-    loader = torch.utils.data.DataLoader(_Slice(dataset, start, stop), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, persistent_workers=False)
+    if n == 0:
+        raise FaceCLError(f"{desc}: no images to embed")
+    chunk = -(-n // world_size)  # every rank embeds `chunk` items (the last rank's tail repeats item n - 1)
+    loader = torch.utils.data.DataLoader(_Slice(dataset, rank * chunk, chunk), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, persistent_workers=False)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=stop - start, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=chunk, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
     emb_parts, status_parts = [], []
     for images_BCHW, status_B in loader:
         emb_BD = embed(images_BCHW).float()
@@ -82,13 +90,12 @@ def extract_embeddings(embed, dataset, *, batch_size: int = 128, num_workers: in
             bar.update(len(images_BCHW))
     if bar is not None:
         bar.close()
-    emb_MD = torch.cat(emb_parts) if emb_parts else torch.zeros(0, 0)
-    status_M = torch.cat(status_parts) if status_parts else torch.zeros(0, dtype=torch.int8)
+    emb_MD = torch.cat(emb_parts)  # M = chunk
+    status_M = torch.cat(status_parts)
     if world_size > 1:
         parts: list = [None] * world_size
         torch.distributed.all_gather_object(parts, (emb_MD.numpy(), status_M.numpy()), group=group)
-        dims = {p[0].shape[1] for p in parts if p[0].size}
-        emb = np.concatenate([p[0] for p in parts if p[0].size]) if dims else np.zeros((0, 0), np.float32)
-        status = np.concatenate([p[1] for p in parts])
+        emb = np.concatenate([p[0] for p in parts])[:n]
+        status = np.concatenate([p[1] for p in parts])[:n]
         return emb.astype(np.float32), status.astype(np.int8)
     return emb_MD.numpy().astype(np.float32), status_M.numpy().astype(np.int8)
