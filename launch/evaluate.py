@@ -15,6 +15,7 @@ line `error: ...` on stderr and exit with status 2; `--debug` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -58,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         from toolkit.eval.table import compare
 
-        markdown, _ = compare(args.compare)
+        markdown, rows = compare(args.compare)
         print(markdown)
+        if args.output:  # the table as JSON too: {model: {column: percent or null}}
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (out / "comparison.md").write_text(markdown + "\n")
+            print(f"\nwritten: {out}/comparison.json")
         return 0
     if args.model is None and args.features is None:
         raise FaceCLError("give --model MODEL or --features FILE (or --compare EVAL ...)")

@@ -63,9 +63,11 @@ def test_onnx_model_every_benchmark_then_rescore_from_features(data, tmp_path, c
         a.pop("roc_png", None), b.pop("roc_png", None)
         assert a == b
     capsys.readouterr()
-    assert main(["--compare", str(out), str(out2 / "evaluation.json")]) == 0
+    assert main(["--compare", str(out), str(out2 / "evaluation.json"), "--output", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) == 4 and table[2].startswith("| colour |")
+    assert len(table) >= 4 and table[2].startswith("| colour |")
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert len(rows) == 2 and all(row["LFW"] == report["table_row"]["LFW"] for row in rows.values())
 
 
 def test_flip_is_on_by_default_and_can_be_turned_off(data, tmp_path):

@@ -396,8 +396,9 @@ class IJBEvaluator:
     @torch.no_grad()
     def evaluate(self, embed_fn, *, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                  group=None) -> dict:
-        """Embed (flip-summed), pool, score; `embed_fn` maps N x 3 x S x S in [-1, 1] on `device` to N x D.
-        Returns {"TAR@FAR=<f>": tar or None, ..., "num_pairs", "num_skipped"} on every rank."""
+        """Embed (flip-summed), pool, score; `embed_fn` maps N x 3 x S x S in [-1, 1] on `device` to N x D
+        (the caller puts the model in eval mode). Every rank must call this (each embeds a slice, with equal
+        batch counts). Returns {"TAR@FAR=<f>": tar or None, ..., "num_pairs", "num_skipped"} on every rank."""
         from toolkit.eval.extract import check_skipped, extract_embeddings
 
         device = torch.device(device)
