@@ -1,0 +1,44 @@
+# convert.py for people and scripts: inspect table / JSON, where each subcommand wrote and how big, progress bar.
+import json
+
+from tests.export.conftest import SAVE_STEP
+from tests.export.test_bad_input import convert
+from toolkit.export import consolidate
+
+
+def test_inspect_table_and_json(single_run):
+    table = convert("inspect", single_run.run_dir)
+    assert table.returncode == 0, table.stderr
+    for fragment in ("engine", "none (one process)", "world size", "step", str(SAVE_STEP), "mobilefacenet",
+                     "bytes: backbone", "bytes: optimizer state", "bytes: center shards", "bytes: trainer state",
+                     "complete"):
+        assert fragment in table.stdout, fragment
+    info = json.loads(convert("inspect", single_run.run_dir, "--json", "--checksums").stdout)
+    assert info["complete"] is True and info["problems"] == []
+    assert (info["engine"], info["world_size"], info["step"]) == ("single", 1, SAVE_STEP)
+    assert (info["backbone"], info["embedding_size"], info["image_size"], info["num_classes"]) == \
+        ("mobilefacenet", 32, 16, single_run.centers.shape[0])
+    assert info["precision"] == "fp32"
+    # centers plus their optimizer rows (SGD momentum: one more C x D)
+    assert info["bytes"]["center_shards"] == 2 * single_run.centers.numel() * 4
+
+
+def test_consolidate_and_export_say_where_and_how_big(single_run, tmp_path):
+    out = tmp_path / "c.safetensors"
+    proc = convert("consolidate", single_run.run_dir, "--out", out, "--with-head")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out} (" in proc.stdout and "MiB)" in proc.stdout and "backbone, head" in proc.stdout
+    info = json.loads(convert("inspect", out, "--json").stdout)
+    assert info["kind"] == "consolidated" and info["step"] == SAVE_STEP and info["file_bytes"] == out.stat().st_size
+    onnx_out = tmp_path / "m.onnx"
+    proc = convert("export", out, "--format", "onnx", "--out", onnx_out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {onnx_out} (" in proc.stdout and "opset 17" in proc.stdout and "(x - 127.5) / 127.5" in proc.stdout
+
+
+def test_progress_bar_for_large_conversions(single_run, tmp_path, capsys):
+    consolidate(single_run.run_dir, tmp_path / "p.safetensors", with_head=True, progress=True)
+    err = capsys.readouterr().err
+    assert "consolidate -> p.safetensors" in err and "100%" in err
+    consolidate(single_run.run_dir, tmp_path / "q.safetensors", with_head=True)   # small: no bar by default
+    assert "consolidate ->" not in capsys.readouterr().err
