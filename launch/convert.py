@@ -4,6 +4,7 @@
     python launch/convert.py inspect PATH [--json] [--checksums]
     python launch/convert.py consolidate PATH --out FILE.safetensors [--with-head] [--with-key-encoder]
     python launch/convert.py export PATH --format onnx|safetensors|torchscript --out FILE
+    python launch/convert.py universal PATH --out FOLDER        # DeepSpeed ZeRO-1/2/3 -> universal checkpoint
 
 PATH is a run folder, its checkpoints/ folder or one checkpoint of any engine (single, DDP, DeepSpeed
 ZeRO 0-3, FSDP2, any world size); `export` and `inspect` also take a consolidated file. Everything runs on
@@ -48,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    for sub in (inspect, consolidate, export):
+    universal = commands.add_parser("universal", help="DeepSpeed ZeRO-1/2/3 checkpoint -> universal (any world size)")
+    universal.add_argument("path", help="run folder, checkpoints folder or checkpoint of a DeepSpeed run")
+    universal.add_argument("--out", required=True, help="output checkpoint folder (created)")
+    universal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    for sub in (inspect, consolidate, export, universal):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -71,6 +77,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.out} ({human_bytes(result.num_bytes)}): {parts} of step {result.metadata['step']}, "
               f"{result.metadata['backbone']} from {result.metadata['engine']} on "
               f"{result.metadata['world_size']} rank(s)")
+        return 0
+    if args.command == "universal":
+        from toolkit.export.universal import to_universal
+
+        result = to_universal(args.path, args.out, overwrite=args.overwrite)
+        print(f"wrote {result.out} ({human_bytes(result.num_bytes)} in {result.num_files} files): universal "
+              f"checkpoint of a ZeRO-{result.zero_stage} run on {result.world_size} ranks; resume it with DeepSpeed's "
+              f"\"checkpoint\": {{\"load_universal\": true}}")
         return 0
     from toolkit.export.deploy import export_model
 

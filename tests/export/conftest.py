@@ -21,6 +21,9 @@ UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.p
            "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
            "data.synthetic.labeled_fraction=0.5"]
 ENGINES["zero2_unimoco"] = [*ENGINES["zero2"], *UNIMOCO]
+ADAMW = ["optim.name=adamw", "optim.lr=0.001"]
+ENGINES["zero2_adamw"] = [*ENGINES["zero2"], *ADAMW]
+ENGINES["zero3_adamw"] = [*ENGINES["zero3"], *ADAMW]
 ENGINES["single_unimoco"] = UNIMOCO
 SAVE_STEP = 3
 

@@ -169,6 +169,17 @@ class CheckpointSource:
         value = self.identity.get("num_classes")
         return int(value) if value is not None else None
 
+    @property
+    def has_head(self) -> bool:
+        """False for runs without an identity-center head (head.weight 0: the trainer records no head
+        optimizer and writes no shards)."""
+        identity = self.identity
+        if "head_optimizer" in identity and identity["head_optimizer"] is None:
+            return False
+        if not self.is_folder:
+            return bool(self.trainer.get("head_shards"))
+        return True
+
     def head_files(self) -> list[Path]:
         if not self.is_folder:
             return []
@@ -179,10 +190,10 @@ class CheckpointSource:
 
     def head_shards(self) -> list[dict[str, Any]]:
         """Every rank's center shard (tensors memory-mapped), checked to be present and complete."""
+        if not self.has_head:
+            raise CheckpointError(f"{self.entry} holds no identity centers (the run trained without a head)")
         if not self.is_folder:
             shards = self.trainer.get("head_shards")
-            if not shards:
-                raise CheckpointError(f"{self.entry} holds no center shards")
             return list(shards)
         missing = [p.name for p in self.expected_head_files() if not p.is_file()]
         if missing:

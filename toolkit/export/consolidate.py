@@ -133,8 +133,9 @@ def consolidate(path: str | Path, out: str | Path, *, with_head: bool = False, w
         raise FaceCLError(f"output {out}: use a .safetensors (default) or .pt file name")
     check_output_path(out, overwrite)
     source = open_checkpoint(path)
-    if out.exists() and out.resolve() == source.entry.resolve():
-        raise FaceCLError(f"output {out} is the checkpoint being read")
+    target, entry = out.resolve(), source.entry.resolve()
+    if target == entry or (entry.is_dir() and target.is_relative_to(entry)):
+        raise FaceCLError(f"output {out} would overwrite the checkpoint being read ({source.entry})")
     parts = encoder_parts(source)
     model = build_registry_backbone(source.model_config)
     backbone = _fp32(parts["backbone"])

@@ -129,7 +129,9 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
         if missing:
             problems.append(f"{folder}: rank file(s) missing: {', '.join(missing[:4])}")
     # center shards
-    if source.is_folder:
+    if not source.has_head:
+        shards = []
+    elif source.is_folder:
         head_files = source.expected_head_files()
         torch_files += [p for p in head_files if p.is_file()]
         missing = [p.name for p in head_files if not p.is_file()]
@@ -144,6 +146,8 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
     else:
         shards = list(trainer.get("head_shards") or [])
         parts["center_shards"] = tensor_bytes(shards)
+    if not source.has_head:
+        parts["center_shards"] = 0
     if shards and not missing_any(problems):
         checked = _try(problems, check_shards, shards, str(source.entry))
         if checked is not None:
