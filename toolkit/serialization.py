@@ -68,15 +68,11 @@ def _allowed_names(extra_allowed: Iterable[str]) -> set[str]:
     return {*DEEPSPEED_GLOBALS, *_PLAIN_GLOBALS, *extra_allowed}
 
 
-def _describe(path: Path) -> str:
-    return str(path)
-
-
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        raise CheckpointError(f"{_describe(path)} does not exist")
+        raise CheckpointError(f"{str(path)} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"{_describe(path)} is not a file")
+        raise CheckpointError(f"{str(path)} is not a file")
 
 
 def _unsupported_global(text: str) -> str | None:
@@ -87,28 +83,32 @@ def _unsupported_global(text: str) -> str | None:
 
 
 def pickled_object_message(path: Path, type_name: str) -> str:
-    return (f"{_describe(path)} holds a pickled object of type {type_name} that FaceCL does not load "
+    return (f"{str(path)} holds a pickled object of type {type_name} that FaceCL does not load "
             f"(it could run code)")
 
 
 def truncated_message(path: Path, detail: str = "") -> str:
     tail = f" ({detail})" if detail else ""
-    return f"{_describe(path)} is truncated or not a torch file{tail}"
+    return f"{str(path)} is truncated or not a torch file{tail}"
 
 
-def _precheck_zip_globals(path: Path, allowed: set[str]) -> None:
-    """For zip-format torch files: name the first class outside the allowlist before any unpickling.
+def _precheck_zip_globals(path: Path, allowed: set[str]) -> list[str]:
+    """For zip-format torch files: the allowlisted classes the file names, after refusing (by name) the
+    first class outside the allowlist, all before any unpickling.
 
-    `get_unsafe_globals_in_checkpoint` only disassembles the pickle (pickletools), it runs nothing."""
+    `get_unsafe_globals_in_checkpoint` only disassembles the pickle (pickletools), it runs nothing. Only
+    the classes a file really names are imported afterwards, so reading a plain checkpoint never imports
+    DeepSpeed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # not a zip file, truncated, ...: torch.load below gives the verdict
-        return
+        return []
     for name in names:
         if name not in allowed:
             raise CheckpointError(pickled_object_message(path, name))
+    return list(names)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -123,13 +123,14 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     _check_exists(path)
     allowed = _allowed_names(extra_allowed)
-    _precheck_zip_globals(path, allowed)
+    named = _precheck_zip_globals(path, allowed)
+    is_zip = zipfile.is_zipfile(path)
+    # Legacy (non-zip) files cannot be listed beforehand: they get the plain types only.
     resolved = []
-    for name in sorted(allowed):
+    for name in sorted(named if is_zip else _PLAIN_GLOBALS):
         obj = _resolve(name)
         if obj is not None:
             resolved.append((obj, name))
-    is_zip = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # foreign pickle protocols warn before being refused
@@ -196,7 +197,7 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise CheckpointError(pickled_object_message(self.path, dotted))
 
     def persistent_load(self, pid):
-        raise CheckpointError(f"{_describe(self.path)} is not DCP metadata (it references tensor storage)")
+        raise CheckpointError(f"{str(self.path)} is not DCP metadata (it references tensor storage)")
 
 
 def safe_dcp_metadata(path: str | os.PathLike):
@@ -214,7 +215,7 @@ def safe_dcp_metadata(path: str | os.PathLike):
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{_describe(path)} is truncated or not DCP metadata ({type(exc).__name__})") from None
+        raise CheckpointError(f"{str(path)} is truncated or not DCP metadata ({type(exc).__name__})") from None
     if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{_describe(path)} is not DCP metadata (it holds a {type(metadata).__name__})")
+        raise CheckpointError(f"{str(path)} is not DCP metadata (it holds a {type(metadata).__name__})")
     return metadata

@@ -1,6 +1,8 @@
 # convert.py for people and scripts: inspect table / JSON, where each subcommand wrote and how big, progress bar.
 import json
 
+import pytest
+
 from tests.export.conftest import SAVE_STEP
 from tests.export.test_bad_input import convert
 from toolkit.export import consolidate
@@ -42,3 +44,20 @@ def test_progress_bar_for_large_conversions(single_run, tmp_path, capsys):
     assert "consolidate -> p.safetensors" in err and "100%" in err
     consolidate(single_run.run_dir, tmp_path / "q.safetensors", with_head=True)   # small: no bar by default
     assert "consolidate ->" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero3", "fsdp"])
+def test_inspect_every_engine(engine, runs_root):
+    from tests.export.conftest import probed_run
+
+    run = probed_run(engine, runs_root)
+    info = json.loads(convert("inspect", run.run_dir, "--json", "--checksums").stdout)
+    assert info["complete"] is True, info["problems"]
+    assert info["world_size"] == 2 and info["step"] == SAVE_STEP
+    expected = {"ddp": "DDP", "zero1": "DeepSpeed ZeRO-1", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}[engine]
+    assert info["sharding"].startswith(expected)
+    backbone_bytes = sum(v.numel() * v.element_size() for v in run.state.values())
+    if engine != "fsdp":   # DCP counts its own serialised entries
+        assert info["bytes"]["backbone"] == backbone_bytes
+    assert info["bytes"]["optimizer_state"] > 0 and info["bytes"]["center_shards"] > 0

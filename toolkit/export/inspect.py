@@ -1,8 +1,9 @@
 # inspect: what a checkpoint (any engine) or consolidated file holds, its sizes per part, and whether it is complete.
 """`inspect_path(path)` returns a plain dict (the `--json` output) and `format_report` the table for people.
 
-Bytes per part are what the files hold for that part: the backbone (model weights), optimizer state
-(ZeRO partitions with their fp32 masters and moments, DCP `optim.` entries, or the torch optimizer state),
+Bytes per part are what the files hold for that part: the backbone (model weights; for DeepSpeed the fp32
+size of its parameters and buffers), optimizer state (ZeRO partition files with their fp32 masters and
+moments, DCP `optim.` entries, or the torch optimizer state),
 center shards (every rank's centers and their optimizer rows) and the trainer state (data position, per-rank
 RNG, schedulers, history). Completeness: every rank's files present and readable (torch zip directories
 intact, tensors-only), the center shards covering every class once with the embedding width, DCP data
@@ -106,7 +107,7 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
         model_files, optim_files = deepspeed_files(tag_dir)
         zero_stage = deepspeed_zero_stage(source)
         torch_files += [*model_files, *optim_files]
-        parts["backbone"] = sum(p.stat().st_size for p in model_files)
+        parts["backbone"] = _deepspeed_model_bytes(model_files[0], problems) if model_files else 0
         parts["optimizer_state"] = sum(p.stat().st_size for p in optim_files)
         expected_optim = world if zero_stage >= 1 else 0
         if len(optim_files) != expected_optim:
@@ -170,6 +171,23 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
             "precision": source.parallel.get("precision", "unknown"), "contrastive": source.contrastive,
             "bytes": parts, "file_bytes": total, "recipe_sha256": source.recipe_sha256,
             "complete": not problems, "problems": problems}
+
+
+def _deepspeed_model_bytes(model_file: Path, problems: list[str]) -> int:
+    """fp32 bytes of the model's parameters (DeepSpeed's param_shapes, frozen ones too) and its buffers.
+
+    The model-state files themselves say little: ZeRO-3 keeps only placeholders there, the fp32 values
+    live in the optimizer partitions."""
+    states = _try(problems, lambda f: safe_torch_load(f, mmap=True), model_file)
+    if not isinstance(states, dict):
+        return 0
+    numel = 0
+    for group in states.get("param_shapes") or []:
+        numel += sum(int(torch.Size(shape).numel()) for shape in group.values())
+    numel += sum(int(torch.Size(shape).numel()) for shape in (states.get("frozen_param_shapes") or {}).values())
+    buffers = set(states.get("buffer_names") or [])
+    module = states.get("module") or {}
+    return numel * 4 + tensor_bytes({k: v for k, v in module.items() if k in buffers})
 
 
 def missing_any(problems: list[str]) -> bool:
