@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from toolkit.config.schema import DaliConfig, ViewsConfig  # noqa: E402
+from toolkit.data.dali_stream import DaliOptions  # noqa: E402
+from toolkit.data.transforms import ViewAugmentation  # noqa: E402
 from toolkit.data import SyntheticFaces  # noqa: E402
 from toolkit.data.converters import ConvertSettings, ImageFolderSource, convert  # noqa: E402
 from toolkit.data.jpeg import decode_rgb  # noqa: E402
@@ -67,7 +68,7 @@ def bench_decoders(jpegs: list[bytes]) -> dict:
 
 def bench_stream(manifest: Path, batch_size: int, num_workers: int, views: bool, seconds: float) -> float:
     stream = ShardBatchStream(ShardedTrainSet(manifest), batch_size, seed=0, num_workers=num_workers,
-                              views=ViewsConfig() if views else None, window_shards=2, image_size=112)
+                              views=ViewAugmentation() if views else None, window_shards=2, image_size=112)
     for _ in range(2 * max(1, num_workers)):  # warm-up: workers started, first windows read
         stream.next_batch()
     count, start = 0, time.perf_counter()
@@ -84,7 +85,7 @@ def bench_dali(manifest: Path, batch_size: int, num_threads: int, seconds: float
     if not dali_available():
         return None
     stream = DaliBatchStream(ShardedTrainSet(manifest), batch_size, seed=0, image_size=112,
-                             config=DaliConfig(decode_device="cpu", num_threads=num_threads, shuffle_buffer=1024))
+                             config=DaliOptions(decode_device="cpu", num_threads=num_threads, shuffle_buffer=1024))
     for _ in range(3):
         stream.next_batch()
     count, start = 0, time.perf_counter()

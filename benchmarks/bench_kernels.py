@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolkit.ops as ops  # noqa: E402
 from toolkit.heads.margin import Margin  # noqa: E402
-from toolkit.ops import reference  # noqa: E402
+from toolkit.ops import unfused as reference  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MARGIN = Margin(scale=64.0, m1=1.0, m2=0.0, m3=0.4)

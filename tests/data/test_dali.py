@@ -7,11 +7,12 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from tests.data.factories import identify  # noqa: E402
-from toolkit.config.schema import DaliConfig, ViewsConfig  # noqa: E402
+from toolkit.data.dali_stream import DaliOptions  # noqa: E402
+from toolkit.data.transforms import ViewAugmentation  # noqa: E402
 from toolkit.data.dali_stream import DaliBatchStream  # noqa: E402
 from toolkit.data.shard_stream import ShardedTrainSet  # noqa: E402
 
-CPU = DaliConfig(decode_device="cpu", num_threads=2, shuffle_buffer=32)
+CPU = DaliOptions(decode_device="cpu", num_threads=2, shuffle_buffer=32)
 
 
 def test_cpu_pipeline_gives_labelled_normalised_batches(even_shards):
@@ -39,7 +40,7 @@ def test_ranks_read_disjoint_parts(even_shards):
 
 
 def test_two_views_and_resize(even_shards):
-    stream = DaliBatchStream(ShardedTrainSet(even_shards), 4, seed=0, image_size=32, views=ViewsConfig(), config=CPU)
+    stream = DaliBatchStream(ShardedTrainSet(even_shards), 4, seed=0, image_size=32, views=ViewAugmentation(), config=CPU)
     images, labels = stream.next_batch()
     assert images.shape == (4, 2, 3, 32, 32) and labels.shape == (4,)
     assert not torch.equal(images[:, 0], images[:, 1])

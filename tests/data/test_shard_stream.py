@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.data.factories import identify
-from toolkit.config.schema import ViewsConfig
+from toolkit.data.transforms import ViewAugmentation
 from toolkit.data.shard_stream import ShardBatchStream, ShardedTrainSet, StreamPlan, _SubStreamReader
 from toolkit.errors import FaceCLError
 
@@ -101,7 +101,7 @@ def test_identity_grouped_batches(grouped_shards):
 
 
 def test_two_moco_views(grouped_shards):
-    views = stream(grouped_shards, 4, views=ViewsConfig(), samples_per_label=2)
+    views = stream(grouped_shards, 4, views=ViewAugmentation(), samples_per_label=2)
     images, labels = views.next_batch()
     assert images.shape == (4, 2, 3, 16, 16) and labels.shape == (4,)
     assert not torch.equal(images[:, 0], images[:, 1])
@@ -139,7 +139,7 @@ def test_state_from_another_setup_is_refused(even_shards):
 
 
 def test_trainer_runs_and_resumes_on_shards(even_shards, tiny_recipe, tmp_path):
-    from toolkit.engine.trainer import Trainer, prepare_run_folder
+    from toolkit.training.trainer import Trainer, prepare_run_folder
 
     overrides = ["data.backend=webdataset", f"data.manifest={even_shards}", "data.image_size=16",
                  "data.num_workers=1", "train.num_epochs=0.8", "checkpoint.every_steps=4", "checkpoint.keep_last=0"]

@@ -1,12 +1,9 @@
-# The fused drop-in path of the sharded head gives the reference head's loss and gradients (1 process, 2 gloo ranks).
+# The production sharded head gives the same loss and gradients fused and unfused (1 process, 2 gloo ranks).
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
-import toolkit.ops as ops
 from tests.kernels.conftest import requires_kernels
-from toolkit.distributed.collectives import all_gather_no_grad, all_gather_with_grad
 from toolkit.heads.margin import Margin
 from toolkit.heads.partial_fc import ShardedIdentityCenterHead
 
@@ -27,31 +24,6 @@ CASES = [
 ]
 
 
-class FusedShardedHead(ShardedIdentityCenterHead):
-    """ShardedIdentityCenterHead whose forward ends with the fused kernels: the code for partial_fc.py."""
-
-    def __init__(self, *args, path: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.path = path
-
-    def forward(self, emb_BD, labels_B):
-        with torch.autocast(device_type=emb_BD.device.type, enabled=False):
-            emb_ND = all_gather_with_grad(emb_BD.float(), self.group)
-            labels_N = all_gather_no_grad(labels_B, self.group)
-            kept_S, local_target_N = self.sample_classes(labels_N)
-            self.last_sampled_classes = kept_S + self.shard.start
-            centers_SD = self.centers_CD if kept_S.numel() == self.shard.count else self.centers_CD[kept_S]
-            # ---- from here on the fused path replaces the reference's logits, filter, margin and softmax ----
-            if self.path == "linear":
-                return ops.distributed_linear_margin_softmax_ce(
-                    F.normalize(emb_ND, dim=1), F.normalize(centers_SD, dim=1), local_target_N, self.margin,
-                    self.group, interclass_filter=self.interclass_filter, row_weight_N=(labels_N >= 0).float())
-            cos_NS = F.normalize(emb_ND, dim=1) @ F.normalize(centers_SD, dim=1).t()
-            return ops.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group,
-                                                     interclass_filter=self.interclass_filter,
-                                                     row_weight_N=(labels_N >= 0).float())
-
-
 def compare_heads(rank: int, world: int, group) -> list[dict]:
     """Reference head vs fused head on identical data, centers and class sampling, for every case."""
     results = []
@@ -63,9 +35,12 @@ def compare_heads(rank: int, world: int, group) -> list[dict]:
         unlabeled_rows = {"none": slice(0, 0), "some": slice(None, None, 3), "all": slice(None)}[unlabeled]
         labels_N[unlabeled_rows] = -1
         outputs = []
-        for head_class, extra in ((ShardedIdentityCenterHead, {}), (FusedShardedHead, {"path": path})):
-            head = head_class(num_classes, DIM, margin, rank=rank, world_size=world, group=group,
-                              sample_rate=sample_rate, interclass_filter=interclass_filter, **extra)
+        fused = {"cosine": "fused", "linear": "fused_linear"}[path]
+        for implementation in ("reference", fused):  # the production head, unfused and fused
+            head = ShardedIdentityCenterHead(num_classes, DIM, margin, rank=rank, world_size=world, group=group,
+                                             sample_rate=sample_rate, interclass_filter=interclass_filter,
+                                             implementation=implementation)
+            assert head.implementation == implementation
             with torch.no_grad():
                 head.centers_CD.copy_(centers_CD[head.shard.start:head.shard.end])
             emb_BD = emb_ND[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK].clone().requires_grad_(True)

@@ -87,3 +87,31 @@ def test_extension_is_built_and_loaded():
     result = _probe({ops.FORCE_REFERENCE_ENV: ""})
     assert result["available"] is True and result["kernel_warnings"] == []
     assert result["max_error"] < 1e-5
+
+
+HEAD_IMPLEMENTATIONS = r"""
+import json, warnings
+warnings.simplefilter("ignore")
+from toolkit.errors import ConfigError
+from toolkit.heads import Margin, ShardedIdentityCenterHead
+chosen = {}
+for requested in ("auto", "reference", "fused", "fused_linear"):
+    try:
+        chosen[requested] = ShardedIdentityCenterHead(10, 4, Margin(), implementation=requested).implementation
+    except ConfigError as exc:
+        chosen[requested] = "error: " + str(exc)
+print(json.dumps(chosen))
+"""
+
+
+def test_head_implementation_means_what_it_says_without_kernels():
+    """'auto' falls back to the unfused path; 'fused' and 'fused_linear' refuse instead of falling back silently."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", ops.FORCE_REFERENCE_ENV: "1"}
+    proc = subprocess.run([sys.executable, "-c", HEAD_IMPLEMENTATIONS], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert chosen["auto"] == "reference" and chosen["reference"] == "reference"
+    for name in ("fused", "fused_linear"):
+        assert chosen[name].startswith(f"error: head.implementation '{name}' needs the fused kernels"), chosen[name]
+        assert "FACECL_FORCE_REFERENCE=1 is set" in chosen[name]

@@ -7,7 +7,7 @@ import toolkit.ops as ops
 from tests.kernels.conftest import (DEVICES, DTYPES, GRAD_RTOL, MARGINS, assert_close_relative, cosine_case,
                                     requires_kernels, row_weights, unit_rows)
 from toolkit.heads.margin import Margin, margin_softmax_ce_reference
-from toolkit.ops import reference
+from toolkit.ops import unfused as reference
 
 pytestmark = requires_kernels
 F_OPS = torch.ops.facecl if ops.FUSED_KERNELS_AVAILABLE else None

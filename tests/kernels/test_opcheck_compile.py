@@ -5,7 +5,7 @@ import torch
 import toolkit.ops as ops
 from tests.kernels.conftest import DEVICES, assert_close_relative, requires_kernels, unit_rows
 from toolkit.heads.margin import Margin
-from toolkit.ops import reference
+from toolkit.ops import unfused as reference
 
 pytestmark = requires_kernels
 PARAMS = (64.0, 1.0, 0.5, 0.0, 0.3)  # scale, m1, m2, m3, inter-class filter: every branch of the kernels

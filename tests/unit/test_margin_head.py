@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from toolkit.heads import IdentityCenterHead, Margin, apply_margin_to_target, margin_softmax_ce_reference
+from toolkit.heads import ReferenceIdentityCenterHead, Margin, apply_margin_to_target, margin_softmax_ce_reference
 
 
 def direct_target(c: float, m1: float, m2: float, m3: float) -> float:
@@ -73,7 +73,7 @@ def test_reference_gradients_pass_gradcheck_in_float64():
 
 def test_head_runs_loss_in_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    head = IdentityCenterHead(10, 16, Margin(scale=32.0, m3=0.4))
+    head = ReferenceIdentityCenterHead(10, 16, Margin(scale=32.0, m3=0.4))
     emb = torch.randn(8, 16)
     labels = torch.randint(0, 10, (8,))
     fp32_loss = head(emb, labels)
@@ -86,7 +86,7 @@ def test_head_runs_loss_in_fp32_under_bf16_autocast():
 
 def test_head_initialisation_statistics():
     torch.manual_seed(0)
-    head = IdentityCenterHead(1000, 64, Margin())
+    head = ReferenceIdentityCenterHead(1000, 64, Margin())
     centers = head.centers_CD.detach()
     assert centers.dtype == torch.float32
     assert abs(float(centers.std()) - 0.01) < 5e-4

@@ -21,25 +21,31 @@ import math
 import torch
 import torch.nn.functional as F
 
-from toolkit.config.schema import ContrastiveConfig
 from toolkit.contrastive.queue import LabelQueue
-from toolkit.contrastive.unicon import unicon_loss_reference
+from toolkit.ops.unicon_reference import unicon_loss_reference
 from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
 
 
-def momentum_at(cfg: ContrastiveConfig, step: int, total_steps: int) -> float:
-    """EMA momentum after optimizer step `step` (0-based): constant, or cosine from m to 1 over the run."""
-    if cfg.momentum_schedule == "constant":
-        return cfg.momentum
+def momentum_at(momentum: float, schedule: str, step: int, total_steps: int) -> float:
+    """EMA momentum after optimizer step `step` (0-based): 'constant' m, or 'cosine' from m to 1 over the run."""
+    if schedule == "constant":
+        return momentum
+    if schedule != "cosine":
+        raise ValueError(f"unknown momentum schedule {schedule!r}; expected 'constant' or 'cosine'")
     progress = min(1.0, step / max(1, total_steps))
-    return 1.0 - (1.0 - cfg.momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    return 1.0 - (1.0 - momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
 class UniMoCoObjective:
-    def __init__(self, cfg: ContrastiveConfig, queue: LabelQueue, ctx: DistributedContext, *, seed: int,
-                 unicon_fn=unicon_loss_reference):
-        self.cfg = cfg
+    """Keys, loss and queue of one rank. shuffle_bn: MoCo's shuffle-BN for the keys across ranks (else each
+    rank encodes its own key images, e.g. with SyncBN in the key encoder)."""
+
+    def __init__(self, queue: LabelQueue, ctx: DistributedContext, *, temperature: float, margin: float = 0.0,
+                 shuffle_bn: bool = True, seed: int, unicon_fn=unicon_loss_reference):
+        self.temperature = temperature
+        self.margin = margin
+        self.shuffle_bn = shuffle_bn
         self.queue = queue
         self.ctx = ctx
         self.seed = seed
@@ -51,7 +57,7 @@ class UniMoCoObjective:
         """The global batch's keys, N x P, rank order, unit norm."""
         group, world, rank = self.ctx.group, self.ctx.world_size, self.ctx.rank
         batch = images_k.shape[0]
-        if world > 1 and self.cfg.key_bn == "shuffle":
+        if world > 1 and self.shuffle_bn:
             all_images = all_gather_no_grad(images_k, group)  # N x 3 x H x W
             # Same permutation on every rank, from a seed, without a broadcast.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step)
@@ -72,8 +78,8 @@ class UniMoCoObjective:
         batch = query_BP.shape[0]
         own_key_B = self.ctx.rank * batch + torch.arange(batch, device=query_BP.device)
         self.last_query_labels = labels_B.detach()
-        loss_B = self.unicon_fn(query_BP, all_keys, labels_B, all_labels, own_key_B, self.cfg.temperature,
-                                self.cfg.margin)
+        loss_B = self.unicon_fn(query_BP, all_keys, labels_B, all_labels, own_key_B, self.temperature,
+                                self.margin)
         return loss_B.mean()
 
     def enqueue(self, keys_NP: torch.Tensor, labels_N: torch.Tensor) -> None:

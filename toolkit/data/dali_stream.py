@@ -16,11 +16,13 @@ batches (samples_per_label > 1) are only built by the webdataset backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from toolkit.config.schema import DaliConfig, ViewsConfig
 from toolkit.data.shard_stream import ShardedTrainSet
 from toolkit.data.shards import IMAGE_EXT, LABEL_INT32_EXT, dali_index_path
+from toolkit.data.transforms import ViewAugmentation
 from toolkit.errors import FaceCLError
 
 _READER_NAME = "shards"
@@ -34,7 +36,17 @@ def dali_available() -> bool:
     return True
 
 
-def _moco_view(fn, types, images, cfg: ViewsConfig, blur_scale: float):
+@dataclass(frozen=True)
+class DaliOptions:
+    """Pipeline settings (the recipe's data.dali section maps onto these fields)."""
+
+    decode_device: str = "auto"     # 'mixed' (GPU nvJPEG), 'cpu', or 'auto' (mixed when a GPU is present)
+    num_threads: int = 4            # CPU threads of the pipeline
+    shuffle_buffer: int = 4096      # samples the reader holds for random shuffling (initial_fill)
+    prefetch_batches: int = 2       # prefetch_queue_depth
+
+
+def _moco_view(fn, types, images, cfg: ViewAugmentation, blur_scale: float):
     """One MoCo-v2 view in DALI ops; each random step is on or off per sample through 0/1 factors."""
     brightness, contrast, saturation, hue = cfg.color_jitter
     jitter_on = fn.cast(fn.random.coin_flip(probability=cfg.color_jitter_p), dtype=types.FLOAT)
@@ -61,8 +73,8 @@ class DaliBatchStream:
     backend = "dali"
 
     def __init__(self, train_set: ShardedTrainSet, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 flip: bool = True, views: ViewsConfig | None = None, image_size: int = 112,
-                 config: DaliConfig = DaliConfig(), device: torch.device | None = None):
+                 flip: bool = True, views: ViewAugmentation | None = None, image_size: int = 112,
+                 config: DaliOptions = DaliOptions(), device: torch.device | None = None):
         if not dali_available():
             raise FaceCLError("data.backend 'dali' needs NVIDIA DALI: pip install .[dali] "
                               "(or pip install nvidia-dali-cuda130), or use data.backend 'webdataset'")

@@ -9,8 +9,9 @@ wherever the magic word occurs at a 4-byte aligned position (flag 1 = first part
 The payload starts with the header '<IfQQ' (flag, label, id, id2). When flag > 0, `flag` float32 labels
 follow (the identity is the first of them) and `label` is unused; then come the image bytes.
 
-Three layouts exist (see design.md): insightface's with a header record 0 (flag 2, no image, labels
-(a, b)) and identity records a..b-1 (flag 2, no image, the identity's image-record range); headerless
+Three layouts exist: insightface's (MS1MV3, Glint360K, ...) with a header record 0 (flag 2, empty
+image, labels (a, b): image records are 1..a-1) and identity records a..b-1 (flag 2, no image, label
+(first, end) = the half-open range of that identity's image records); headerless
 files of image records with scalar labels; and headerless files whose image records carry a long label
 vector (flag > 1) next to a pickled train.meta, which this reader never opens. All three are read the
 same way: every record with image bytes is an image whose identity is its scalar label or its first

@@ -43,12 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from toolkit.config.schema import ViewsConfig
 from toolkit.data.jpeg import CorruptImageError, decode_rgb, resolve_decoder
 from toolkit.data.loader import EpochStream
 from toolkit.data.shards import (IMAGE_EXT, LABEL_INT32_EXT, LABEL_TEXT_EXT, Manifest, ShardEntry, chunk_of_key,
                                  load_manifest, parse_tar)
-from toolkit.data.transforms import two_views
+from toolkit.data.transforms import ViewAugmentation, two_views
 from toolkit.errors import FaceCLError
 
 logger = logging.getLogger("toolkit.data")
@@ -270,7 +269,7 @@ class _SubStreamReader:
 class Augmentation:
     image_size: int
     flip: bool
-    views: ViewsConfig | None    # two MoCo views when set
+    views: ViewAugmentation | None    # two MoCo views when set
     decoder: str
 
 
@@ -384,7 +383,7 @@ class ShardBatchStream(EpochStream):
     backend = "webdataset"
 
     def __init__(self, train_set: ShardedTrainSet, batch_size: int, *, seed: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1, flip: bool = True, views: ViewsConfig | None = None, image_size: int = 112,
+                 world_size: int = 1, flip: bool = True, views: ViewAugmentation | None = None, image_size: int = 112,
                  window_shards: int = 4, decoder: str = "auto", max_skipped_fraction: float = 0.01,
                  pin_memory: bool = False, prefetch_batches: int = 2):
         k = train_set.samples_per_label

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from toolkit.config.schema import ViewsConfig
-from toolkit.data.transforms import two_views
+from toolkit.data.transforms import ViewAugmentation, two_views
 
 # Side of the coarse grid that defines an identity: small enough to be smooth, large enough for variety.
 _PATTERN_GRID = 6
@@ -86,7 +85,7 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, faces: SyntheticFaces, num_identities: int, samples_per_identity: int, *,
-                 flip: bool = True, views: ViewsConfig | None = None, labeled_fraction: float = 1.0):
+                 flip: bool = True, views: ViewAugmentation | None = None, labeled_fraction: float = 1.0):
         self.faces = faces
         self.num_classes = num_identities
         self.samples_per_identity = samples_per_identity

@@ -10,11 +10,25 @@ and flip, without random crop (faces are aligned).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
 import torch.nn.functional as F
 
-from toolkit.config.schema import ViewsConfig
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """Parameters of one MoCo-v2 view (the recipe's data.views section maps onto these fields)."""
+
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # pixels at 112x112, scaled with the image size
+    blur_p: float = 0.5
+    flip: bool = True
+
 
 _GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
 
@@ -67,7 +81,7 @@ def gaussian_blur(image_3HW: torch.Tensor, sigma: float) -> torch.Tensor:
     return image[:, 0]
 
 
-def moco_view(image_3HW: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator) -> torch.Tensor:
+def moco_view(image_3HW: torch.Tensor, cfg: ViewAugmentation, gen: torch.Generator) -> torch.Tensor:
     """One MoCo-v2 view (no crop) of a [-1, 1] image."""
     rgb = image_3HW * 0.5 + 0.5
     if _chance(gen, cfg.color_jitter_p):
@@ -83,6 +97,6 @@ def moco_view(image_3HW: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator) -
     return (rgb - 0.5) / 0.5
 
 
-def two_views(image_3HW: torch.Tensor, cfg: ViewsConfig, gen: torch.Generator) -> torch.Tensor:
+def two_views(image_3HW: torch.Tensor, cfg: ViewAugmentation, gen: torch.Generator) -> torch.Tensor:
     """The query and key views of one image: 2 x 3 x H x W."""
     return torch.stack([moco_view(image_3HW, cfg, gen), moco_view(image_3HW, cfg, gen)])

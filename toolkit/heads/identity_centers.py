@@ -1,7 +1,7 @@
-# Identity-center layer (one learned center per identity) with the margin softmax loss; single-process form.
-"""The head owns the class centers; the engine never partitions or averages them (see design.md).
-
-This single-process head is also the reference that the sharded (Partial FC) head is tested against.
+# Single-process identity-center layer over all classes: the reference the sharded head is tested against.
+"""Training uses ShardedIdentityCenterHead (partial_fc.py), which on one process computes the same loss.
+This head keeps every class and the full B x C logits, so its loss is the plain formula; tests compare the
+sharded head, the kernels and the trainer with it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from toolkit.heads.margin import Margin, margin_softmax_ce_reference
 
 
-class IdentityCenterHead(nn.Module):
+class ReferenceIdentityCenterHead(nn.Module):
     """C x D class centers, fp32, initialised N(0, 0.01); forward returns the mean margin-softmax loss."""
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin):

@@ -1,52 +1,17 @@
-# Combined angular/cosine margin on target logits and the plain-PyTorch margin softmax reference.
-"""Margins on the target cosine c = cos(theta) of each row's own class:
-
-    target logit = s * (cos(m1 * theta + m2) - m3)
-
-covers ArcFace (m2), CosFace (m3) and the multiplicative margin m1. When m1 * theta + m2 passes pi,
-cos(.) would start to grow again as theta grows; there we fall back to c - m2 * sin(m2) - m3 so the
-target logit keeps decreasing in theta (the usual ArcFace fallback, extended by m3).
-
-`margin_softmax_ce_reference` is the ground truth for the sharded head and the fused kernels.
+# Plain-PyTorch margin softmax over all classes: the ground truth that heads and kernels are tested against.
+"""Full-logits margin softmax over all C classes, the single-process ground truth for the sharded head and
+the fused kernels. The margin formula itself (ArcFace / CosFace / combined, with its fallback past pi)
+lives in toolkit/ops/margins.py and is re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from toolkit.ops.margins import Margin, apply_margin_to_target
 
-@dataclass(frozen=True)
-class Margin:
-    """Combined margin parameters (m1, m2, m3) and scale s."""
-
-    scale: float = 64.0
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.4
-
-    @property
-    def uses_angle(self) -> bool:
-        """Whether the target needs theta = acos(c) (m1 or m2 set) or only the cosine margin m3."""
-        return self.m1 != 1.0 or self.m2 != 0.0
-
-
-# acos has an infinite slope at c = +-1; keep c a hair inside so the gradient stays finite.
-_ACOS_EPS = 1e-7
-
-
-def apply_margin_to_target(cos_target: torch.Tensor, margin: Margin) -> torch.Tensor:
-    """Unscaled margin target cos(m1*theta + m2) - m3 (with the fallback) from the target cosine c."""
-    if not margin.uses_angle:
-        return cos_target - margin.m3
-    theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
-    angle = margin.m1 * theta + margin.m2
-    with_margin = torch.cos(angle)
-    fallback = cos_target - margin.m2 * math.sin(margin.m2)
-    return torch.where(angle <= math.pi, with_margin, fallback) - margin.m3
+__all__ = ["Margin", "apply_margin_to_target", "cosine_logits", "margin_logits", "margin_softmax_ce_reference"]
 
 
 def cosine_logits(emb_BD: torch.Tensor, centers_CD: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ Rank r of the model-parallel group owns a contiguous range of classes (`shard_ra
    negative cosines above a threshold; the margin goes on the target entries this rank owns; times scale;
 4. softmax cross-entropy across ranks: row max by all-reduce(MAX), sum of exp by all-reduce(SUM), target
    logit from the owner (all-reduce SUM of the owner's value); loss = mean over the N rows, the same
-   value on every rank. Steps 3-4 run in plain PyTorch (toolkit/ops/reference.py) or in the fused
-   kernels (toolkit/ops), as `implementation` says.
+   value on every rank. Steps 3-4 run unfused in plain PyTorch (toolkit/ops/unfused.py, which also derives
+   the sharded softmax) or in the fused kernels (toolkit/ops), as `implementation` says.
 
 The gradients are exactly those of that loss: the centers' gradient is this shard's part of the full
 gradient, and each rank's embedding rows get their full gradient (summed over shards, no factor of W).
@@ -28,8 +28,24 @@ from torch import nn
 
 from toolkit import ops
 from toolkit.distributed.collectives import all_gather_no_grad, all_gather_with_grad
-from toolkit.heads.margin import Margin
-from toolkit.ops import reference as ops_reference
+from toolkit.errors import ConfigError
+from toolkit.ops import unfused
+from toolkit.ops.margins import Margin
+
+IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_linear")
+
+
+def resolve_implementation(requested: str) -> str:
+    """What `head.implementation` runs: 'auto' is 'fused' when the kernels are built, else 'reference' (toolkit.ops
+    then warned once at import); 'fused' and 'fused_linear' without the kernels are an error, not a silent fallback."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown head implementation {requested!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+    if requested == "auto":
+        return "fused" if ops.FUSED_KERNELS_AVAILABLE else "reference"
+    if requested != "reference" and not ops.FUSED_KERNELS_AVAILABLE:
+        raise ConfigError(f"head.implementation {requested!r} needs the fused kernels, which are not available "
+                          f"({ops.UNAVAILABLE_REASON}); rebuild them with `pip install -e .`, or use 'auto' or 'reference'")
+    return requested
 
 
 @dataclass(frozen=True)
@@ -62,13 +78,9 @@ class ShardedIdentityCenterHead(nn.Module):
                  group=None, sample_rate: float = 1.0, interclass_filter: float = 0.0,
                  implementation: str = "reference"):
         super().__init__()
-        if implementation not in ("reference", "fused", "fused_linear", "auto"):
-            raise ValueError(f"unknown implementation {implementation!r}")
-        if implementation == "auto":
-            implementation = "fused" if ops.FUSED_KERNELS_AVAILABLE else "reference"
-        # reference: plain PyTorch (toolkit/ops/reference.py); fused: kernel on the cosine buffer, gradient
+        # reference: unfused plain PyTorch (toolkit/ops/unfused.py); fused: kernel on the cosine buffer, gradient
         # written in place; fused_linear: kernel over blocks of classes, no N x S logits at all.
-        self.implementation = implementation
+        self.implementation = resolve_implementation(implementation)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.shard = shard_range(num_classes, world_size, rank)
@@ -117,8 +129,7 @@ class ShardedIdentityCenterHead(nn.Module):
             cos_NS = emb_ND @ centers_SD.t()
             if self.implementation == "fused":  # backward writes the gradient over cos_NS (consumed)
                 return ops.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)
-            return ops_reference.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group,
-                                                               **options)
+            return unfused.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)
 
     def extra_repr(self) -> str:
         return (f"classes [{self.shard.start}, {self.shard.end}) of {self.num_classes}, "

@@ -8,7 +8,7 @@
 - unicon_loss(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin)  per-query loss
 
 The kernels live in the extension toolkit._C (kernels/csrc, built by `pip install -e .`). When it is
-missing, or FACECL_FORCE_REFERENCE=1, every function runs its twin in toolkit.ops.reference instead and
+missing, or FACECL_FORCE_REFERENCE=1, every function runs its twin in toolkit.ops.unfused instead and
 one FusedKernelsUnavailableWarning says so at import.
 """
 

@@ -14,25 +14,21 @@ Protocol of the sharded head (each rank holds some of the classes of every row):
 
 `distributed_margin_softmax_ce` / `distributed_linear_margin_softmax_ce` wrap the three steps in an
 autograd function and return the (row-weighted) mean loss over the N rows, the same value on every rank,
-with exactly the gradients of ShardedIdentityCenterHead's reference path (tested on 1 and 2 ranks).
+with exactly the gradients of the unfused path (toolkit/ops/unfused.py) (tested on 1 and 2 ranks).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from toolkit.distributed.collectives import all_reduce_
-from toolkit.ops import reference
+from toolkit.ops import unfused
 from toolkit.ops.extension import FUSED_KERNELS_AVAILABLE
+from toolkit.ops.margins import Margin
 
 if FUSED_KERNELS_AVAILABLE:
     from toolkit.ops.registration import buffer_is_consumable, gradient_buffer
-
-if TYPE_CHECKING:  # toolkit.heads may import toolkit.ops: no import cycle at run time
-    from toolkit.heads.margin import Margin
 
 
 def _params(margin: Margin, interclass_filter: float) -> tuple[float, float, float, float, float]:
@@ -48,7 +44,7 @@ def margin_softmax_ce(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin
     written over it (see toolkit/ops/registration.py), so do not read `cos_NC` after backward.
     """
     if not FUSED_KERNELS_AVAILABLE:
-        return reference.margin_softmax_ce(cos_NC, local_target_N, margin, interclass_filter=interclass_filter)
+        return unfused.margin_softmax_ce(cos_NC, local_target_N, margin, interclass_filter=interclass_filter)
     loss_N, _, _ = torch.ops.facecl.margin_softmax_ce(cos_NC.contiguous(), local_target_N,
                                                        *_params(margin, interclass_filter))
     return loss_N
@@ -62,7 +58,7 @@ def linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_CD: torch.Tensor, loc
     per block (0: about 64 MB of fp32 logits per block, 4096 classes for 4096 rows).
     """
     if not FUSED_KERNELS_AVAILABLE:
-        return reference.linear_margin_softmax_ce(emb_ND, centers_CD, local_target_N, margin,
+        return unfused.linear_margin_softmax_ce(emb_ND, centers_CD, local_target_N, margin,
                                                   interclass_filter=interclass_filter)
     loss_N, _, _ = torch.ops.facecl.linear_margin_softmax_ce(
         emb_ND.contiguous(), centers_CD.contiguous(), local_target_N, *_params(margin, interclass_filter),
@@ -145,9 +141,9 @@ def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Te
     Backward writes the gradient over cos_NS (the buffer is consumed).
     """
     if not FUSED_KERNELS_AVAILABLE:
-        return reference.distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group,
+        return unfused.distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group,
                                                        interclass_filter=interclass_filter, row_weight_N=row_weight_N)
-    weight_N = reference.normalized_row_weights(row_weight_N, cos_NS.shape[0], cos_NS.device)
+    weight_N = unfused.normalized_row_weights(row_weight_N, cos_NS.shape[0], cos_NS.device)
     return _FusedDistributedMarginSoftmaxCE.apply(cos_NS.contiguous(), local_target_N, weight_N,
                                                   _params(margin, interclass_filter), group)
 
@@ -159,10 +155,10 @@ def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch
     """As distributed_margin_softmax_ce, on normalised embeddings (N x D) and this rank's normalised centers
     (S x D, e.g. the sampled ones), never holding more than one N x block_size block of logits."""
     if not FUSED_KERNELS_AVAILABLE:
-        return reference.distributed_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N, margin, group,
+        return unfused.distributed_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N, margin, group,
                                                               interclass_filter=interclass_filter,
                                                               row_weight_N=row_weight_N)
-    weight_N = reference.normalized_row_weights(row_weight_N, emb_ND.shape[0], emb_ND.device)
+    weight_N = unfused.normalized_row_weights(row_weight_N, emb_ND.shape[0], emb_ND.device)
     return _FusedDistributedLinearMarginSoftmaxCE.apply(emb_ND.contiguous(), centers_SD.contiguous(), local_target_N,
                                                         weight_N, _params(margin, interclass_filter), int(block_size),
                                                         group)

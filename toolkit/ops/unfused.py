@@ -1,32 +1,38 @@
-# Plain-PyTorch implementations of every toolkit.ops contract: the fallback and the ground truth in tests.
-"""Each function here has the signature and result of its fused twin in toolkit.ops and is built from the
-project's references (`apply_margin_to_target`, `unicon_loss_reference`) and the Partial FC algorithm of
-`toolkit/heads/partial_fc.py`. They materialise the rows x classes logits; the fused kernels do not.
+# Unfused (plain-PyTorch) implementations of every toolkit.ops contract: the head's path without kernels.
+"""Each function here has the signature and result of its fused twin in toolkit.ops. This is a production
+path (head.implementation 'reference', and what 'auto' falls back to when the kernels are not built), not
+only a test oracle: it materialises the rows x classes logits, the fused kernels do not.
+
+Sharded softmax cross-entropy (`_DistributedSoftmaxCE`), with the classes of every row split over W ranks
+and z_j the logit of column j (this rank holds columns S_r):
+
+    loss_i = log sum_j exp(z_ij) - z_i,y(i)
+           = M_i + log sum_r sum_{j in S_r} exp(z_ij - M_i) - z_i,y(i),   M_i = max_r max_{j in S_r} z_ij
+
+so each rank computes its local max, one all-reduce(MAX) gives M_i, each rank sums exp(z - M_i) over its
+columns, one all-reduce(SUM) gives the denominator, and the owner of column y(i) contributes the target
+logit through another all-reduce(SUM) (the others add 0). The gradient of the (weighted) mean loss with
+respect to this rank's logits is w_i * (softmax_ij - [j = y(i)]): local, no communication in backward.
+Because embeddings and centers are unit vectors, every cosine is in [-1, 1] and every logit in [-s, s]
+(before the margin), so exp(z - M) never overflows.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from toolkit.distributed.collectives import all_reduce_
-
-if TYPE_CHECKING:
-    from toolkit.heads.margin import Margin
-
-# toolkit.heads and toolkit.contrastive are imported inside the functions: those packages may import toolkit.ops.
+from toolkit.ops.margins import Margin, apply_margin_to_target
+from toolkit.ops.unicon_reference import unicon_loss_reference
 
 
 def local_margin_logits(cos_NC: torch.Tensor, local_target_N: torch.Tensor, margin: Margin,
                         interclass_filter: float = 0.0) -> torch.Tensor:
     """N x C fp32 logits: inter-class filter on negatives, margin on the owned target entries, times the scale.
 
-    The same steps as ShardedIdentityCenterHead.forward; rows with local target -1 get no margin.
+    The steps of the sharded head's forward (toolkit/heads/partial_fc.py); rows with local target -1 get no margin.
     """
-    from toolkit.heads.margin import apply_margin_to_target
-
     cos_NC = cos_NC.float()
     rows = torch.nonzero(local_target_N >= 0, as_tuple=True)[0]
     cols = local_target_N[rows]
@@ -59,9 +65,7 @@ def linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_CD: torch.Tensor, loc
 def unicon_loss(query_BD: torch.Tensor, keys_KD: torch.Tensor, query_labels_B: torch.Tensor,
                 key_labels_K: torch.Tensor, own_key_B: torch.Tensor, temperature: float, margin: float = 0.0, *,
                 block_size: int = 0) -> torch.Tensor:
-    """toolkit.contrastive.unicon.unicon_loss_reference; block_size is ignored."""
-    from toolkit.contrastive.unicon import unicon_loss_reference
-
+    """unicon_loss_reference (toolkit/ops/unicon_reference.py); block_size is ignored."""
     del block_size
     return unicon_loss_reference(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin)
 
