@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
-    from toolkit.engine.memory_plan import default_num_classes, format_plan, plan_memory
+    from toolkit.training.memory_plan import default_num_classes, format_plan, plan_memory
     from toolkit.errors import FaceCLError
 
     if args.world_size < 1:

@@ -12,7 +12,6 @@ line `error: ...` on stderr and exit with status 2; `--debug` shows the tracebac
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import sys
@@ -38,14 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from toolkit.errors import ConfigError, run_reporting_user_errors
+    from toolkit.errors import ConfigError, TrainingDivergedError, run_reporting_user_errors
 
     rank = int(os.environ.get("RANK", "0"))
 
     def report(exc) -> None:
         # Recipe errors are identical on every rank: rank 0 speaks for all. Anything else may be
         # rank-specific, so every rank reports it.
-        if rank == 0 or not isinstance(exc, ConfigError):
+        if rank == 0 or not isinstance(exc, (ConfigError, TrainingDivergedError)):
             prefix = "error: " if rank == 0 else f"error: [rank {rank}] "
             print(f"{prefix}{exc}", file=sys.stderr, flush=True)
 
@@ -66,52 +65,25 @@ def _cpu_cores() -> int:
 
 
 def init_distributed(recipe):
-    """Read the launcher's environment and start the process group; returns the DistributedContext."""
+    """Read the launcher's environment; the recipe's engine starts (or joins) the process group."""
     import torch
 
-    from toolkit.distributed import DistributedContext
-    from toolkit.engine.builders import build_device
-    from toolkit.errors import ConfigError
+    from toolkit.parallel import LaunchEnvironment
+    from toolkit.training.builders import build_device, start_distributed
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
-    engine = recipe.parallel.engine
-    device = build_device(recipe, local_rank)
-    if device.type == "cpu":
+    launch = LaunchEnvironment.from_env(os.environ)
+    if build_device(recipe, launch.local_rank).type == "cpu":
         # Each rank gets its share of the cores: N ranks x all cores would oversubscribe the machine.
         # FACECL_NUM_THREADS overrides the share (e.g. several "nodes" simulated on one machine).
-        threads = int(os.environ.get("FACECL_NUM_THREADS", "0")) or max(1, _cpu_cores() // local_world_size)
+        threads = int(os.environ.get("FACECL_NUM_THREADS", "0")) or max(1, _cpu_cores() // launch.local_world_size)
         torch.set_num_threads(threads)
-    if engine == "single":
-        if world_size > 1:
-            raise ConfigError(f"parallel.engine 'single' runs one process, but the launcher started {world_size} "
-                              "ranks; set parallel.engine to ddp, deepspeed or fsdp")
-        return DistributedContext(device=device)
-
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:  # plain `python launch/train.py`: a group of one
+    if launch.world_size == 1 and not launch.has_rendezvous:  # plain `python launch/train.py`: a group of one
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=recipe.parallel.timeout_s)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if engine == "deepspeed":
-        if device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False,
-                                   verbose=False)
-    else:
-        torch.distributed.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size)
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
-                              local_world_size=local_world_size, device=device,
-                              group=torch.distributed.group.WORLD)
+    return start_distributed(recipe, launch)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from toolkit.engine.trainer import Trainer, prepare_run_folder, write_run_files
+    from toolkit.training.trainer import Trainer, prepare_run_folder, write_run_files
 
     ctx = init_distributed(recipe)
     try:
@@ -141,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             final = trainer.final_verification()
             print(f"results: {results_path}")
-            print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
-                  f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs of {final['set']} after "
-                  f"{result.final_step} steps", flush=True)
+            if final is None:
+                print(f"no verification result: eval.sets is empty (nothing was evaluated) after "
+                      f"{result.final_step} steps", flush=True)
+            else:
+                print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
+                      f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs of {final['set']} "
+                      f"after {result.final_step} steps", flush=True)
         trainer.stream.close()
         # Everyone finishes the last collective work before the group goes away; tearing it down while a
         # peer still uses it can abort the peer at exit.

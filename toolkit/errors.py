@@ -1,5 +1,6 @@
 # User-facing error type: anything the user can fix (recipe, paths, names) raises FaceCLError.
-"""Errors that the command-line entry points turn into one line on stderr and exit status 2."""
+"""Errors that the command-line entry points turn into one line on stderr and exit status 2 (3 for a run
+that diverged: TrainingDivergedError)."""
 
 import sys
 from typing import Callable
@@ -19,6 +20,12 @@ class CheckpointError(FaceCLError):
     """A file that is not a checkpoint of this toolkit, or one from an incompatible run."""
 
 
+class TrainingDivergedError(FaceCLError):
+    """The loss or gradients stayed non-finite for train.max_nonfinite_steps consecutive steps."""
+
+    exit_status = 3
+
+
 def _print_error(exc: FaceCLError) -> None:
     print(f"error: {exc}", file=sys.stderr, flush=True)
 
@@ -33,4 +40,4 @@ def run_reporting_user_errors(run: Callable[[], int], *, debug: bool = False,
         if debug:
             raise
         report(exc)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_status", EXIT_USER_ERROR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from toolkit.config import load_config
-from toolkit.engine import builders
+from toolkit.training import builders
 from toolkit.errors import ConfigError, FaceCLError
 
 

@@ -34,6 +34,11 @@ def job_env() -> dict:
             "PYTHONPATH": str(REPO)}
 
 
+def deepspeed_shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU shared-memory all-reduce files of the job on `port`."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def remove_deepspeed_shm_buffers(port: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce leaves /dev/shm files named after the master port."""
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
@@ -50,8 +55,11 @@ def train_args(output_dir: Path, name: str, *overrides: str) -> list[str]:
 def run_job(launcher: list[str], args: list[str], *, port: int, script: str = "launch/train.py",
             timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([*launcher, script, *args], cwd=REPO, env=job_env(), capture_output=True, text=True,
+        proc = subprocess.run([*launcher, script, *args], cwd=REPO, env=job_env(), capture_output=True, text=True,
                               timeout=timeout)
+        # What the job left behind, before this helper cleans up after it (tests assert on it).
+        proc.shm_leftovers = deepspeed_shm_buffers(port)
+        return proc
     finally:
         remove_deepspeed_shm_buffers(port)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from toolkit.engine.trainer import Trainer  # noqa: E402
+from toolkit.training.trainer import Trainer  # noqa: E402
 
 _original_step = Trainer.train_step
 

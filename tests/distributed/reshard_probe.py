@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from launch.train import init_distributed  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
-from toolkit.engine.trainer import Trainer  # noqa: E402
+from toolkit.training.trainer import Trainer  # noqa: E402
 from toolkit.heads.shard_checkpoint import gather_full_centers  # noqa: E402
 
 parser = argparse.ArgumentParser()

@@ -1,5 +1,6 @@
 # Launch paths on CPU: deepspeed launcher, two-"node" hostfile run, failing ranks, and bad input.
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -7,8 +8,10 @@ import time
 import pytest
 
 from tests.conftest import REPO, SMOKE_RECIPE
-from tests.distributed.conftest import (check_ok, deepspeed_launcher, free_port, job_env, loss_curve,
-                                        remove_deepspeed_shm_buffers, run_job, torchrun, train_args)
+from tests.distributed.conftest import (check_ok, deepspeed_launcher, deepspeed_shm_buffers, free_port, job_env,
+                                        loss_curve, remove_deepspeed_shm_buffers, run_job, torchrun, train_args)
+
+pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
 ZERO2 = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
 
@@ -27,7 +30,35 @@ def test_deepspeed_launcher_two_ranks_matches_torchrun(dist_root, torchrun_zero2
     check_ok(proc)
     assert "world size 2" in proc.stdout
     assert loss_curve(dist_root / "ds_launcher") == pytest.approx(torchrun_zero2, rel=1e-6)
-    assert not list(__import__("pathlib").Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert proc.shm_leftovers == []   # what the job left, looked at before run_job's own clean-up
+
+
+def test_deepspeed_jobs_leave_no_shared_memory_files(tmp_path):
+    """DeepSpeed's CPU all-reduce maps one /dev/shm file per rank; the toolkit unlinks them once every rank
+    has mapped them, so nothing is left after a user error or even SIGKILL."""
+    port = free_port()
+    proc = run_job(torchrun(2, port), [*train_args(tmp_path, "shm_error", *ZERO2), "--resume", str(tmp_path / "none")],
+                   port=port)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert proc.shm_leftovers == []
+
+    port = free_port()
+    job = subprocess.Popen([*torchrun(2, port), "launch/train.py", *train_args(tmp_path, "shm_kill", *ZERO2,
+                                                                             "train.num_epochs=50")],
+                           cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        for line in job.stdout:   # training has started: every rank is past the process-group start
+            if line.startswith("step "):
+                break
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+        time.sleep(1)
+        assert deepspeed_shm_buffers(port) == []
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        remove_deepspeed_shm_buffers(port)
 
 
 def test_two_nodes_from_a_hostfile_match_one_node(dist_root, tmp_path, torchrun_zero2):

@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 from toolkit.heads import Margin, margin_softmax_ce_reference
 from toolkit.heads.partial_fc import ShardedIdentityCenterHead, shard_range
 
+pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
+
 B, D = 4, 16  # rows per rank, embedding size
 
 

@@ -8,8 +8,10 @@ import torch
 
 from tests.conftest import REPO, SMOKE_RECIPE
 from tests.distributed.conftest import check_ok, free_port, job_env, run_job, torchrun, train_args
-from toolkit.engine.checkpoint import read_payload
+from toolkit.training.checkpoint import read_payload
 from toolkit.heads.shard_checkpoint import gather_full_centers
+
+pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
 # 13 classes: not divisible by 2 or 3, so the shards are uneven at every world size.
 RESHARD = ["data.synthetic.num_identities=13", "train.num_epochs=1", "checkpoint.every_steps=3"]

@@ -4,6 +4,8 @@ import torch
 
 from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
 
+pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
+
 ENGINES = {
     "ddp": ["parallel.engine=ddp"],
     "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],

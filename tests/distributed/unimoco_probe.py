@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from launch.train import init_distributed  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
-from toolkit.engine.trainer import Trainer  # noqa: E402
+from toolkit.training.trainer import Trainer  # noqa: E402
 
 
 def full_copies(trainer, params):
@@ -35,7 +35,7 @@ args = parser.parse_args()
 recipe = load_config(args.recipe, args.overrides)
 ctx = init_distributed(recipe)
 trainer = Trainer(recipe, Path(recipe.run.output_dir) / recipe.run.name, ctx=ctx, verbose=False)
-pairs = trainer.engine.unwrapped().momentum_pairs()
+pairs = trainer.backbone.unwrapped().momentum_pairs()
 query_before = full_copies(trainer, [q for q, _ in pairs])
 key_before = full_copies(trainer, [k for _, k in pairs])
 momentum = trainer.momentum

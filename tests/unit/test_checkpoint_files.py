@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from toolkit.engine import checkpoint as ckpt
+from toolkit.training import checkpoint as ckpt
 from toolkit.errors import CheckpointError
 
 

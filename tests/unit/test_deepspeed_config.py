@@ -5,14 +5,16 @@ import pytest
 
 from tests.conftest import SMOKE_RECIPE
 from toolkit.config import load_config
-from toolkit.engine.builders import build_run_shape
-from toolkit.engine.deepspeed_config import build_deepspeed_config
+from toolkit.training.builders import build_run_shape
+from toolkit.parallel.deepspeed_config import build_deepspeed_config
 from toolkit.errors import ConfigError
 
 
 def config_for(*overrides, world_size=4):
     recipe = load_config(SMOKE_RECIPE, ["parallel.engine=deepspeed", *overrides])
-    return build_deepspeed_config(recipe, build_run_shape(recipe, 8000, world_size))
+    shape = build_run_shape(recipe, 8000, world_size)
+    return build_deepspeed_config(recipe.parallel, micro_batch_size=shape.batch_size,
+                                  grad_accum_steps=shape.grad_accum_steps, global_batch_size=shape.global_batch_size)
 
 
 def test_rendered_numbers_follow_the_recipe():

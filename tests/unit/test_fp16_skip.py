@@ -1,9 +1,7 @@
 # fp16 policy: when either part's gradients overflow, the backbone and the head skip their step together.
 import torch
 
-from toolkit.engine.engines import SingleEngine
-
-
+from toolkit.parallel.single import SingleProcess
 
 def make_engine(tiny_recipe):
     recipe = tiny_recipe("run.name=fp16")
@@ -11,7 +9,7 @@ def make_engine(tiny_recipe):
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
     from toolkit.distributed import DistributedContext
 
-    engine = SingleEngine(recipe, backbone, optimizer, DistributedContext())
+    engine = SingleProcess(recipe.parallel, backbone, optimizer, DistributedContext(), grad_accum_steps=1)
     # fp16 is refused on CPU at the recipe level; the scaler mechanism itself runs on CPU.
     engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
     return engine, backbone
@@ -23,9 +21,8 @@ def test_head_overflow_makes_the_engine_skip_too(tiny_recipe):
     loss = backbone(torch.ones(2, 4)).sum()
     engine.backward(loss, is_last_micro=True)
     engine.unscale_()
-    assert float(engine.found_inf()) == 0.0  # the backbone alone is fine
-    engine.force_skip()                      # ... but the head overflowed
-    assert engine.step() is False
+    assert float(engine.found_nonfinite()) == 0.0  # the backbone alone is fine
+    assert engine.step(skip=True) is False         # ... but the head overflowed
     assert torch.equal(backbone.weight, before)
     assert engine.loss_scale() == 512.0      # the scale backs off, as for any overflow
 

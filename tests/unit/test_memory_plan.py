@@ -24,8 +24,8 @@ from torch.utils._pytree import tree_flatten
 
 from toolkit.config import load_config
 from toolkit.distributed import DistributedContext
-from toolkit.engine.builders import build_backbone, build_head, build_head_optimizer
-from toolkit.engine.memory_plan import plan_memory
+from toolkit.training.builders import build_backbone, build_head, build_head_optimizer
+from toolkit.training.memory_plan import plan_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLAN = REPO_ROOT / "launch" / "plan.py"
@@ -242,3 +242,12 @@ def test_plan_cli_user_errors_are_one_line(args, needle):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], report
     assert "Traceback" not in proc.stderr, report
+
+
+def test_a_contrastive_only_recipe_plans_no_center_shard():
+    recipe = load_config(SMOKE_RECIPE, ["parallel.engine=ddp", "head.weight=0.0", "contrastive.weight=1.0"])
+    with_head = plan_memory(load_config(SMOKE_RECIPE, ["parallel.engine=ddp"]), 4, 1000)
+    plan = plan_memory(recipe, 4, 1000)
+    assert with_head.head.total > 0 and with_head.logits.total > 0
+    assert plan.head.total == 0 and plan.logits.total == 0
+    assert plan.gpu_total == plan.backbone.gpu_bytes

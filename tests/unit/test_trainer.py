@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from toolkit.config.schema import ScheduleConfig
-from toolkit.engine.checkpoint import load_checkpoint
-from toolkit.engine.optim import lr_factor, split_decay_groups
-from toolkit.engine.trainer import Trainer, prepare_run_folder
+from toolkit.training.checkpoint import load_checkpoint
+from toolkit.training.optim import lr_factor, split_decay_groups
+from toolkit.training.trainer import Trainer, prepare_run_folder
 from toolkit.errors import CheckpointError
 from toolkit.models import create_backbone, register_backbone
 
@@ -56,12 +56,12 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_recipe):
     large = make_trainer(tiny_recipe(*common, "run.name=big", "data.batch_size=12"))
     accumulated.train_step()
     large.train_step()
-    for p_acc, p_big in zip(accumulated.engine.unwrapped().parameters(), large.engine.unwrapped().parameters()):
+    for p_acc, p_big in zip(accumulated.backbone.unwrapped().parameters(), large.backbone.unwrapped().parameters()):
         torch.testing.assert_close(p_acc, p_big, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(accumulated.head.centers_CD, large.head.centers_CD, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(accumulated.head.module.centers_CD, large.head.module.centers_CD, atol=1e-6, rtol=1e-5)
     # And the step did move the weights.
     fresh = make_trainer(tiny_recipe(*common, "run.name=fresh", "data.batch_size=12"))
-    assert not torch.allclose(fresh.head.centers_CD, large.head.centers_CD)
+    assert not torch.allclose(fresh.head.module.centers_CD, large.head.module.centers_CD)
 
 
 def test_bf16_autocast_step_tracks_fp32_step(tiny_recipe):
@@ -76,7 +76,7 @@ def test_gradient_clipping_bounds_each_part_by_its_own_norm(tiny_recipe):
     common = ["model.backbone=test_linear", "optim.momentum=0.0", "optim.weight_decay=0.0", "schedule.warmup_steps=0",
               "schedule.decay=constant", "optim.lr=1.0"]
     clipped = make_trainer(tiny_recipe(*common, "run.name=clip", "parallel.clip_grad_norm=0.01"))
-    parts = {"backbone": list(clipped.engine.unwrapped().parameters()), "head": list(clipped.head.parameters())}
+    parts = {"backbone": list(clipped.backbone.unwrapped().parameters()), "head": list(clipped.head.module.parameters())}
     before = {name: [p.detach().clone() for p in params] for name, params in parts.items()}
     clipped.train_step()
     for name, params in parts.items():
@@ -118,7 +118,7 @@ def test_checkpoint_holds_everything_needed(tiny_recipe):
         assert key in payload
     (shard,) = payload["head_shards"]
     assert (shard["class_start"], shard["class_count"], shard["num_classes"]) == (0, 12, 12)
-    assert torch.equal(shard["centers"], trainer.head.centers_CD.detach())
+    assert torch.equal(shard["centers"], trainer.head.module.centers_CD.detach())
     assert "momentum_buffer" in shard["optimizer_state"]
     for key in ("backbone", "optimizer", "scaler"):  # single/DDP: the backbone travels in the same file
         assert key in payload["engine"]
@@ -148,7 +148,7 @@ def test_eval_sets_from_bin_files_match_the_same_pairs_in_memory(tiny_recipe, tm
         (tmp_path / f"{name}.bin").write_bytes(pickle.dumps((encoded, pairs.is_same_P.tolist()), protocol=4))
     sets = f"eval.sets=[{tmp_path / 'lfw.bin'}, {tmp_path / 'agedb_30.bin'}]"
     from_files = make_trainer(tiny_recipe("run.name=evalbin", "train.num_epochs=2", sets))
-    from_files.engine.unwrapped().load_state_dict(reference.engine.unwrapped().state_dict())
+    from_files.backbone.unwrapped().load_state_dict(reference.backbone.unwrapped().state_dict())
     entries = from_files.evaluate()
     assert [e["set"] for e in entries] == ["lfw", "agedb_30"]
     expected = reference.final_verification()["accuracy_mean"]
@@ -165,4 +165,4 @@ def test_lr_follows_the_global_batch_by_the_linear_scaling_rule(tiny_recipe):
     assert trainer.shape.global_batch_size == 24
     assert trainer.peak_lr == pytest.approx(0.05)
     assert trainer.schedulers["backbone"].get_last_lr()[0] == pytest.approx(0.05)
-    assert trainer.head_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert trainer.head.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from toolkit.contrastive import unicon_loss_reference
 from toolkit.contrastive.queue import LabelQueue
-from toolkit.engine.trainer import Trainer, prepare_run_folder
+from toolkit.training.trainer import Trainer, prepare_run_folder
 
 
 def unicon_direct(query, keys, query_labels, key_labels, own_key, temperature, margin):
@@ -126,14 +126,14 @@ def test_momentum_follows_the_recipe_schedule(tiny_recipe):
     from toolkit.contrastive.unimoco import momentum_at
 
     cfg = tiny_recipe(*UNIMOCO, "contrastive.momentum_schedule=cosine", "contrastive.momentum=0.99").contrastive
-    assert momentum_at(cfg, 0, 100) == pytest.approx(0.99)
-    assert momentum_at(cfg, 50, 100) == pytest.approx(0.995)
-    assert momentum_at(cfg, 100, 100) == pytest.approx(1.0)
+    assert momentum_at(cfg.momentum, cfg.momentum_schedule, 0, 100) == pytest.approx(0.99)
+    assert momentum_at(cfg.momentum, cfg.momentum_schedule, 50, 100) == pytest.approx(0.995)
+    assert momentum_at(cfg.momentum, cfg.momentum_schedule, 100, 100) == pytest.approx(1.0)
 
 
 def test_key_encoder_is_the_ema_of_the_query_encoder(tiny_recipe):
     trainer = make(tiny_recipe(*UNIMOCO, "run.name=ema"))
-    encoders = trainer.engine.unwrapped()
+    encoders = trainer.backbone.unwrapped()
     keys_before = [k.detach().clone() for _, k in encoders.momentum_pairs()]
     assert all(torch.equal(q, k) for (q, _), k in zip(encoders.momentum_pairs(), keys_before))  # starts as a copy
     trainer.train_step()
@@ -173,3 +173,26 @@ def test_fused_kernels_in_the_trainer_match_the_references(tiny_recipe, head_imp
             assert float(fused.last_grad_norms[part]) == pytest.approx(float(reference.last_grad_norms[part]),
                                                                        rel=1e-4, abs=1e-6)
     assert float(reference.last_loss_parts["loss_id"]) > 0 and float(reference.last_grad_norms["head"]) > 0
+
+
+def test_contrastive_only_run_builds_no_identity_centers(tiny_recipe, capsys):
+    """head.weight 0: no center shard, no head optimizer or schedule; the startup lines count each part."""
+    from toolkit.models import create_backbone
+
+    recipe = tiny_recipe(*UNIMOCO, "run.name=no_head", "head.weight=0.0")
+    trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=True)
+    assert trainer.head is None and list(trainer.parts) == ["backbone"] and list(trainer.schedulers) == ["backbone"]
+    trainer.describe()
+    lines = capsys.readouterr().out
+    backbone = create_backbone(recipe.model.backbone, embedding_size=recipe.model.embedding_size,
+                               input_size=recipe.data.image_size)
+    encoders = trainer.backbone.unwrapped()
+    expected_backbone = sum(p.numel() for p in backbone.parameters())
+    expected_projection = sum(p.numel() for p in encoders.projection.parameters())
+    assert f"backbone {recipe.model.backbone}: {expected_backbone / 1e6:.2f}M params" in lines
+    assert f"projection: {expected_projection / 1e6:.2f}M" in lines
+    assert f"momentum key encoder: {(expected_backbone + expected_projection) / 1e6:.2f}M" in lines
+    assert "head: none" in lines
+    before = [p.detach().clone() for p in encoders.parameters()]
+    trainer.train_step()   # trains without a head
+    assert any(not torch.equal(a, b) for a, b in zip(before, encoders.parameters()))

@@ -90,11 +90,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
     _require(par.grad_accum_steps >= 1, f"parallel.grad_accum_steps must be >= 1, got {par.grad_accum_steps}")
     _require(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}")
     _require(par.timeout_s > 0, f"parallel.timeout_s must be positive, got {par.timeout_s}")
-    _require(not par.offload_optimizer or (par.engine == "deepspeed" and par.zero_stage >= 1),
-             f"parallel.offload_optimizer needs engine 'deepspeed' with zero_stage >= 1 "
-             f"(got engine {par.engine!r}, zero_stage {par.zero_stage})")
     _require(par.clip_grad_norm >= 0, f"parallel.clip_grad_norm must be >= 0 (0 disables), got {par.clip_grad_norm}")
     _require(recipe.train.num_epochs > 0, f"train.num_epochs must be positive, got {recipe.train.num_epochs}")
+    _require(recipe.train.max_nonfinite_steps >= 1,
+             f"train.max_nonfinite_steps must be >= 1, got {recipe.train.max_nonfinite_steps}")
     _require(recipe.run.log_every >= 1, f"run.log_every must be >= 1, got {recipe.run.log_every}")
     _require(recipe.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {recipe.eval.every_steps}")
     _require(recipe.checkpoint.every_steps >= 0,

@@ -243,6 +243,9 @@ class TrainConfig:
 
     num_epochs: float = required("Epochs to train (may be fractional); steps are derived from the data size.")
     device: Literal["auto", "cpu", "cuda"] = doc("'auto' uses CUDA when available.", "auto")
+    max_nonfinite_steps: int = doc(
+        "A step whose loss or gradients are not finite (inf/nan) is skipped on every part and counted; after "
+        "this many consecutive skipped steps the run stops with exit status 3 (diverged).", 20)
 
 
 @dataclass(frozen=True, kw_only=True)

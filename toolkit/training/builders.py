@@ -44,9 +44,23 @@ def build_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
 
 
 def build_backbone(recipe: Recipe) -> torch.nn.Module:
+    """The backbone, compiled / channels_last / checkpointed per block as the recipe says (in that order:
+    checkpointing wraps the compiled block), ready for the engine to wrap."""
+    from toolkit.models import apply_activation_checkpointing, prepare_backbone
+
     cfg = recipe.model
-    return create_backbone(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
-                           input_size=recipe.data.image_size, activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.compile and recipe.parallel.engine == "deepspeed" and recipe.parallel.zero_stage == 3:
+        raise ConfigError("model.compile is not supported with DeepSpeed ZeRO-3 (its parameter-fetch hooks run inside "
+                          "every block); use zero_stage 0-2 or parallel.engine fsdp")
+    # ViT-only options are passed when set, so that a convolutional backbone rejects them by name.
+    options = {name: value for name, value in (("drop_path", cfg.drop_path), ("mask_ratio", cfg.mask_ratio),
+                                               ("patch_size", cfg.patch_size)) if value}
+    backbone = create_backbone(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
+                               input_size=recipe.data.image_size, **options)
+    prepare_backbone(backbone, compile=cfg.compile, channels_last=cfg.channels_last)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(backbone)
+    return backbone
 
 
 def build_model(recipe: Recipe) -> torch.nn.Module:
@@ -83,12 +97,21 @@ def build_unimoco(recipe: Recipe, shape: "RunShape", ctx):
         from toolkit.contrastive.unicon import unicon_loss_reference as unicon_fn
     else:  # fused, or auto: the kernel when the extension is built (toolkit.ops falls back otherwise)
         from toolkit.ops import unicon_loss as unicon_fn
-    return UniMoCoObjective(cfg, queue, ctx, seed=recipe.run.seed, unicon_fn=unicon_fn)
+    return UniMoCoObjective(queue, ctx, temperature=cfg.temperature, margin=cfg.margin,
+                            shuffle_bn=cfg.key_bn == "shuffle", seed=recipe.run.seed, unicon_fn=unicon_fn)
 
 
 def build_margin(recipe: Recipe) -> Margin:
     cfg = recipe.head
     return Margin(scale=cfg.scale, m1=cfg.margin_m1, m2=cfg.margin_m2, m3=cfg.margin_m3)
+
+
+def build_head_part(recipe: Recipe, num_classes: int, ctx, peak_lr: float):
+    """The head as a training part: this rank's center shard and its optimizer."""
+    from toolkit.training.parts import HeadPart
+
+    head = build_head(recipe, num_classes, ctx).to(ctx.device)
+    return HeadPart(head, build_head_optimizer(recipe, head, peak_lr), ctx)
 
 
 def build_head(recipe: Recipe, num_classes: int, ctx) -> ShardedIdentityCenterHead:
@@ -104,7 +127,7 @@ def build_head(recipe: Recipe, num_classes: int, ctx) -> ShardedIdentityCenterHe
 def build_head_optimizer(recipe: Recipe, head: torch.nn.Module, peak_lr: float) -> torch.optim.Optimizer:
     from dataclasses import replace
 
-    from toolkit.engine.optim import build_optimizer
+    from toolkit.training.optim import build_optimizer
 
     cfg = recipe.optim if recipe.head.optimizer == "same" else replace(recipe.optim, name=recipe.head.optimizer)
     return build_optimizer(cfg, [head], peak_lr * recipe.head.lr_multiplier)
@@ -114,6 +137,15 @@ def build_synthetic_faces(recipe: Recipe) -> SyntheticFaces:
     syn = recipe.data.synthetic
     return SyntheticFaces(image_size=recipe.data.image_size, seed=recipe.run.seed, noise_std=syn.noise_std,
                           max_shift=syn.max_shift, color_jitter=syn.color_jitter)
+
+
+def build_view_augmentation(recipe: Recipe):
+    """The two UniMoCo views' augmentation (data.views), or None when the run has one view."""
+    from dataclasses import asdict
+
+    from toolkit.data.transforms import ViewAugmentation
+
+    return ViewAugmentation(**asdict(recipe.data.views)) if num_views(recipe) == 2 else None
 
 
 def num_views(recipe: Recipe) -> int:
@@ -129,7 +161,7 @@ def build_train_set(recipe: Recipe):
 
         return ShardedTrainSet(recipe.data.manifest, samples_per_label=recipe.data.samples_per_label)
     syn = recipe.data.synthetic
-    views = recipe.data.views if num_views(recipe) == 2 else None
+    views = build_view_augmentation(recipe)
     return SyntheticTrainSet(build_synthetic_faces(recipe), syn.num_identities, syn.samples_per_identity,
                              flip=recipe.data.flip, views=views, labeled_fraction=syn.labeled_fraction)
 
@@ -142,9 +174,11 @@ def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
 
 
 def build_val_sets(recipe: Recipe) -> dict:
-    """{name: pairs} to verify on: the recipe's .bin files (named by file stem), else the synthetic pairs."""
+    """{name: pairs} to verify on: the recipe's .bin files (named by file stem); with the synthetic backend
+    and no files, the synthetic held-out pairs; with real data and no files, nothing (never synthetic faces
+    for a model trained on real ones)."""
     if not recipe.eval.sets:
-        return {"synthetic": build_val_pairs(recipe)}
+        return {"synthetic": build_val_pairs(recipe)} if recipe.data.backend == "synthetic" else {}
     from pathlib import Path
 
     from toolkit.data.verification_bin import VerificationBin
@@ -165,7 +199,7 @@ def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 
                        pin_memory: bool = False, device: torch.device | None = None):
     """The rank's endless batch stream: next_batch(), state_dict()/load_state_dict(), skip_stats()."""
     data = recipe.data
-    views = data.views if num_views(recipe) == 2 else None
+    views = build_view_augmentation(recipe)
     try:
         if data.backend == "webdataset":
             from toolkit.data.shard_stream import ShardBatchStream
@@ -176,11 +210,13 @@ def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 
                                     decoder=data.webdataset.decoder, max_skipped_fraction=data.max_skipped_fraction,
                                     pin_memory=pin_memory, prefetch_batches=data.webdataset.prefetch_batches)
         if data.backend == "dali":
-            from toolkit.data.dali_stream import DaliBatchStream
+            from dataclasses import asdict
+
+            from toolkit.data.dali_stream import DaliBatchStream, DaliOptions
 
             return DaliBatchStream(dataset, shape.batch_size, seed=recipe.run.seed, rank=rank,
                                    world_size=shape.world_size, flip=data.flip, views=views,
-                                   image_size=data.image_size, config=data.dali, device=device)
+                                   image_size=data.image_size, config=DaliOptions(**asdict(data.dali)), device=device)
         return ResumableBatchStream(dataset, shape.batch_size, seed=recipe.run.seed,
                                     num_workers=recipe.data.num_workers, rank=rank, world_size=shape.world_size,
                                     samples_per_label=recipe.data.samples_per_label, pin_memory=pin_memory)
@@ -208,28 +244,27 @@ def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> Ru
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
-def build_engine(recipe: Recipe, shape: RunShape, backbone: torch.nn.Module, ctx, peak_lr: float):
-    """Wrap the backbone in the recipe's engine, with its optimizer (built after sharding for FSDP2)."""
-    from toolkit.engine import engines
-    from toolkit.engine.optim import build_optimizer
+def build_strategy(recipe: Recipe, shape: RunShape, model: torch.nn.Module, ctx, peak_lr: float):
+    """Wrap the model in the recipe's parallel strategy, with its optimizer (built after sharding for FSDP2)."""
+    from toolkit.parallel import BatchShape, get_strategy
+    from toolkit.training.optim import build_optimizer
 
-    name = recipe.parallel.engine
-    if name == "single":
-        if ctx.world_size > 1:
-            raise ConfigError(f"parallel.engine 'single' runs one process, but this job has {ctx.world_size} "
-                              "ranks; choose ddp, deepspeed or fsdp")
-        return engines.SingleEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx)
-    if not ctx.is_distributed:
-        raise ConfigError(f"parallel.engine {name!r} needs a process group; start the job with launch/train.py")
-    if name == "ddp":
-        return engines.DDPEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx)
-    if name == "fsdp":
-        return engines.FSDPEngine(recipe, backbone, lambda module: build_optimizer(recipe.optim, [module], peak_lr),
-                                  ctx)
-    if name == "deepspeed":
-        from toolkit.engine.deepspeed_config import build_deepspeed_config
+    strategy = get_strategy(recipe.parallel.engine)
+    strategy.check_settings(recipe.parallel)
+    strategy.check_world_size(ctx.world_size)
+    batch = BatchShape(micro_batch_size=shape.batch_size, grad_accum_steps=shape.grad_accum_steps,
+                       global_batch_size=shape.global_batch_size)
+    return strategy.create(recipe.parallel, model, lambda module: build_optimizer(recipe.optim, [module], peak_lr),
+                           ctx, batch)
 
-        ds_config = build_deepspeed_config(recipe, shape)
-        return engines.DeepSpeedEngine(recipe, backbone, build_optimizer(recipe.optim, [backbone], peak_lr), ctx,
-                                       ds_config)
-    raise ConfigError(f"unknown parallel.engine {name!r}")
+
+def start_distributed(recipe: Recipe, launch):
+    """Start (or join) the job's process group as the recipe's engine does it; returns the DistributedContext.
+
+    `launch` is the toolkit.parallel.LaunchEnvironment that launch/train.py read from the launcher."""
+    from toolkit.parallel import get_strategy
+
+    strategy = get_strategy(recipe.parallel.engine)
+    strategy.check_settings(recipe.parallel)
+    device = build_device(recipe, launch.local_rank)
+    return strategy.start(recipe.parallel, device, launch)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from toolkit.config.schema import Recipe
-from toolkit.engine.builders import RunShape
 from toolkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from toolkit.config.schema import ParallelConfig
 
 # Sections that would take over what the recipe and the trainer own.
 _FORBIDDEN_SECTIONS = {
@@ -24,12 +25,12 @@ _FORBIDDEN_SECTIONS = {
 }
 
 
-def render_deepspeed_config(recipe: Recipe, shape: RunShape) -> dict[str, Any]:
-    par = recipe.parallel
+def render_deepspeed_config(par: "ParallelConfig", *, micro_batch_size: int, grad_accum_steps: int,
+                            global_batch_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": shape.batch_size,
-        "gradient_accumulation_steps": shape.grad_accum_steps,
-        "train_batch_size": shape.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": global_batch_size,
         "gradient_clipping": par.clip_grad_norm,
         "zero_optimization": {"stage": par.zero_stage},
         # A torch optimizer object is passed in (SGD/AdamW from the recipe), which ZeRO calls "untested".
@@ -78,9 +79,12 @@ def merge_user_config(rendered: dict[str, Any], user: dict[str, Any], source: st
     return merged
 
 
-def build_deepspeed_config(recipe: Recipe, shape: RunShape) -> dict[str, Any]:
-    rendered = render_deepspeed_config(recipe, shape)
-    if not recipe.parallel.deepspeed_config:
+def build_deepspeed_config(par: "ParallelConfig", *, micro_batch_size: int, grad_accum_steps: int,
+                           global_batch_size: int) -> dict[str, Any]:
+    """The rendered config with the user's file (parallel.deepspeed_config) merged in."""
+    rendered = render_deepspeed_config(par, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                                       global_batch_size=global_batch_size)
+    if not par.deepspeed_config:
         return rendered
-    path = Path(recipe.parallel.deepspeed_config)
+    path = Path(par.deepspeed_config)
     return merge_user_config(rendered, _load_user_file(path), f"parallel.deepspeed_config {path}")

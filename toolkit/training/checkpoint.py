@@ -2,9 +2,11 @@
 """Checkpoints of this toolkit are torch.save'd dicts tagged with FORMAT.
 
 Writes go to a temporary file in the same folder, are fsync'ed and then renamed over the final name,
-so a crash during a save leaves the previous checkpoint (and the `latest` pointer) intact. Loading uses
-`torch.load(weights_only=True)`: a checkpoint holds only tensors and plain containers, never pickled
-objects, so a foreign file cannot run code.
+so a crash during a save leaves the previous checkpoint (and the `latest` pointer) intact. Loading goes
+through toolkit.serialization (`torch.load(weights_only=True)` with an explicit allowlist): a checkpoint
+holds only tensors and plain containers, never pickled objects, so a foreign file cannot run code. The
+engines' own files (DeepSpeed's, DCP's) are checked the same way by their strategies before the library
+reads them (toolkit/parallel).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import random
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from toolkit.errors import CheckpointError
+from toolkit.serialization import safe_torch_load
 
 FORMAT = "facecl-checkpoint"
 FORMAT_VERSION = 1
@@ -138,6 +140,13 @@ class CheckpointFolder:
         self._point_latest_and_prune(final)
         return final
 
+    def latest(self) -> Path | None:
+        """The checkpoint the `latest` pointer names, or None before the first save."""
+        pointer = self.folder / LATEST
+        if not pointer.is_file():
+            return None
+        return self.folder / pointer.read_text().strip()
+
     def _point_latest_and_prune(self, path: Path) -> None:
         atomic_write_bytes(self.folder / LATEST, lambda handle: handle.write(path.name.encode() + b"\n"))
         if self.keep_last <= 0:
@@ -172,15 +181,6 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _load_failure_reason(exc: Exception) -> str:
-    """The informative part of torch.load's error (its first line is generic advice to load unsafely)."""
-    text = str(exc).strip()
-    match = re.search(r"WeightsUnpickler error: (.+)", text)
-    if match:
-        return match.group(1).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and verify a checkpoint of this toolkit; anything else is a one-line CheckpointError."""
     entry = resolve_checkpoint_path(path)
@@ -193,14 +193,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def read_payload(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load(weights_only=True) of one tagged file of a checkpoint; CheckpointError otherwise."""
+    """Safe load (tensors and plain containers only) of one tagged file of a checkpoint; CheckpointError otherwise."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
-            payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign files: pickle, zip, unpickler errors
-        reason = _load_failure_reason(exc)
-        raise CheckpointError(f"{file} is not a FaceCL checkpoint (cannot be loaded safely: {reason[:200]})") from None
+        payload = safe_torch_load(file, map_location=map_location)
+    except CheckpointError as exc:
+        raise CheckpointError(f"not a FaceCL checkpoint: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a FaceCL checkpoint (no '{FORMAT}' format tag)")
     if payload.get("format_version") != FORMAT_VERSION:

@@ -81,6 +81,7 @@ class PlanInputs:
     interclass_filter: float
     engine: str
     zero_stage: int
+    engine_label: str                # e.g. "deepspeed ZeRO-2", from the engine's strategy
     precision: str
     offload_optimizer: bool
     backbone: str
@@ -91,13 +92,6 @@ class PlanInputs:
     head_optimizer: str
     head_states_per_param: int
 
-    @property
-    def engine_label(self) -> str:
-        if self.engine == "deepspeed":
-            return f"deepspeed ZeRO-{self.zero_stage}" + (" + optimizer offload" if self.offload_optimizer else "")
-        if self.engine == "fsdp":
-            return "fsdp (FSDP2, partitioned like ZeRO-3)"
-        return self.engine
 
 
 @dataclass(frozen=True)
@@ -215,7 +209,7 @@ def per_rank_batch(recipe: Recipe, world_size: int) -> int:
 
 def count_backbone_params(recipe: Recipe) -> tuple[int, int]:
     """(all, trainable) parameter counts of the recipe's backbone, built on the meta device (no memory)."""
-    from toolkit.engine.builders import build_backbone
+    from toolkit.training.builders import build_backbone
 
     with torch.device("meta"):
         backbone = build_backbone(recipe)
@@ -229,41 +223,29 @@ def _partition(num_elements: int, world_size: int, partitioned: bool) -> int:
 
 
 def plan_backbone(recipe: Recipe, world_size: int, params: int, trainable: int) -> BackboneMemory:
-    par = recipe.parallel
-    engine = par.engine
-    states_per_param = optimizer_states_per_param(recipe.optim.name, recipe.optim.momentum)
-    # Which model states are split over the ranks: (optimizer side, gradients, parameters).
-    if engine in ("single", "ddp"):
-        split_optimizer = split_grads = split_params = False
-    elif engine == "deepspeed":
-        stage = par.zero_stage
-        split_optimizer, split_grads, split_params = stage >= 1, stage >= 2, stage >= 3
-    elif engine == "fsdp":
-        split_optimizer = split_grads = split_params = True
-    else:
-        raise ConfigError(f"no memory rule for parallel.engine {engine!r}")
+    """Model states of the backbone on one rank, by the engine's own memory rule (its strategy's layout)."""
+    from toolkit.parallel import get_strategy
 
-    native_fp16 = engine == "deepspeed" and par.precision == "fp16"
-    param_bytes = FP16_BYTES if native_fp16 else FP32_BYTES
-    if native_fp16:
-        has_master_copy = True  # the fp32 master parameters of mixed-precision training
-    elif engine == "deepspeed":
-        # fp32 parameters: ZeRO 1-2 clone their partition anyway; ZeRO 3 only when offloading.
-        has_master_copy = par.zero_stage in (1, 2) or (par.zero_stage == 3 and par.offload_optimizer)
-    else:
-        has_master_copy = False
-    optimizer_elements = _partition(trainable, world_size, split_optimizer)
+    strategy = get_strategy(recipe.parallel.engine)
+    strategy.check_settings(recipe.parallel)
+    layout = strategy.model_state_layout(recipe.parallel)
+    states_per_param = optimizer_states_per_param(recipe.optim.name, recipe.optim.momentum)
+    optimizer_elements = _partition(trainable, world_size, layout.split_optimizer)
     return BackboneMemory(
-        params=param_bytes * _partition(params, world_size, split_params),
-        grads=param_bytes * _partition(trainable, world_size, split_grads),
-        master_weights=FP32_BYTES * optimizer_elements if has_master_copy else 0,
+        params=layout.param_bytes * _partition(params, world_size, layout.split_params),
+        grads=layout.param_bytes * _partition(trainable, world_size, layout.split_grads),
+        master_weights=FP32_BYTES * optimizer_elements if layout.master_copy else 0,
         optimizer_states=states_per_param * BYTES_PER_OPTIMIZER_STATE * optimizer_elements,
-        optimizer_on_cpu=engine == "deepspeed" and par.offload_optimizer and par.zero_stage >= 1,
-        param_dtype="fp16" if native_fp16 else "fp32",
-        params_partitioned=split_params, grads_partitioned=split_grads, optimizer_partitioned=split_optimizer)
+        optimizer_on_cpu=layout.optimizer_on_cpu,
+        param_dtype="fp16" if layout.param_bytes == FP16_BYTES else "fp32",
+        params_partitioned=layout.split_params, grads_partitioned=layout.split_grads,
+        optimizer_partitioned=layout.split_optimizer)
 
 
 def plan_head(recipe: Recipe, world_size: int, num_classes: int) -> HeadMemory:
+    """This rank's center shard; nothing when head.weight is 0 (the head is not built)."""
+    if recipe.head.weight <= 0:
+        return HeadMemory(shard_classes=0, center_weights=0, center_grad=0, optimizer_states=0)
     head_optimizer = recipe.optim.name if recipe.head.optimizer == "same" else recipe.head.optimizer
     states_per_param = optimizer_states_per_param(head_optimizer, recipe.optim.momentum)
     shard_classes = shard_range(num_classes, world_size, 0).count  # rank 0 owns the largest shard
@@ -287,6 +269,9 @@ def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) 
 
 def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMemory:
     gathered_rows = per_rank_batch(recipe, world_size) * world_size  # N
+    if shard_classes == 0:  # no head
+        return LogitsMemory(gathered_rows=gathered_rows, sampled_columns=0, live_fp32_buffers=0, fp32_buffers=0,
+                            filter_mask=0)
     columns = sampled_columns(recipe.head.sample_rate, shard_classes, gathered_rows)  # S
     elements_NS = gathered_rows * columns
     filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 else 0
@@ -297,15 +282,15 @@ def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMe
 
 def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan:
     """Bytes per rank of `recipe` trained on `world_size` ranks with `num_classes` identities."""
+    from toolkit.parallel import get_strategy
+
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     if num_classes < 2:
         raise ConfigError(f"the number of classes must be >= 2, got {num_classes}")
     if num_classes < world_size:
         raise ConfigError(f"{num_classes} classes cannot be sharded over {world_size} ranks")
-    if recipe.parallel.engine == "single" and world_size > 1:
-        raise ConfigError(f"parallel.engine 'single' runs one process, but the plan is for {world_size} ranks; "
-                          "choose ddp, deepspeed or fsdp")
+    get_strategy(recipe.parallel.engine).check_world_size(world_size)
     params, trainable = count_backbone_params(recipe)
     backbone = plan_backbone(recipe, world_size, params, trainable)
     head = plan_head(recipe, world_size, num_classes)
@@ -318,7 +303,9 @@ def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan
         global_batch=batch * recipe.parallel.grad_accum_steps * world_size,
         embedding_size=recipe.model.embedding_size, sample_rate=recipe.head.sample_rate,
         interclass_filter=recipe.head.interclass_filter, engine=recipe.parallel.engine,
-        zero_stage=recipe.parallel.zero_stage, precision=recipe.parallel.precision,
+        zero_stage=recipe.parallel.zero_stage,
+        engine_label=get_strategy(recipe.parallel.engine).model_state_layout(recipe.parallel).label,
+        precision=recipe.parallel.precision,
         offload_optimizer=recipe.parallel.offload_optimizer, backbone=recipe.model.backbone,
         backbone_params=params, backbone_trainable_params=trainable,
         backbone_optimizer=_optimizer_label(recipe.optim.name, recipe.optim.momentum),

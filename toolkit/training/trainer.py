@@ -1,35 +1,29 @@
-# The training loop: micro-steps with accumulation, mixed precision, clipping, logging, eval and checkpoints.
-"""Trainer for the two parts of a face-recognition model.
+# The training loop: micro-steps with accumulation, one step protocol for every part, logging, eval, checkpoints.
+"""Trainer over the training parts of a face-recognition model.
 
-Part 1, the engine part: the backbone (later also projection head and momentum encoder), wrapped by the
-recipe's engine (single, DDP, DeepSpeed ZeRO, FSDP2; see engines.py). Part 2, the identity-center head:
-centers sharded over the ranks (Partial FC, heads/partial_fc.py) with their own optimizer, outside
-ZeRO/FSDP partitioning and outside the engine's gradient averaging: each rank steps only its own shard.
-Both parts step together on every optimizer step with the same lr schedule.
+Part "backbone": the backbone (with UniMoCo also the projection and the momentum key encoder) inside the
+recipe's parallel strategy (toolkit/parallel: single, DDP, DeepSpeed ZeRO, FSDP2). Part "head": the
+identity-center shard of this rank with its own optimizer (training/parts.py), outside ZeRO/FSDP
+partitioning and outside the engine's gradient averaging. A part whose loss weight is 0 is not built
+(a contrastive-only run has no identity centers).
 
-The factor of W between the two parts: the engine averages the backbone's gradients over the W ranks, as
-is right for a per-rank mean loss. The sharded head's loss is already the mean over the global batch, so
-its gradient for this rank's embeddings is 1/W of a per-rank mean's. The trainer multiplies the
-embedding gradient by W (`scale_gradient`) so that, after the engine's averaging, the backbone gets
-exactly the gradient of the global-mean loss, the same as a single process on the whole batch.
+One optimizer step (`train_step`):
+1. for each micro-batch: forward the query view, loss = w_id * head loss + w_con * UniCon, backward;
+2. every part unscales its gradients (fp16: by the one loss scale both parts were multiplied by);
+3. with fp16, every part reports non-finite gradients; one flag for all;
+4. clipping (`parallel.clip_grad_norm`) by each part's own norm; the norms are logged;
+5. the parts step in order, all or none: a part that skips (the flag, or DeepSpeed's own fp16 overflow)
+   makes the later parts skip too; then the momentum update of the key encoder, zero_grad, schedules.
 
-Precision and clipping policy, the same on every engine:
-- bf16 runs the backbone under autocast (DeepSpeed: its torch_autocast mode) with fp32 parameters; the
-  head computes its loss in fp32.
-- fp16 (GPU only) scales the loss once for both parts: by the engine's GradScaler (single, DDP, FSDP2) or
-  DeepSpeed's loss scaler. The head's gradients are unscaled by the same factor. When any gradient of
-  either part is not finite, both steps are skipped (the engine's skip decides for DeepSpeed, whose step
-  cannot be vetoed from outside: a non-finite head gradient implies a non-finite embedding gradient, which
-  DeepSpeed sees in the backbone).
-- Clipping applies `parallel.clip_grad_norm` to each part (backbone, head) by its own gradient norm
-  (the head's norm is taken over all shards). DeepSpeed clips its part inside its step and cannot include
-  outside parameters in its norm, so per-part clipping is the one policy every engine can implement
-  identically.
+Precision, the same on every engine: bf16 runs the backbone under autocast (DeepSpeed: its torch_autocast
+mode) with fp32 parameters; the head computes its loss in fp32. fp16 (GPU only) scales the loss once
+for both parts: by the engine's GradScaler (single, DDP, FSDP2) or DeepSpeed's loss scaler.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,17 +32,17 @@ from pathlib import Path
 import torch
 
 from toolkit.config import Recipe, dump_recipe
+from toolkit.contrastive.momentum import momentum_update_
 from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
-from toolkit.engine import builders
-from toolkit.engine.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
-                                       read_payload, restore_rng_state, write_payload)
-from toolkit.engine.optim import build_scheduler, scaled_lr
-from toolkit.engine.progress import ProgressReporter
-from toolkit.errors import CheckpointError, FaceCLError
+from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
 from toolkit.eval import evaluate_pairs
-from toolkit.heads.shard_checkpoint import load_shards_into, shard_payload
+from toolkit.training import builders
+from toolkit.training.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
+                                         read_payload, restore_rng_state, write_payload)
+from toolkit.training.optim import build_scheduler, scaled_lr
+from toolkit.training.progress import ProgressReporter
 
 
 @dataclass
@@ -98,69 +92,85 @@ class Trainer:
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
         self.contrastive_on = recipe.contrastive.weight > 0
         model = builders.build_model(recipe).to(self.device)  # backbone, or UniMoCo's two encoders
-        # The shards are drawn from a per-rank stream, so that rank r's initial centers do not depend on
-        # how many classes other ranks hold (2M x 512 must never be drawn whole on one rank).
-        torch.manual_seed(recipe.run.seed * 1_000_003 + 17 + self.ctx.rank)
-        self.head = builders.build_head(recipe, self.num_classes, self.ctx).to(self.device)
-        torch.manual_seed(recipe.run.seed)
-        self.engine = builders.build_engine(recipe, self.shape, model, self.ctx, self.peak_lr)
+        self.head = None
+        if recipe.head.weight > 0:
+            # The shards are drawn from a per-rank stream, so that rank r's initial centers do not depend on
+            # how many classes other ranks hold (2M x 512 must never be drawn whole on one rank).
+            torch.manual_seed(recipe.run.seed * 1_000_003 + 17 + self.ctx.rank)
+            self.head = builders.build_head_part(recipe, self.num_classes, self.ctx, self.peak_lr)
+            torch.manual_seed(recipe.run.seed)
+        self.backbone = builders.build_strategy(recipe, self.shape, model, self.ctx, self.peak_lr)
         self.unimoco = builders.build_unimoco(recipe, self.shape, self.ctx) if self.contrastive_on else None
-        self.head_optimizer = builders.build_head_optimizer(recipe, self.head, self.peak_lr)
-        self.schedulers = {"backbone": build_scheduler(_base_optimizer(self.engine.optimizer), self.shape.total_steps,
-                                                       recipe.schedule),
-                           "head": build_scheduler(self.head_optimizer, self.shape.total_steps, recipe.schedule)}
+        # The parts step in this order; the backbone first, because DeepSpeed may skip its step on its own.
+        self.parts = {"backbone": self.backbone, **({"head": self.head} if self.head is not None else {})}
+        self.schedulers = {name: build_scheduler(part.lr_optimizer, self.shape.total_steps, recipe.schedule)
+                           for name, part in self.parts.items()}
         self.fp16 = recipe.parallel.precision == "fp16"
         # One file only for a single process; with several ranks every rank writes its center shard.
-        self.checkpoint_in_folder = self.engine.checkpoint_kind == "folder" or self.ctx.world_size > 1
+        self.checkpoint_in_folder = self.backbone.checkpoint_kind == "folder" or self.ctx.world_size > 1
         self.checkpoints = CheckpointFolder(run_dir / "checkpoints", recipe.checkpoint.keep_last)
         self.step = 0
         self.result = TrainResult(final_step=0)
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
         self.last_loss_parts: dict[str, torch.Tensor] = {}
-        self.num_skipped_steps = 0
+        self.num_skipped_steps = 0          # steps not applied, for any reason (fp16 overflow, non-finite)
+        self.num_nonfinite_steps = 0        # of which: non-finite loss or gradients
+        self.consecutive_nonfinite = 0
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
         """What a checkpoint must match to be resumed by this run. The world size may change (the center
-        shards and FSDP2's DCP files reshard) except for DeepSpeed, whose ZeRO files are per rank."""
+        shards and FSDP2's DCP files reshard) unless the engine's identity says otherwise (ZeRO files)."""
         identity = {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
-                    "optimizer": self.recipe.optim.name, "head_optimizer": self.head_optimizer.__class__.__name__,
+                    "optimizer": self.recipe.optim.name,
+                    "head_optimizer": self.head.optimizer.__class__.__name__ if self.head is not None else None,
                     "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
-                    "contrastive": self.contrastive_on,
-                    "engine_format": self.engine.name if self.engine.checkpoint_kind == "folder" else "file"}
-        if self.engine.name == "deepspeed":
-            identity["world_size"] = self.ctx.world_size
+                    "contrastive": self.contrastive_on, **self.backbone.checkpoint_identity()}
         return identity
 
     def _trainer_state(self) -> dict:
         """Everything but the engine's own files; RNG states of all ranks (collective call)."""
         return {
             "run": self._identity(),
-            "engine": self.engine.state_for_file(),
+            "engine": self.backbone.state_for_file(),
             "world_size": self.ctx.world_size,
             "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
             "rng_per_rank": self.ctx.all_gather_objects(capture_rng_state()),
             "data": self.stream.state_dict(),
             "contrastive": {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
             "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
-                        "skipped_steps": self.num_skipped_steps},
+                        "skipped_steps": self.num_skipped_steps,
+            "nonfinite_steps": self.num_nonfinite_steps, "nonfinite_steps": self.num_nonfinite_steps},
         }
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (all ranks call this)."""
-        self.engine.sync_buffers()
+    def weights_finite(self) -> bool:
+        """Whether every part's weights are finite on every rank (collective; one host sync)."""
+        finite = torch.stack([part.weights_finite() for part in self.parts.values()]).min()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=self.ctx.group)
+        return bool(finite > 0)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (all ranks call this). Never from non-finite weights: such
+        a save is refused with a warning, so `keep_last` rotation cannot replace good checkpoints with it."""
+        if not self.weights_finite():
+            self._say(f"warning: step {self.step}: weights are not finite; no checkpoint written (the last one, "
+                      f"{self.checkpoints.latest() or 'none'}, is kept)")
+            return None
+        self.backbone.sync_buffers()
         state = self._trainer_state()
-        shard = shard_payload(self.head, self.head_optimizer)
+        shard = self.head.shard_state() if self.head is not None else None
         if not self.checkpoint_in_folder:
-            path = self.checkpoints.save(self.step, {**state, "head_shards": [shard]})
+            path = self.checkpoints.save(self.step, {**state, "head_shards": [shard] if shard else []})
         else:
             partial = self.checkpoints.start_folder(self.step) if self.ctx.is_main else None
-            partial = self.ctx.broadcast_object(str(partial) if partial else None)
-            if self.engine.checkpoint_kind == "folder":
-                self.engine.save_folder(Path(partial))
-            write_payload(Path(partial) / head_shard_file(self.ctx.rank), self.step, shard)
+            partial = Path(self.ctx.broadcast_object(str(partial) if partial else None))
+            if self.backbone.checkpoint_kind == "folder":
+                self.backbone.save_folder(partial)
+            if shard is not None:
+                write_payload(partial / head_shard_file(self.ctx.rank), self.step, shard)
             if self.ctx.is_main:
-                write_payload(Path(partial) / TRAINER_FILE, self.step, state)
+                write_payload(partial / TRAINER_FILE, self.step, state)
             self.ctx.barrier()
             path = self.checkpoints.commit_folder(self.step) if self.ctx.is_main else None
         self.ctx.barrier()
@@ -175,10 +185,11 @@ class Trainer:
             if saved.get(key) != expected:
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
                                       f"this run has {key}={expected!r}")
-        if self.engine.checkpoint_kind == "folder":
-            self.engine.load_folder(Path(source))
-        self.engine.load_from_file(payload["engine"])
-        load_shards_into(self.head, self.head_optimizer, self._saved_head_shards(payload, Path(source)), source)
+        if self.backbone.checkpoint_kind == "folder":
+            self.backbone.load_folder(Path(source))
+        self.backbone.load_from_file(payload["engine"])
+        if self.head is not None:
+            self.head.load_shards(self._saved_head_shards(payload, Path(source)), source)
         for name, sched in self.schedulers.items():
             sched.load_state_dict(payload["schedulers"][name])
         saved_world = int(payload.get("world_size", self.ctx.world_size))
@@ -201,7 +212,16 @@ class Trainer:
         self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
         self.result.evaluations = list(history.get("evaluations", []))
         self.num_skipped_steps = int(history.get("skipped_steps", 0))
+        self.num_nonfinite_steps = int(history.get("nonfinite_steps", 0))
         self._say(f"resumed from {source} at step {self.step}")
+
+    def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
+        if payload.get("head_shards"):
+            return payload["head_shards"]
+        files = sorted(source.glob("head_rank*.pt")) if source.is_dir() else []
+        if not files:
+            raise CheckpointError(f"checkpoint {source} holds no center shards (head_rank*.pt)")
+        return [read_payload(file) for file in files]
 
     # ----- the step -----------------------------------------------------------------------------------
     def train_step(self, measure_grad_norm: bool = False) -> torch.Tensor:
@@ -212,51 +232,88 @@ class Trainer:
         """
         accum = self.shape.grad_accum_steps
         step_loss = torch.zeros((), device=self.device)
+        # Forward updates batch-norm statistics before we know whether the step is finite: keep a copy
+        # (a few KB to MB) to put back when the step is skipped.
+        buffers = self.backbone.floating_buffers()
+        buffers_before = [b.detach().clone() for b in buffers]
         for micro in range(accum):
             images, labels = self.stream.next_batch()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss = self._micro_step_loss(images, labels, micro_step=self.step * accum + micro)
-            self.engine.backward(loss, is_last_micro=micro == accum - 1)
+            self.backbone.backward(loss, is_last_micro=micro == accum - 1)
             step_loss += loss.detach()
-        self.engine.unscale_()
-        head_ok = self._unscale_head_gradients(self.engine.loss_scale())
-        if self.fp16 and not head_ok:
-            self.engine.force_skip()
+        loss_scale = self.backbone.loss_scale()
+        self.backbone.unscale_()
+        if self.head is not None:
+            self.head.unscale_(loss_scale)
+        # Non-finite loss or gradients on any rank skip the step on every part. One all-reduce of two flags and
+        # one host sync per step (fp16 loss scaling needs the same anyway). fp16 gradient overflow is the
+        # loss scaler's normal business (flag 1); a non-finite loss, or gradients without loss scaling,
+        # count towards divergence (flag 0).
+        grads_bad = sum(part.found_nonfinite() for part in self.parts.values())
+        flags = torch.stack([(~torch.isfinite(step_loss)).float() + (0 if self.fp16 else grads_bad),
+                             grads_bad if self.fp16 else torch.zeros((), device=self.device)]).float()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.ctx.group)
+        nonfinite, overflow = (bool(v > 0) for v in flags.tolist())
+        skip = nonfinite or overflow
         max_norm = self.recipe.parallel.clip_grad_norm
         self.last_grad_norms = {}
         if max_norm > 0 or measure_grad_norm:
-            self.last_grad_norms["backbone"] = self.engine.clip_grad_norm_(max_norm)
-            self.last_grad_norms["head"] = self._clip_head(max_norm)
-        stepped = self.engine.step()
-        if stepped and head_ok:
-            self.head_optimizer.step()
+            self.last_grad_norms = {name: part.clip_grad_norm_(max_norm) for name, part in self.parts.items()}
+        applied = True
+        for part in self.parts.values():  # all or none: a part that skips makes the later ones skip
+            applied = part.step(skip=skip or not applied) and applied
+        if applied:
             if self.unimoco is not None:
-                self.engine.momentum_update(self.momentum)
+                momentum_update_(self.backbone.unwrapped().momentum_pairs(), self.backbone.local_tensors,
+                                 self.momentum)
         else:
             self.num_skipped_steps += 1
+            if nonfinite:
+                torch._foreach_copy_(buffers, buffers_before)
+        self._count_nonfinite(nonfinite)
         if "backbone" in self.last_grad_norms and self.last_grad_norms["backbone"] is None:
-            self.last_grad_norms["backbone"] = self.engine.grad_norm_after_step()
-        self.engine.zero_grad()
-        self.head_optimizer.zero_grad(set_to_none=True)
+            self.last_grad_norms["backbone"] = self.backbone.grad_norm_after_step()
+        for part in self.parts.values():
+            part.zero_grad()
         for sched in self.schedulers.values():
             sched.step()
         return step_loss / accum
+
+    def _count_nonfinite(self, nonfinite: bool) -> None:
+        """Count consecutive non-finite steps; stop the run (exit status 3) after train.max_nonfinite_steps."""
+        if not nonfinite:
+            self.consecutive_nonfinite = 0
+            return
+        self.num_nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        step = self.step + 1
+        limit = self.recipe.train.max_nonfinite_steps
+        self._say(f"warning: step {step}: loss or gradients not finite (inf/nan); the step is skipped on every part "
+                  f"({self.consecutive_nonfinite} in a row, {self.num_nonfinite_steps} in all; the run stops at {limit} "
+                  f"in a row)")
+        if self.consecutive_nonfinite >= limit:
+            last = self.checkpoints.latest()
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: the loss or gradients were not finite for {limit} consecutive "
+                f"steps (train.max_nonfinite_steps); the last checkpoint, written from finite weights, is "
+                f"{last or 'none'}; lower optim.lr or set parallel.clip_grad_norm")
 
     def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor, micro_step: int) -> torch.Tensor:
         """total = w_id * margin softmax + w_con * UniCon, both from one forward of the query encoder."""
         recipe = self.recipe
         images_q = images[:, 0] if self.contrastive_on else images  # B x 3 x H x W (view 0 = query)
-        output = self.engine.forward(images_q)
+        output = self.backbone.forward(images_q)
         emb_BD, projection_BP = output if self.contrastive_on else (output, None)
         total = torch.zeros((), device=self.device)
-        if recipe.head.weight > 0:
-            # x W: the engine averages the backbone's gradients over ranks, the head's loss is a global mean.
-            loss_id = self.head(scale_gradient(emb_BD, self.ctx.world_size), labels_B)
+        if self.head is not None:
+            loss_id = self.head.loss(emb_BD, labels_B)
             total = total + recipe.head.weight * loss_id
             self.last_loss_parts["loss_id"] = loss_id.detach()
         if self.unimoco is not None:
-            keys_NP = self.unimoco.keys(self.engine, images[:, 1], micro_step)
+            keys_NP = self.unimoco.keys(self.backbone, images[:, 1], micro_step)
             labels_N = all_gather_no_grad(labels_B, self.ctx.group)
             loss_con = self.unimoco.loss(projection_BP, labels_B, keys_NP, labels_N)
             self.unimoco.enqueue(keys_NP, labels_N)
@@ -267,48 +324,13 @@ class Trainer:
     @property
     def momentum(self) -> float:
         """Key-encoder momentum for the update after the current optimizer step."""
-        return momentum_at(self.recipe.contrastive, self.step, self.shape.total_steps)
+        cfg = self.recipe.contrastive
+        return momentum_at(cfg.momentum, cfg.momentum_schedule, self.step, self.shape.total_steps)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The embedding used for verification (the backbone's, not the projection)."""
-        output = self.engine.forward(images)
+        output = self.backbone.forward(images)
         return output[0] if self.contrastive_on else output
-
-    def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
-        if "head_shards" in payload:
-            return payload["head_shards"]
-        files = sorted(source.glob("head_rank*.pt"))
-        if not files:
-            raise CheckpointError(f"checkpoint {source} holds no center shards (head_rank*.pt)")
-        return [read_payload(file) for file in files]
-
-    def _head_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.head.parameters() if p.grad is not None]
-
-    def _unscale_head_gradients(self, loss_scale: float) -> bool:
-        """Divide the head's gradients by the loss scale; False if any shard's are not finite (fp16 only)."""
-        grads = self._head_grads()
-        if not self.fp16 or not grads:
-            return True
-        torch._foreach_div_(grads, loss_scale)
-        # A host sync, but fp16 loss scaling needs one per step anyway (the scaler's skip decision).
-        bad = (~torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum())).float()
-        if self.ctx.world_size > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=self.ctx.group)
-        return not bool(bad)
-
-    def _clip_head(self, max_norm: float) -> torch.Tensor:
-        """Clip the head by its norm over all shards; returns that norm before clipping."""
-        grads = self._head_grads()
-        norm_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(
-            (), device=self.device)
-        if self.ctx.world_size > 1:
-            torch.distributed.all_reduce(norm_sq, group=self.ctx.group)
-        norm = norm_sq.sqrt()
-        if max_norm > 0:
-            coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coefficient)
-        return norm
 
     def _loss_parts_for_log(self) -> dict[str, float]:
         if len(self.last_loss_parts) < 2:
@@ -331,8 +353,8 @@ class Trainer:
     def evaluate(self) -> list[dict]:
         """Verification on every set; every rank takes part (sharded engines need all ranks in a forward).
         Returns one entry per set, the primary (first) set first."""
-        self.engine.sync_buffers()
-        self.engine.train(False)
+        self.backbone.sync_buffers()
+        self.backbone.train(False)
         entries = []
         try:
             for name, pairs in self.val_sets.items():
@@ -341,7 +363,7 @@ class Trainer:
                                         rank=self.ctx.rank, world_size=self.ctx.world_size, group=self.ctx.group)
                 entries.append({"step": self.step, "set": name, **result.as_dict()})
         finally:
-            self.engine.train(True)
+            self.backbone.train(True)
         self.result.evaluations.extend(entries)
         return entries
 
@@ -349,16 +371,34 @@ class Trainer:
         if self.verbose:
             print(text, flush=True)
 
+    def _part_sizes(self) -> list[str]:
+        """One entry per part, its parameters counted whole (not this rank's shard)."""
+        recipe = self.recipe
+        model = self.backbone.unwrapped()
+        sizes = []
+        if self.contrastive_on:
+            query = self.backbone.count_parameters(model.backbone)
+            projection = self.backbone.count_parameters(model.projection)
+            total = self.backbone.count_parameters()
+            sizes.append(f"backbone {recipe.model.backbone}: {query / 1e6:.2f}M params")
+            sizes.append(f"projection: {projection / 1e6:.2f}M")
+            sizes.append(f"momentum key encoder: {(total - query - projection) / 1e6:.2f}M (not trained by the optimizer)")
+        else:
+            sizes.append(f"backbone {recipe.model.backbone}: {self.backbone.count_parameters() / 1e6:.2f}M params")
+        if self.head is not None:
+            sizes.append(f"head: {self.num_classes} classes x {recipe.model.embedding_size} = "
+                         f"{self.head.count_parameters() / 1e6:.2f}M params over {self.ctx.world_size} rank(s)")
+        else:
+            sizes.append("head: none (head.weight 0: no identity centers)")
+        return sizes
+
     def describe(self) -> None:
         recipe, shape, ctx = self.recipe, self.shape, self.ctx
-        num_params = sum(p.numel() for p in self.engine.unwrapped().parameters())
         self._say(f"run folder: {self.run_dir}")
-        self._say(f"engine {recipe.parallel.engine}"
-                  + (f" (ZeRO stage {recipe.parallel.zero_stage})" if recipe.parallel.engine == "deepspeed" else "")
+        self._say(f"engine {type(self.backbone).describe(recipe.parallel)}"
                   + f" | world size {ctx.world_size} | device {self.device} | precision {recipe.parallel.precision}"
                   + f" | threads/rank {torch.get_num_threads()}")
-        self._say(f"backbone {recipe.model.backbone}: {num_params / 1e6:.2f}M params (rank 0 shard for sharded "
-                  f"engines) | head: {self.num_classes} classes x {recipe.model.embedding_size}")
+        self._say(" | ".join(self._part_sizes()))
         self._say(f"batch {shape.batch_size}/rank x {shape.world_size} ranks x {shape.grad_accum_steps} accumulation "
                   f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
                   f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g}")
@@ -367,11 +407,14 @@ class Trainer:
         recipe, shape = self.recipe, self.shape
         start_time = time.perf_counter()
         self.describe()
+        if not self.val_sets:
+            self._say("evaluation: none (eval.sets is empty and the data is not synthetic); list .bin sets in "
+                      "eval.sets to verify during training")
         tb_dir = self.run_dir / "tensorboard" if recipe.run.tensorboard else None
         reporter = ProgressReporter(shape.total_steps, shape.global_batch_size, tb_dir, enabled=self.verbose)
         pending_losses: list[tuple[int, torch.Tensor]] = []
-        self.engine.train(True)
-        self.head.train()
+        for part in self.parts.values():
+            part.train(True)
         try:
             while self.step < shape.total_steps:
                 lr = self.schedulers["backbone"].get_last_lr()[0]
@@ -390,8 +433,10 @@ class Trainer:
                     reporter.log(self.step, self.step / shape.steps_per_epoch,
                                  {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
                                   **self._grad_norms_for_log(), **self._unimoco_stats_for_log(),
-                                  **self._skipped_inputs_for_log()})
-                if (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last:
+                                  **self._skipped_inputs_for_log(),
+                                  **({"nonfinite_steps": float(self.num_nonfinite_steps)} if self.num_nonfinite_steps
+                                     else {})})
+                if self.val_sets and ((recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
                         reporter.log_eval(self.step, entry["set"],
                                           {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]})
@@ -408,10 +453,12 @@ class Trainer:
 
     def gather_head_shards(self) -> list[dict]:
         """Every rank's center shard and optimizer state, on every rank (for tests and small exports)."""
-        return self.ctx.all_gather_objects(shard_payload(self.head, self.head_optimizer))
+        return self.ctx.all_gather_objects(self.head.shard_state())
 
     def final_verification(self) -> dict | None:
         """The last evaluation of the primary (first) verification set."""
+        if not self.val_sets:
+            return None
         primary = next(iter(self.val_sets))
         entries = [e for e in self.result.evaluations if e.get("set", primary) == primary]
         return entries[-1] if entries else None
@@ -429,6 +476,7 @@ class Trainer:
             "evaluations": self.result.evaluations,
             "loss_curve": [{"step": s, "loss": v} for s, v in self.result.losses],
             "skipped_steps": self.num_skipped_steps,
+            "nonfinite_steps": self.num_nonfinite_steps,
             "engine": self.recipe.parallel.engine,
             "world_size": self.ctx.world_size,
             "global_batch_size": self.shape.global_batch_size,
@@ -436,41 +484,34 @@ class Trainer:
             "train_wall_time_s": self.result.wall_time_s,
         }
         path = self.run_dir / "results.json"
-        path.write_text(json.dumps(payload, indent=1))
+        payload, replaced = strict_json_values(payload)
+        payload["has_nonfinite_values"] = replaced > 0   # inf/nan are written as null (strict JSON)
+        path.write_text(json.dumps(payload, indent=1, allow_nan=False))
         return path
 
 
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in forward; multiplies the gradient by `factor` in backward."""
-    return tensor if factor == 1 else _ScaleGradient.apply(tensor, factor)
+def strict_json_values(value):
+    """(value with every non-finite float replaced by None, how many were replaced): JSON has no inf/nan."""
+    if isinstance(value, float):
+        return (value, 0) if math.isfinite(value) else (None, 1)
+    if isinstance(value, dict):
+        items = [(key, *strict_json_values(item)) for key, item in value.items()]
+        return {key: item for key, item, _ in items}, sum(count for _, _, count in items)
+    if isinstance(value, (list, tuple)):
+        items = [strict_json_values(item) for item in value]
+        return [item for item, _ in items], sum(count for _, count in items)
+    return value, 0
 
 
 def head_shard_file(rank: int) -> str:
     return f"head_rank{rank:05d}.pt"
 
 
-def _base_optimizer(optimizer):
-    """The torch optimizer whose param_groups carry the lr (DeepSpeed wraps it in a ZeRO optimizer)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def write_run_files(trainer: Trainer) -> list[Path]:
-    """resolved.yaml, and for DeepSpeed the rendered engine config, into the run folder (rank 0)."""
+    """resolved.yaml, and the engine's own files (e.g. the rendered DeepSpeed config), into the run folder (rank 0)."""
     written = [trainer.run_dir / "resolved.yaml"]
     written[0].write_text(dump_recipe(trainer.recipe))
-    ds_config = getattr(trainer.engine, "ds_config", None)
-    if ds_config is not None:
-        written.append(trainer.run_dir / "deepspeed_config.json")
-        written[-1].write_text(json.dumps(ds_config, indent=1))
+    for name, text in trainer.backbone.run_files().items():
+        written.append(trainer.run_dir / name)
+        written[-1].write_text(text)
     return written

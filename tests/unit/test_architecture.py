@@ -1,0 +1,77 @@
+# The package import graph of toolkit/ has no arrow pointing up and no circle (static, from the source).
+"""Layers, bottom to top: a package may import only packages of a lower layer (imports inside
+`if TYPE_CHECKING:` blocks are annotations, not dependencies, and are left out).
+
+The recipe schema (config) sits just below training: only the builders and the trainer read recipe
+types; the packages below them take plain arguments or small dataclasses of their own.
+"""
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LAYERS = {
+    "errors": 0,
+    "_C": 1, "distributed": 1, "serialization": 1,
+    "ops": 2,
+    "models": 3, "data": 3, "heads": 3, "contrastive": 3,
+    "parallel": 4,
+    "export": 5,
+    "eval": 6,
+    "config": 7,
+    "training": 8,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "toolkit"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{package: packages it imports at run time} over every module of toolkit/."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted((REPO / "toolkit").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        source = _package(module)
+        tree = ast.parse(path.read_text())
+        annotation_only = {id(sub) for node in ast.walk(tree)
+                           if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                           for sub in ast.walk(node)}
+        targets = edges.setdefault(source, set())
+        for node in ast.walk(tree):
+            if id(node) in annotation_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "toolkit":
+                names = [_package(node.module)] if node.module != "toolkit" else [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [_package(alias.name) for alias in node.names if alias.name.startswith("toolkit.")]
+            else:
+                continue
+            targets.update(name for name in names if name != source)
+    return edges
+
+
+def test_every_package_has_a_layer():
+    unknown = set(import_graph()) - set(LAYERS) - {"toolkit"}
+    assert not unknown, f"packages without a layer in this test: {sorted(unknown)}"
+
+
+def test_imports_point_down():
+    upward = [(source, target) for source, targets in import_graph().items() for target in targets
+              if source != "toolkit" and LAYERS.get(target, -1) >= LAYERS[source]]
+    assert not upward, f"imports that point up or sideways: {sorted(upward)}"
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The test can fail: an import of the trainer from ops is found."""
+    fake_repo = tmp_path
+    (fake_repo / "toolkit" / "ops").mkdir(parents=True)
+    (fake_repo / "toolkit" / "ops" / "bad.py").write_text("from toolkit.training.trainer import Trainer\n")
+    globals()["REPO"] = fake_repo
+    try:
+        assert import_graph() == {"ops": {"training"}}
+    finally:
+        globals()["REPO"] = REPO

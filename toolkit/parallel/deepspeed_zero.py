@@ -1,0 +1,245 @@
+# DeepSpeed ZeRO stages 0-3 around a torch optimizer; DeepSpeed's own checkpoint files per rank.
+"""ZeRO (Rajbhandari et al. 2020) partitions the optimizer states over the N ranks at stage 1, also the
+gradients at stage 2 and also the parameters at stage 3. Per-rank model-state memory for Adam in mixed
+precision (2 bytes parameters and gradients, 12 bytes fp32 master copy and two moments), Psi parameters:
+
+    stage 0: 16 Psi      stage 1: 4 Psi + 12 Psi / N      stage 2: 2 Psi + 14 Psi / N      stage 3: 16 Psi / N
+
+The toolkit keeps fp32 parameters under bf16 autocast (DeepSpeed's `torch_autocast` mode), like the other
+engines; fp16 uses DeepSpeed's own fp16 mode and dynamic loss scaler (GPU only). Clipping is DeepSpeed's
+`gradient_clipping`, inside its step. The rendered DeepSpeed config is in deepspeed_config.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit.errors import CheckpointError, ConfigError
+from toolkit.parallel.base import LaunchEnvironment, ModelStateLayout, ParallelStrategy, register_strategy
+from toolkit.parallel.deepspeed_config import build_deepspeed_config
+from toolkit.serialization import safe_torch_load
+
+
+def shared_memory_buffer_path(launch: LaunchEnvironment) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp:
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, 2 x 33 MB)."""
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{launch.master_addr}_{launch.master_port}_" \
+                              f"{launch.rank}"
+
+
+def remove_shared_memory_buffer(launch: LaunchEnvironment) -> None:
+    """Unlink this rank's buffer file as soon as every rank has mapped every buffer.
+
+    DeepSpeed's CPU communication maps one shared-memory file per rank when the process group starts
+    (each rank creates its own, then opens all the others') and never removes them, so every job left
+    2 x 33 MB per rank in /dev/shm, on success, error and crash alike. Once all ranks are past that
+    start (a barrier), the names are no longer needed: the mappings live on until the processes exit, and
+    no file is left behind whatever way the job ends, SIGKILL included.
+    """
+    torch.distributed.barrier()
+    shared_memory_buffer_path(launch).unlink(missing_ok=True)
+
+
+@register_strategy("deepspeed")
+class DeepSpeedZero(ParallelStrategy):
+    """deepspeed.initialize over the model and a torch optimizer; `deepspeed/` tag folder in each checkpoint."""
+
+    checkpoint_kind = "folder"
+
+    @classmethod
+    def check_settings(cls, par) -> None:
+        if par.offload_optimizer and par.zero_stage < 1:
+            raise ConfigError(f"parallel.offload_optimizer needs zero_stage >= 1, got zero_stage {par.zero_stage}")
+
+    @classmethod
+    def _init_process_group(cls, backend: str, timeout: datetime.timedelta, launch: LaunchEnvironment) -> None:
+        if backend == "gloo":
+            # DeepSpeed picks its accelerator from this variable when it is first imported; without a GPU it
+            # must be its CPU accelerator (gloo, shared-memory all-reduce).
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False, verbose=False)
+        if backend == "gloo":
+            remove_shared_memory_buffer(launch)
+
+    @classmethod
+    def describe(cls, par) -> str:
+        return f"deepspeed (ZeRO stage {par.zero_stage})"
+
+    @classmethod
+    def model_state_layout(cls, par) -> ModelStateLayout:
+        stage = par.zero_stage
+        native_fp16 = par.precision == "fp16"
+        # With fp32 parameters (fp32, or bf16 autocast), ZeRO 1-2 still clone their partition as "fp32 master
+        # weights" (single_partition_of_fp32_groups in deepspeed/runtime/zero/stage_1_and_2.py, 0.19); stage 3
+        # reuses the fp32 partition unless the optimizer is offloaded. Native fp16 always keeps a master copy.
+        master_copy = native_fp16 or stage in (1, 2) or (stage == 3 and par.offload_optimizer)
+        return ModelStateLayout(split_params=stage >= 3, split_grads=stage >= 2, split_optimizer=stage >= 1,
+                                param_bytes=2 if native_fp16 else 4, master_copy=master_copy,
+                                optimizer_on_cpu=par.offload_optimizer and stage >= 1,
+                                label=f"deepspeed ZeRO-{stage}" + (" + optimizer offload" if par.offload_optimizer
+                                                                   else ""))
+
+    @classmethod
+    def create(cls, par, model, optimizer_factory, ctx, batch):
+        ds_config = build_deepspeed_config(par, micro_batch_size=batch.micro_batch_size,
+                                           grad_accum_steps=batch.grad_accum_steps,
+                                           global_batch_size=batch.global_batch_size)
+        strategy = cls(par, model, optimizer_factory(model), ctx, grad_accum_steps=batch.grad_accum_steps)
+        strategy._initialize(ds_config)
+        return strategy
+
+    def _initialize(self, ds_config: dict) -> None:
+        import deepspeed
+
+        self.ds_config = ds_config
+        self.module, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
+                                                                 config=ds_config)
+        self.native_fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
+
+    def _make_scaler(self):
+        return torch.amp.GradScaler(self.ctx.device.type, enabled=False)  # DeepSpeed scales its own loss
+
+    def forward(self, images: torch.Tensor):
+        # bf16 runs through DeepSpeed's torch_autocast (inside the engine's forward); native fp16 keeps
+        # the module in half precision, so the input must match it.
+        if self.native_fp16:
+            images = images.half()
+        return self.module(images)
+
+    def key_forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.native_fp16:
+            with torch.no_grad():
+                return self.unwrapped().key_forward(images.half())
+        return super().key_forward(images)
+
+    def local_tensors(self, param):
+        # ZeRO-3 keeps only this rank's partition of a parameter (ds_tensor); the key encoder, inside the
+        # same engine module, is partitioned alike, so the EMA runs partition by partition. Small
+        # "persistent" parameters (below stage3_param_persistence_threshold) also keep their full value
+        # in param.data, which forward reads, so both copies are updated. ZeRO-0/1/2: full parameters.
+        if not hasattr(param, "ds_tensor"):
+            return [param.data]
+        if getattr(param, "ds_persist", False) and param.data.numel() > 0:
+            if param.ds_tensor.untyped_storage().data_ptr() == param.data.untyped_storage().data_ptr():
+                return [param.data]
+            return [param.data, param.ds_tensor]
+        return [param.ds_tensor]
+
+    def backward(self, loss, is_last_micro):
+        self.module.backward(loss)  # divides by gradient_accumulation_steps and applies the fp16 loss scale
+        if not is_last_micro:
+            self.module.step()      # DeepSpeed counts micro-steps in step(); it updates only on the boundary
+
+    def loss_scale(self) -> float:
+        return float(getattr(self.optimizer, "cur_scale", 1.0)) if self.native_fp16 else 1.0
+
+    def unscale_(self) -> None:
+        pass  # DeepSpeed unscales inside step()
+
+    def found_nonfinite(self) -> torch.Tensor:
+        # ZeRO keeps the gradients in its own (partitioned) buffers; it checks them inside step() and skips
+        # a step whose gradient norm is not finite (counted in skipped_steps). The trainer's loss check
+        # covers the rest.
+        return torch.zeros((), device=self.ctx.device)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor | None:
+        return None  # DeepSpeed clips in step() (gradient_clipping) and reports the norm afterwards
+
+    def step(self, skip: bool = False) -> bool:
+        # DeepSpeed offers no veto of its step from outside. To skip, its step still runs (its micro-step
+        # counters and gradient buffers move on as usual) while the torch optimizer inside does nothing:
+        # the fp32 weights (or ZeRO's fp32 partitions, copied back to the module) stay as they were.
+        skipped_before = self.module.skipped_steps
+        if not skip:
+            self.module.step()
+            return self.module.skipped_steps == skipped_before
+        inner = self.lr_optimizer
+        inner.step = lambda *args, **kwargs: None   # an instance attribute shadows the class's step
+        try:
+            self.module.step()
+        finally:
+            del inner.step
+        return False
+
+    def grad_norm_after_step(self) -> float | None:
+        norm = self.module.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad()
+
+    @property
+    def lr_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer inside ZeRO's
+
+    def unwrapped(self) -> nn.Module:
+        return self.module.module
+
+    def run_files(self) -> dict[str, str]:
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=1)}
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks.
+        return {**super().checkpoint_identity(), "world_size": self.ctx.world_size}
+
+    def state_for_file(self) -> dict[str, Any]:
+        return {}
+
+    def load_from_file(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_folder(self, folder: Path) -> None:
+        self.module.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+
+    @staticmethod
+    def check_files(folder: Path) -> None:
+        """Load every file of the `deepspeed/` tag folder safely (tensors, plain containers and the few data
+        classes DeepSpeed writes) before DeepSpeed reads them with its own, unrestricted torch.load: a file
+        holding any other pickled object is refused with a one-line CheckpointError naming it."""
+        tag_dir = folder / "deepspeed"
+        files = sorted(tag_dir.glob("*.pt"))
+        if not files:
+            raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files")
+        for file in files:
+            safe_torch_load(file, mmap=True)
+
+    def load_folder(self, folder: Path) -> None:
+        self.check_files(folder)
+        load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder / 'deepspeed'}")
+
+    def _gathered(self, modifier_rank=None):
+        """All parameters whole for the duration of the block (ZeRO-3); nothing to do at stages 0-2."""
+        import contextlib
+
+        if getattr(self.par, "zero_stage", 0) < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.unwrapped().parameters()), modifier_rank=modifier_rank)
+
+    def count_parameters(self, module: nn.Module | None = None) -> int:
+        # ZeRO-3 empties param.data on every rank; ds_numel keeps the full size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in (module or self.unwrapped()).parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        with self._gathered():
+            return super().full_state_dict()
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with self._gathered(modifier_rank=0):
+            self.unwrapped().load_state_dict(state)
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:   # the optimizer side keeps its own fp32 copy: update it from the new weights
+            refresh()
