@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from toolkit.training.trainer import Trainer, prepare_run_folder, write_run_files
+    from toolkit.training.run_files import prepare_run_folder, write_run_files
+    from toolkit.training.trainer import Trainer
 
     ctx = init_distributed(recipe)
     try:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         # Only now, with the model built and the checkpoint accepted, is anything written.
         prepare_run_folder(recipe)
         if ctx.is_main:
-            write_run_files(trainer)
+            write_run_files(trainer.run_dir, recipe, trainer.backbone.run_files())
         result = trainer.fit()
         results_path = trainer.write_results()
         if ctx.is_main:

@@ -139,7 +139,8 @@ def test_state_from_another_setup_is_refused(even_shards):
 
 
 def test_trainer_runs_and_resumes_on_shards(even_shards, tiny_recipe, tmp_path):
-    from toolkit.training.trainer import Trainer, prepare_run_folder
+    from toolkit.training.run_files import prepare_run_folder
+    from toolkit.training.trainer import Trainer
 
     overrides = ["data.backend=webdataset", f"data.manifest={even_shards}", "data.image_size=16",
                  "data.num_workers=1", "train.num_epochs=0.8", "checkpoint.every_steps=4", "checkpoint.keep_last=0"]

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 from launch.train import init_distributed  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
-from toolkit.training.trainer import Trainer, prepare_run_folder, write_run_files  # noqa: E402
+from toolkit.training.run_files import prepare_run_folder, write_run_files  # noqa: E402
+from toolkit.training.trainer import Trainer  # noqa: E402
 
 
 def full_named_state(trainer) -> dict:
@@ -48,7 +49,7 @@ ctx = init_distributed(recipe)
 run_dir = prepare_run_folder(recipe)
 trainer = Trainer(recipe, run_dir, ctx=ctx, verbose=False)
 if ctx.is_main:
-    write_run_files(trainer)
+    write_run_files(trainer.run_dir, recipe, trainer.backbone.run_files())
 for _ in range(args.steps):
     trainer.train_step()
     trainer.step += 1

@@ -7,7 +7,8 @@ import torch
 from toolkit.config.schema import ScheduleConfig
 from toolkit.training.checkpoint import load_checkpoint
 from toolkit.training.optim import lr_factor, split_decay_groups
-from toolkit.training.trainer import Trainer, prepare_run_folder
+from toolkit.training.run_files import prepare_run_folder
+from toolkit.training.trainer import Trainer
 from toolkit.errors import CheckpointError
 from toolkit.models import create_backbone, register_backbone
 

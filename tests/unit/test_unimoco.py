@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from toolkit.contrastive import unicon_loss_reference
 from toolkit.contrastive.queue import LabelQueue
-from toolkit.training.trainer import Trainer, prepare_run_folder
+from toolkit.training.run_files import prepare_run_folder
+from toolkit.training.trainer import Trainer
 
 
 def unicon_direct(query, keys, query_labels, key_labels, own_key, temperature, margin):

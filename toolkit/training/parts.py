@@ -121,3 +121,32 @@ class HeadPart:
     def load_shards(self, shards: list[dict[str, Any]], source) -> None:
         """Take this rank's class range from the saved shards of any world size."""
         load_shards_into(self.module, self.optimizer, shards, source)
+
+
+def all_weights_finite(parts, ctx: DistributedContext) -> bool:
+    """Whether every part's weights (and floating buffers) are finite on every rank (collective; one host sync)."""
+    finite = torch.stack([part.weights_finite() for part in parts]).min()
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=ctx.group)
+    return bool(finite > 0)
+
+
+def part_sizes(strategy, head: HeadPart | None, backbone_name: str, contrastive: bool) -> list[str]:
+    """One entry per part for the run's first lines, parameters counted whole (not this rank's shard)."""
+    model = strategy.unwrapped()
+    sizes = []
+    if contrastive:
+        query = strategy.count_parameters(model.backbone)
+        projection = strategy.count_parameters(model.projection)
+        total = strategy.count_parameters()
+        sizes.append(f"backbone {backbone_name}: {query / 1e6:.2f}M params")
+        sizes.append(f"projection: {projection / 1e6:.2f}M")
+        sizes.append(f"momentum key encoder: {(total - query - projection) / 1e6:.2f}M (not trained by the optimizer)")
+    else:
+        sizes.append(f"backbone {backbone_name}: {strategy.count_parameters() / 1e6:.2f}M params")
+    if head is not None:
+        sizes.append(f"head: {head.module.num_classes} classes x {head.module.centers_CD.shape[1]} = "
+                     f"{head.count_parameters() / 1e6:.2f}M params over {head.ctx.world_size} rank(s)")
+    else:
+        sizes.append("head: none (head.weight 0: no identity centers)")
+    return sizes

@@ -22,51 +22,26 @@ for both parts: by the engine's GradScaler (single, DDP, FSDP2) or DeepSpeed's l
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from toolkit.config import Recipe, dump_recipe
+from toolkit.config import Recipe
 from toolkit.contrastive.momentum import momentum_update_
 from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
-from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
+from toolkit.errors import CheckpointError
 from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
 from toolkit.training.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
                                          read_payload, restore_rng_state, write_payload)
+from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.optim import build_scheduler, scaled_lr
+from toolkit.training.parts import all_weights_finite, part_sizes
 from toolkit.training.progress import ProgressReporter
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports; also written to <run>/results.json."""
-
-    final_step: int
-    losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, mean loss of the step)
-    evaluations: list[dict] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
-
-def prepare_run_folder(recipe: Recipe) -> Path:
-    """Create <output_dir>/<name> and check it is writable; a one-line error otherwise."""
-    run_dir = Path(recipe.run.output_dir) / recipe.run.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the folder
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise FaceCLError(f"run.output_dir {recipe.run.output_dir!r}: cannot write run folder {run_dir} "
-                          f"({exc.strerror or exc})") from None
-    return run_dir
+from toolkit.training.run_files import TrainResult, write_results_json
 
 
 class Trainer:
@@ -114,8 +89,7 @@ class Trainer:
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
         self.last_loss_parts: dict[str, torch.Tensor] = {}
         self.num_skipped_steps = 0          # steps not applied, for any reason (fp16 overflow, non-finite)
-        self.num_nonfinite_steps = 0        # of which: non-finite loss or gradients
-        self.consecutive_nonfinite = 0
+        self.nonfinite = NonfiniteSteps(recipe.train.max_nonfinite_steps, self._say)
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -140,20 +114,13 @@ class Trainer:
             "contrastive": {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
             "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
                         "skipped_steps": self.num_skipped_steps,
-            "nonfinite_steps": self.num_nonfinite_steps, "nonfinite_steps": self.num_nonfinite_steps},
+            "nonfinite_steps": self.nonfinite.total, "nonfinite_steps": self.nonfinite.total},
         }
-
-    def weights_finite(self) -> bool:
-        """Whether every part's weights are finite on every rank (collective; one host sync)."""
-        finite = torch.stack([part.weights_finite() for part in self.parts.values()]).min()
-        if self.ctx.world_size > 1:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=self.ctx.group)
-        return bool(finite > 0)
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (all ranks call this). Never from non-finite weights: such
         a save is refused with a warning, so `keep_last` rotation cannot replace good checkpoints with it."""
-        if not self.weights_finite():
+        if not all_weights_finite(self.parts.values(), self.ctx):
             self._say(f"warning: step {self.step}: weights are not finite; no checkpoint written (the last one, "
                       f"{self.checkpoints.latest() or 'none'}, is kept)")
             return None
@@ -212,7 +179,7 @@ class Trainer:
         self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
         self.result.evaluations = list(history.get("evaluations", []))
         self.num_skipped_steps = int(history.get("skipped_steps", 0))
-        self.num_nonfinite_steps = int(history.get("nonfinite_steps", 0))
+        self.nonfinite.total = int(history.get("nonfinite_steps", 0))
         self._say(f"resumed from {source} at step {self.step}")
 
     def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
@@ -273,7 +240,7 @@ class Trainer:
             self.num_skipped_steps += 1
             if nonfinite:
                 torch._foreach_copy_(buffers, buffers_before)
-        self._count_nonfinite(nonfinite)
+        self.nonfinite.record(nonfinite, self.step + 1, self.checkpoints.latest())
         if "backbone" in self.last_grad_norms and self.last_grad_norms["backbone"] is None:
             self.last_grad_norms["backbone"] = self.backbone.grad_norm_after_step()
         for part in self.parts.values():
@@ -281,25 +248,6 @@ class Trainer:
         for sched in self.schedulers.values():
             sched.step()
         return step_loss / accum
-
-    def _count_nonfinite(self, nonfinite: bool) -> None:
-        """Count consecutive non-finite steps; stop the run (exit status 3) after train.max_nonfinite_steps."""
-        if not nonfinite:
-            self.consecutive_nonfinite = 0
-            return
-        self.num_nonfinite_steps += 1
-        self.consecutive_nonfinite += 1
-        step = self.step + 1
-        limit = self.recipe.train.max_nonfinite_steps
-        self._say(f"warning: step {step}: loss or gradients not finite (inf/nan); the step is skipped on every part "
-                  f"({self.consecutive_nonfinite} in a row, {self.num_nonfinite_steps} in all; the run stops at {limit} "
-                  f"in a row)")
-        if self.consecutive_nonfinite >= limit:
-            last = self.checkpoints.latest()
-            raise TrainingDivergedError(
-                f"training diverged at step {step}: the loss or gradients were not finite for {limit} consecutive "
-                f"steps (train.max_nonfinite_steps); the last checkpoint, written from finite weights, is "
-                f"{last or 'none'}; lower optim.lr or set parallel.clip_grad_norm")
 
     def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor, micro_step: int) -> torch.Tensor:
         """total = w_id * margin softmax + w_con * UniCon, both from one forward of the query encoder."""
@@ -371,34 +319,13 @@ class Trainer:
         if self.verbose:
             print(text, flush=True)
 
-    def _part_sizes(self) -> list[str]:
-        """One entry per part, its parameters counted whole (not this rank's shard)."""
-        recipe = self.recipe
-        model = self.backbone.unwrapped()
-        sizes = []
-        if self.contrastive_on:
-            query = self.backbone.count_parameters(model.backbone)
-            projection = self.backbone.count_parameters(model.projection)
-            total = self.backbone.count_parameters()
-            sizes.append(f"backbone {recipe.model.backbone}: {query / 1e6:.2f}M params")
-            sizes.append(f"projection: {projection / 1e6:.2f}M")
-            sizes.append(f"momentum key encoder: {(total - query - projection) / 1e6:.2f}M (not trained by the optimizer)")
-        else:
-            sizes.append(f"backbone {recipe.model.backbone}: {self.backbone.count_parameters() / 1e6:.2f}M params")
-        if self.head is not None:
-            sizes.append(f"head: {self.num_classes} classes x {recipe.model.embedding_size} = "
-                         f"{self.head.count_parameters() / 1e6:.2f}M params over {self.ctx.world_size} rank(s)")
-        else:
-            sizes.append("head: none (head.weight 0: no identity centers)")
-        return sizes
-
     def describe(self) -> None:
         recipe, shape, ctx = self.recipe, self.shape, self.ctx
         self._say(f"run folder: {self.run_dir}")
         self._say(f"engine {type(self.backbone).describe(recipe.parallel)}"
                   + f" | world size {ctx.world_size} | device {self.device} | precision {recipe.parallel.precision}"
                   + f" | threads/rank {torch.get_num_threads()}")
-        self._say(" | ".join(self._part_sizes()))
+        self._say(" | ".join(part_sizes(self.backbone, self.head, self.recipe.model.backbone, self.contrastive_on)))
         self._say(f"batch {shape.batch_size}/rank x {shape.world_size} ranks x {shape.grad_accum_steps} accumulation "
                   f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
                   f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g}")
@@ -434,8 +361,7 @@ class Trainer:
                                  {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
                                   **self._grad_norms_for_log(), **self._unimoco_stats_for_log(),
                                   **self._skipped_inputs_for_log(),
-                                  **({"nonfinite_steps": float(self.num_nonfinite_steps)} if self.num_nonfinite_steps
-                                     else {})})
+                                  **({"nonfinite_steps": float(self.nonfinite.total)} if self.nonfinite.total else {})})
                 if self.val_sets and ((recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
                         reporter.log_eval(self.step, entry["set"],
@@ -476,42 +402,17 @@ class Trainer:
             "evaluations": self.result.evaluations,
             "loss_curve": [{"step": s, "loss": v} for s, v in self.result.losses],
             "skipped_steps": self.num_skipped_steps,
-            "nonfinite_steps": self.num_nonfinite_steps,
+            "nonfinite_steps": self.nonfinite.total,
             "engine": self.recipe.parallel.engine,
             "world_size": self.ctx.world_size,
             "global_batch_size": self.shape.global_batch_size,
             "peak_lr": self.peak_lr,
             "train_wall_time_s": self.result.wall_time_s,
         }
-        path = self.run_dir / "results.json"
-        payload, replaced = strict_json_values(payload)
-        payload["has_nonfinite_values"] = replaced > 0   # inf/nan are written as null (strict JSON)
-        path.write_text(json.dumps(payload, indent=1, allow_nan=False))
-        return path
-
-
-def strict_json_values(value):
-    """(value with every non-finite float replaced by None, how many were replaced): JSON has no inf/nan."""
-    if isinstance(value, float):
-        return (value, 0) if math.isfinite(value) else (None, 1)
-    if isinstance(value, dict):
-        items = [(key, *strict_json_values(item)) for key, item in value.items()]
-        return {key: item for key, item, _ in items}, sum(count for _, _, count in items)
-    if isinstance(value, (list, tuple)):
-        items = [strict_json_values(item) for item in value]
-        return [item for item, _ in items], sum(count for _, count in items)
-    return value, 0
+        return write_results_json(self.run_dir / "results.json", payload)
 
 
 def head_shard_file(rank: int) -> str:
     return f"head_rank{rank:05d}.pt"
 
 
-def write_run_files(trainer: Trainer) -> list[Path]:
-    """resolved.yaml, and the engine's own files (e.g. the rendered DeepSpeed config), into the run folder (rank 0)."""
-    written = [trainer.run_dir / "resolved.yaml"]
-    written[0].write_text(dump_recipe(trainer.recipe))
-    for name, text in trainer.backbone.run_files().items():
-        written.append(trainer.run_dir / name)
-        written[-1].write_text(text)
-    return written
