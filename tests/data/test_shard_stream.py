@@ -154,3 +154,20 @@ def test_trainer_runs_and_resumes_on_shards(even_shards, tiny_recipe, tmp_path):
     resumed.fit()
     assert [round(v, 5) for _, v in resumed.result.losses[4:]] == [round(v, 5) for _, v in full.result.losses[4:]]
     assert full.stream.skip_stats() == {}
+
+
+def test_real_data_without_eval_sets_evaluates_nothing(even_shards, tiny_recipe, capsys):
+    """eval.sets: [] on shards: no synthetic faces are verified (they say nothing about a real-data model)."""
+    from toolkit.training.run_files import prepare_run_folder
+    from toolkit.training.trainer import Trainer
+
+    recipe = tiny_recipe("data.backend=webdataset", f"data.manifest={even_shards}", "data.image_size=16",
+                         "data.num_workers=0", "train.num_epochs=0.3", "eval.sets=[]", "eval.every_steps=1")
+    trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=True)
+    assert trainer.val_sets == {}
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert out.count("evaluation: none (eval.sets is empty and the data is not synthetic)") == 1
+    assert trainer.result.evaluations == [] and trainer.final_verification() is None
+    results = trainer.write_results()
+    assert '"final_verification": null' in results.read_text()

@@ -68,3 +68,47 @@ def test_rng_state_round_trip_restores_all_generators():
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.restore_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+KILLED_SAVE = r"""
+import os, sys, torch
+from toolkit.training import checkpoint as ckpt
+folder = ckpt.CheckpointFolder(sys.argv[1])
+folder.save(5, {"weights": torch.arange(5.0)})
+def dying_save(obj, handle):
+    handle.write(b"partial bytes of a large checkpoint")
+    handle.flush()
+    os._exit(9)   # killed mid-save: no exception handler runs
+torch.save = dying_save
+folder.save(10, {"weights": torch.zeros(5)})
+"""
+
+
+def test_a_started_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, tiny_recipe, capsys):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from toolkit.training.run_files import prepare_run_folder
+    from toolkit.training.trainer import Trainer
+
+    recipe = tiny_recipe("run.name=stale", "train.num_epochs=0.1", "checkpoint.every_steps=0")
+    folder = prepare_run_folder(recipe) / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder)], cwd=REPO, capture_output=True,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 9
+    left = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".step_00000010.pt."), left   # the real leftover
+    (folder / ".partial-step_00000007").mkdir()                                 # a killed folder save
+    (folder / ".partial-step_00000007" / "trainer.pt").write_bytes(b"x" * 100)
+    others = ["notes.tmp", ".step_12.pt.abcdef.tmp", "my.partial-step_00000001", ".partial-step_9"]
+    for name in others:   # not this toolkit's names: kept
+        (folder / name).write_text("user file")
+    trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=True)
+    trainer.fit()
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in folder.iterdir())
+    assert not any(name.startswith(".step_00000010.pt.") or name == ".partial-step_00000007" for name in names)
+    assert all(name in names for name in others), names
+    assert "step_00000005.pt" in names   # the finished checkpoint is untouched
+    assert f"removed {left[0]}" in out and "removed .partial-step_00000007" in out

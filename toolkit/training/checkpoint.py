@@ -29,6 +29,10 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"   # inside a checkpoint folder (engines that write their own files)
 _STEP_ENTRY = re.compile(r"^step_(\d{8})(\.pt)?$")
+# What an interrupted save leaves, and nothing else: atomic_write_bytes's temporary files of a step file
+# or of the `latest` pointer (mkstemp: ".NAME.<random>.tmp"), and a folder checkpoint not yet committed.
+_STALE_TEMPORARY = re.compile(r"^\.(step_\d{8}\.pt|latest)\.[A-Za-z0-9_]{6,}\.tmp$")
+_STALE_PARTIAL = re.compile(r"^\.partial-step_\d{8}$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -139,6 +143,16 @@ class CheckpointFolder:
         _fsync_dir(self.folder)
         self._point_latest_and_prune(final)
         return final
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete what crashed saves of this folder left (only names this class writes); returns them."""
+        if not self.folder.is_dir():
+            return []
+        stale = sorted(p for p in self.folder.iterdir()
+                       if (_STALE_TEMPORARY.match(p.name) and p.is_file()) or (_STALE_PARTIAL.match(p.name) and p.is_dir()))
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return stale
 
     def latest(self) -> Path | None:
         """The checkpoint the `latest` pointer names, or None before the first save."""

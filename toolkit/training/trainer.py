@@ -334,6 +334,10 @@ class Trainer:
         recipe, shape = self.recipe, self.shape
         start_time = time.perf_counter()
         self.describe()
+        if self.ctx.is_main:
+            for path in self.checkpoints.remove_stale_temporaries():
+                self._say(f"removed {path.name}: left in {self.checkpoints.folder} by an interrupted save")
+        self.ctx.barrier()
         if not self.val_sets:
             self._say("evaluation: none (eval.sets is empty and the data is not synthetic); list .bin sets in "
                       "eval.sets to verify during training")
