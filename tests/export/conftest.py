@@ -24,6 +24,7 @@ ENGINES["zero2_unimoco"] = [*ENGINES["zero2"], *UNIMOCO]
 ADAMW = ["optim.name=adamw", "optim.lr=0.001"]
 ENGINES["zero2_adamw"] = [*ENGINES["zero2"], *ADAMW]
 ENGINES["zero3_adamw"] = [*ENGINES["zero3"], *ADAMW]
+ENGINES["fsdp_unimoco"] = [*ENGINES["fsdp"], *UNIMOCO]
 ENGINES["single_unimoco"] = UNIMOCO
 SAVE_STEP = 3
 

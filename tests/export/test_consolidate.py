@@ -86,7 +86,7 @@ def test_zero_backbone_equals_deepspeeds_zero_to_fp32_bit_for_bit(engine, runs_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero2_unimoco", "single_unimoco"])
+@pytest.mark.parametrize("engine", ["zero2_unimoco", "fsdp_unimoco", "single_unimoco"])
 def test_unimoco_run_gives_the_query_backbone_and_optionally_the_key_encoder(engine, runs_root, tmp_path):
     run = probed_run(engine, runs_root)
     out = tmp_path / "u.safetensors"
