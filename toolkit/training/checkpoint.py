@@ -134,6 +134,11 @@ class CheckpointFolder:
         partial.mkdir(parents=True)
         return partial
 
+    def discard_partial(self, step: int) -> None:
+        """Remove what a failed save of `step` wrote (the temporary files of single-file saves remove
+        themselves; a folder save leaves its partial folder)."""
+        shutil.rmtree(self.partial_folder_for(step), ignore_errors=True)
+
     def commit_folder(self, step: int) -> Path:
         """Rename a finished partial folder to its final name (atomic), then update `latest`."""
         final = self.folder_for(step)

@@ -37,6 +37,7 @@ from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
 from toolkit.training.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
                                          read_payload, restore_rng_state, write_payload)
+from toolkit.training.disk_space import checked_save, expected_checkpoint_bytes
 from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.optim import build_scheduler, scaled_lr
 from toolkit.training.parts import all_weights_finite, part_sizes
@@ -127,6 +128,16 @@ class Trainer:
         self.backbone.sync_buffers()
         state = self._trainer_state()
         shard = self.head.shard_state() if self.head is not None else None
+        # About: every tensor of the model state, x 3 for the optimizer's states (exact after the first save).
+        tensor_bytes = 3 * 4 * (self.backbone.count_parameters() + (self.head.count_parameters() if self.head else 0))
+        needed = expected_checkpoint_bytes(self.checkpoints.latest(), tensor_bytes)
+        path = checked_save(self.checkpoints.folder, self.step, needed, lambda: self._write_checkpoint(state, shard),
+                            lambda: self.checkpoints.discard_partial(self.step), self._say)
+        self.ctx.barrier()
+        self._say(f"checkpoint saved: {path}")
+        return path
+
+    def _write_checkpoint(self, state: dict, shard: dict | None) -> Path | None:
         if not self.checkpoint_in_folder:
             path = self.checkpoints.save(self.step, {**state, "head_shards": [shard] if shard else []})
         else:
@@ -140,8 +151,6 @@ class Trainer:
                 write_payload(partial / TRAINER_FILE, self.step, state)
             self.ctx.barrier()
             path = self.checkpoints.commit_folder(self.step) if self.ctx.is_main else None
-        self.ctx.barrier()
-        self._say(f"checkpoint saved: {path}")
         return path
 
     def resume(self, path) -> None:
