@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -32,6 +33,7 @@ from toolkit.data import SyntheticFaces  # noqa: E402
 from toolkit.data.converters import ConvertSettings, ImageFolderSource, convert  # noqa: E402
 from toolkit.data.jpeg import decode_rgb  # noqa: E402
 from toolkit.data.shard_stream import ShardBatchStream, ShardedTrainSet  # noqa: E402
+from results_file import results_path  # noqa: E402
 
 
 def face_jpegs(num_identities: int, per_identity: int) -> list[list[bytes]]:
@@ -99,8 +101,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=6000, help="images in the benchmark set (20 per identity)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per figure")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_data.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: results/bench_data.json, or a new time-stamped file beside it "
+                             "when that exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args()
+    args.out = results_path(args.out, "bench_data", overwrite=args.overwrite)
 
     per_identity = 20
     jpegs = face_jpegs(max(1, args.images // per_identity), per_identity)

@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toolkit.ops as ops  # noqa: E402
 from toolkit.heads.margin import Margin  # noqa: E402
 from toolkit.ops import unfused as reference  # noqa: E402
+from results_file import results_path  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MARGIN = Margin(scale=64.0, m1=1.0, m2=0.0, m3=0.4)
@@ -57,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", default="margin_softmax_ce,linear_margin_softmax_ce,unicon_loss")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
     parser.add_argument("--json", type=Path, default=None,
-                        help="output file (default benchmarks/results/kernels_<device>.json)")
+                        help="output file (default benchmarks/results/kernels_<device>.json, or a new time-stamped "
+                             "file beside it when that exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     if args.quick:
@@ -210,7 +214,7 @@ def main() -> None:
         print(f"{row['case']:<26}{row['shape']:<26}{row['fused_ms']:>10.1f}{row['reference_ms']:>10.1f}"
               f"{row['time_ratio']:>8.2f}{row['fused_peak_mb']:>10.1f}{row['reference_peak_mb']:>10.1f}"
               f"{row['memory_ratio']:>8.3f}")
-    output = args.json or RESULTS_DIR / f"kernels_{device}{'_quick' if args.quick else ''}.json"
+    output = results_path(args.json, f"kernels_{device}{'_quick' if args.quick else ''}", overwrite=args.overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     environment = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
