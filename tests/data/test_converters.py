@@ -70,6 +70,37 @@ def test_webface_subsets_get_contiguous_global_labels(tmp_path, subset, parts):
     assert found == {digest: part * 3 + n for digest, (part, n) in expected.items() if part in parts}
 
 
+def flat_webface_tree(root, parts=(0, 1, 2), per_part=3, images=4):
+    """The same identities and images as webface_tree, unpacked flat as ROOT/P_S_IIIIIII/."""
+    expected = {}
+    for part in parts:
+        for n in range(per_part):
+            files = [(f"{j}.jpg", face_jpeg(part * per_part + n, j)) for j in range(images)]
+            write_folder_tree(root, {f"{part}_0_{n:07d}": files})
+            expected.update({sha(data): (part, n) for _, data in files})
+    return expected
+
+
+@pytest.mark.parametrize("subset, parts", [("webface4m", (0,)), ("webface12m", (0, 1, 2))])
+def test_flat_webface_layout_gives_the_same_labels_as_the_nested_one(tmp_path, subset, parts):
+    expected = flat_webface_tree(tmp_path / "flat")
+    (tmp_path / "flat" / "README.txt").write_text("not an identity")
+    (tmp_path / "flat" / "misc").mkdir()   # not a P_S_IIIIIII folder: not an identity
+    source = WebFaceSource(tmp_path / "flat", parts)
+    assert source.layout == "flat"
+    manifest = convert(source, tmp_path / "out", ConvertSettings(shard_size=4, group_size=2, image_size=16),
+                       progress=False, log=quiet)
+    assert manifest.num_classes == 3 * len(parts) and manifest.num_samples == 12 * len(parts)
+    found = shard_images(tmp_path / "out")
+    assert found == {digest: part * 3 + n for digest, (part, n) in expected.items() if part in parts}
+
+
+def test_flat_webface_missing_part_is_a_clear_error(tmp_path):
+    flat_webface_tree(tmp_path / "flat", parts=(0,))
+    with pytest.raises(FaceCLError, match=r"part folders \[1, 2\] not found"):
+        WebFaceSource(tmp_path / "flat", webface_parts("webface12m"))
+
+
 def test_webface_missing_part_is_a_clear_error(tmp_path):
     webface_tree(tmp_path / "W", parts=(0,))
     with pytest.raises(FaceCLError, match=r"part folders \[1, 2\] not found"):

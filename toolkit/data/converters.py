@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import re
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -160,9 +161,13 @@ class ImageFolderSource:
         return (self.root / ref).read_bytes()
 
 
+_FLAT_WEBFACE_IDENTITY = re.compile(r"^(\d)_\d+_\d+$")   # P_S_IIIIIII: the first digit names the part
+
+
 class WebFaceSource(ImageFolderSource):
-    """WebFace42M layout root/PART/IDENTITY/IMAGE with parts 0-9; labels are contiguous over the chosen
-    parts in (part, identity) order. WebFace4M is part 0, WebFace12M parts 0-2."""
+    """WebFace42M in either of its two unpacked layouts: root/PART/IDENTITY/IMAGE with parts 0-9, or flat
+    root/P_S_IIIIIII/IMAGE identity folders whose first digit P names the part. Labels are contiguous over
+    the chosen parts in (part, identity) order. WebFace4M is part 0, WebFace12M parts 0-2."""
 
     kind = "webface"
 
@@ -171,15 +176,34 @@ class WebFaceSource(ImageFolderSource):
         self.parts = tuple(sorted(set(int(p) for p in parts)))
         if not self.parts or any(p < 0 or p > 9 for p in self.parts):
             raise ConversionError(f"WebFace parts must be in 0..9, got {list(self.parts)}")
-        missing = [p for p in self.parts if not (self.root / str(p)).is_dir()]
+        nested = [p for p in range(10) if (self.root / str(p)).is_dir()]
+        self.layout = "nested" if nested else "flat"
+        present = set(nested) if nested else self._flat_parts()
+        if not present:
+            raise ConversionError(f"no WebFace42M identity folders under {self.root} (expected {self.root}/0 ... "
+                                  f"{self.root}/9, or flat {self.root}/P_S_IIIIIII folders)")
+        missing = [p for p in self.parts if p not in present]
         if missing:
-            raise ConversionError(f"WebFace42M part folders {missing} not found under {self.root} "
-                                  f"(expected {self.root}/0 ... {self.root}/9)")
+            where = (f"expected {self.root}/0 ... {self.root}/9" if nested
+                     else f"no {self.root}/{{P}}_S_IIIIIII identity folders for those parts")
+            raise ConversionError(f"WebFace42M part folders {missing} not found under {self.root} ({where})")
+
+    def _flat_parts(self) -> set[int]:
+        return {int(m.group(1)) for entry in os.scandir(self.root)
+                if entry.is_dir() and (m := _FLAT_WEBFACE_IDENTITY.match(entry.name))}
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "root": str(self.root), "parts": list(self.parts)}
+        return {"kind": self.kind, "root": str(self.root), "parts": list(self.parts), "layout": self.layout}
 
     def identity_folders(self) -> Iterable[tuple[str, Path]]:
+        if self.layout == "flat":
+            wanted = set(self.parts)
+            entries = [(int(m.group(1)), entry.name, entry.path) for entry in os.scandir(self.root)
+                       if entry.is_dir() and (m := _FLAT_WEBFACE_IDENTITY.match(entry.name))]
+            for part, name, path in sorted(entries):
+                if part in wanted:
+                    yield name, Path(path)
+            return
         for part in self.parts:
             part_folder = self.root / str(part)
             for entry in sorted(os.scandir(part_folder), key=lambda e: e.name):
