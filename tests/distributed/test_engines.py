@@ -82,3 +82,14 @@ def test_run_prints_the_data_parallel_shape(full_and_resumed):
     assert "batch 8/rank x 2 ranks x 1 accumulation = global batch 16" in stdout
     config = (full_and_resumed.root / "zero2_full" / "deepspeed_config.json").read_text()
     assert '"train_batch_size": 16' in config and '"stage": 2' in config
+
+
+def test_every_engine_prints_the_whole_backbone_size(full_and_resumed):
+    """ZeRO-3 and FSDP2 hold shards; the startup line counts the whole model (ZeRO-3 printed 0.00M)."""
+    def size_line(stdout: str) -> str:
+        return next(line for line in stdout.splitlines() if line.startswith("backbone ")).split(" | ")[0]
+
+    reference = size_line(full_and_resumed("ddp")["stdout"])
+    assert not reference.endswith(": 0.00M params")
+    for engine in ("zero3", "fsdp"):
+        assert size_line(full_and_resumed(engine)["stdout"]) == reference, engine
