@@ -145,6 +145,7 @@ class _CompiledUnit(nn.Module):
 
 
 _COMPILED_CLASSES: Dict[Tuple[type, Tuple], type] = {}
+_RECOMPILE_LIMIT = 64
 
 
 def _compiled_class(cls: type, compile_options: Tuple) -> type:
@@ -189,7 +190,16 @@ def prepare_backbone(model: nn.Module, *, compile: bool = False, channels_last: 
             model.register_forward_pre_hook(_inputs_to_channels_last)
             model._facecl_channels_last_hook = True
     if compile:
-        options = tuple(sorted((compile_options or {}).items()))
+        # Static shapes: a training run has a few fixed block shapes, and dynamic-shape kernels for
+        # train-mode BatchNorm fail to lower in inductor (torch 2.14: "Cannot convert expression to float").
+        # All units of a class share one compiled function, so each distinct block shape (and train/eval)
+        # is one cache entry of it: raise dynamo's per-function recompile limit (8) to hold them all.
+        options = tuple(sorted({"dynamic": False, **(compile_options or {})}.items()))
+        import torch._dynamo
+
+        dynamo_config = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), _RECOMPILE_LIMIT))
         for unit in backbone_units(model):
             if is_activation_checkpointed(unit):
                 raise ValueError("prepare_backbone(compile=True) must run before apply_activation_checkpointing: "
