@@ -182,3 +182,41 @@ def test_a_dying_node_stops_the_other_node(dist_root, tmp_path):
     assert procs[1].returncode != 0 and "fails on purpose" in outputs[1]
     assert procs[0].returncode != 0, outputs[0][-3000:]
     assert elapsed < 90, f"{elapsed:.0f} s"
+
+
+TIMEOUT_S = 15
+
+
+@pytest.mark.parametrize("engine", [["parallel.engine=ddp"], ZERO2, ["parallel.engine=fsdp"]],
+                         ids=["ddp", "zero2", "fsdp"])
+def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path, engine):
+    """SIGSTOP on rank 1 at step 3: the other rank's watchdog names it and ends the job after about
+    parallel.timeout_s (plus the launcher's grace period for stopping the frozen process)."""
+    port = free_port()
+    env = {**job_env(), "FACECL_TEST_STALL_RANK": "1", "FACECL_TEST_STALL_STEP": "3"}
+    args = train_args(tmp_path, "stall", *engine, f"parallel.timeout_s={TIMEOUT_S}", "train.num_epochs=5")
+    start = time.monotonic()
+    job = subprocess.Popen([*torchrun(2, port), "tests/distributed/stall_on_rank.py", *args], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=TIMEOUT_S + 120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        os.killpg(job.pid, signal.SIGKILL) if _group_alive(job.pid) else None
+        remove_deepspeed_shm_buffers(port)
+    elapsed = time.monotonic() - start
+    assert "rank 1 freezes at step 3" in stdout
+    assert job.returncode != 0
+    lines = [line for line in stderr.splitlines() if "no progress for" in line]
+    assert lines and lines[0].startswith("error: [rank 0] no progress for ") and "rank 1 (last at step" in lines[0], \
+        stderr[-3000:]   # heartbeats are published every timeout/10 s: the step named is 1 or 2
+    assert elapsed < TIMEOUT_S + 60, f"the job took {elapsed:.0f} s to end"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

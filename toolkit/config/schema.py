@@ -234,7 +234,9 @@ class ParallelConfig:
     fsdp_mixed_precision: bool = doc(
         "FSDP2: keep bf16/fp16 parameter copies for compute and reduce gradients in fp32 (MixedPrecisionPolicy) "
         "instead of autocast.", False)
-    timeout_s: int = doc("Seconds a collective may wait before the job fails instead of hanging.", 600)
+    timeout_s: int = doc(
+        "Seconds a rank may go without progress (a step, an evaluation or a save) before the job ends with a line "
+        "naming the stalled rank, instead of hanging; collectives time out just after.", 600)
 
 
 @dataclass(frozen=True, kw_only=True)

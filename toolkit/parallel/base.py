@@ -144,7 +144,9 @@ class ParallelStrategy:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=par.timeout_s)
+        # The trainer's step watchdog ends a stalled job after timeout_s with a line naming the stalled rank;
+        # the collectives' own timeout is the backstop just after it.
+        timeout = datetime.timedelta(seconds=par.timeout_s + max(10.0, 0.1 * par.timeout_s))
         cls._init_process_group(backend, timeout, launch)
         return DistributedContext(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                                   local_world_size=launch.local_world_size, device=device,

@@ -43,6 +43,7 @@ from toolkit.training.optim import build_scheduler, scaled_lr
 from toolkit.training.parts import all_weights_finite, part_sizes
 from toolkit.training.progress import ProgressReporter
 from toolkit.training.run_files import TrainResult, write_results_json
+from toolkit.training.watchdog import StepWatchdog
 
 
 class Trainer:
@@ -355,12 +356,17 @@ class Trainer:
         pending_losses: list[tuple[int, torch.Tensor]] = []
         for part in self.parts.values():
             part.train(True)
+        # Several ranks: a rank that stops making progress ends the job within parallel.timeout_s.
+        watchdog = (StepWatchdog(recipe.parallel.timeout_s, self.ctx.rank, self.ctx.world_size).start()
+                    if self.ctx.world_size > 1 else None)
         try:
             while self.step < shape.total_steps:
                 lr = self.schedulers["backbone"].get_last_lr()[0]
                 will_log = (self.step + 1) % recipe.run.log_every == 0 or self.step + 1 == shape.total_steps
                 loss = self.train_step(measure_grad_norm=will_log)
                 self.step += 1
+                if watchdog is not None:
+                    watchdog.beat(self.step)
                 reporter.step_done()
                 pending_losses.append((self.step, loss))
                 last = self.step == shape.total_steps
@@ -380,11 +386,17 @@ class Trainer:
                         reporter.log_eval(self.step, entry["set"],
                                           {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]})
                     reporter.restart_clock()
+                    if watchdog is not None:
+                        watchdog.beat(self.step)
                 if (recipe.checkpoint.every_steps and self.step % recipe.checkpoint.every_steps == 0) or (
                         last and recipe.checkpoint.save_final):
                     self.save()
                     reporter.restart_clock()
+                    if watchdog is not None:
+                        watchdog.beat(self.step)
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             reporter.close()
         self.result.final_step = self.step
         self.result.wall_time_s = time.perf_counter() - start_time
