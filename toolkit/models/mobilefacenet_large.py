@@ -105,7 +105,7 @@ class MobileFaceNetLarge(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def fsdp_units(self) -> list[nn.Module]:
-        """The 30 branches: each becomes one FSDP2 unit (and one activation-checkpointing unit)."""
+        """The 29 branches: each becomes one FSDP2 unit (and one activation-checkpointing unit)."""
         return list(self.branches)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
