@@ -132,6 +132,10 @@ class ParallelStrategy:
                               "cannot offload")
 
     @classmethod
+    def check_compile(cls, par: "ParallelConfig") -> None:
+        """model.compile under this engine: a ConfigError where the engine cannot run a compiled backbone."""
+
+    @classmethod
     def check_world_size(cls, world_size: int) -> None:
         if world_size > 1 and not cls.multi_rank:
             raise ConfigError(f"parallel.engine {cls.name!r} runs one process, but this job has {world_size} ranks; "

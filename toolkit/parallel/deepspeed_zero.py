@@ -59,6 +59,12 @@ class DeepSpeedZero(ParallelStrategy):
             raise ConfigError(f"parallel.offload_optimizer needs zero_stage >= 1, got zero_stage {par.zero_stage}")
 
     @classmethod
+    def check_compile(cls, par) -> None:
+        if par.zero_stage == 3:
+            raise ConfigError("model.compile is not supported with DeepSpeed ZeRO-3 (its parameter-fetch hooks run "
+                              "inside every block); use zero_stage 0-2 or parallel.engine fsdp")
+
+    @classmethod
     def _init_process_group(cls, backend: str, timeout: datetime.timedelta, launch: LaunchEnvironment) -> None:
         if backend == "gloo":
             # DeepSpeed picks its accelerator from this variable when it is first imported; without a GPU it

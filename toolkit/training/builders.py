@@ -48,10 +48,11 @@ def build_backbone(recipe: Recipe) -> torch.nn.Module:
     checkpointing wraps the compiled block), ready for the engine to wrap."""
     from toolkit.models import apply_activation_checkpointing, prepare_backbone
 
+    from toolkit.parallel import get_strategy
+
     cfg = recipe.model
-    if cfg.compile and recipe.parallel.engine == "deepspeed" and recipe.parallel.zero_stage == 3:
-        raise ConfigError("model.compile is not supported with DeepSpeed ZeRO-3 (its parameter-fetch hooks run inside "
-                          "every block); use zero_stage 0-2 or parallel.engine fsdp")
+    if cfg.compile:
+        get_strategy(recipe.parallel.engine).check_compile(recipe.parallel)
     # ViT-only options are passed when set, so that a convolutional backbone rejects them by name.
     options = {name: value for name, value in (("drop_path", cfg.drop_path), ("mask_ratio", cfg.mask_ratio),
                                                ("patch_size", cfg.patch_size)) if value}
