@@ -173,15 +173,12 @@ class FullyShardedDataParallel2(ParallelStrategy):
         self.scaler.load_state_dict(state["scaler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                           broadcast_from_rank0=False))
-        if self.ctx.rank != 0:  # cpu_offload gives the full state on rank 0 only: share it
-            state = None
-        return self.ctx.broadcast_object(state)
+        # Every sharded (DTensor) entry is all-gathered, in state-dict order on every rank (collective).
+        return {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu().clone()
+                for key, value in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
+        # set_model_state_dict replaces the dict's entries by sharded tensors: hand it a copy of the caller's.
+        set_model_state_dict(self.module, dict(state), options=StateDictOptions(full_state_dict=True))
