@@ -248,6 +248,13 @@ class TrainConfig:
     max_nonfinite_steps: int = doc(
         "A step whose loss or gradients are not finite (inf/nan) is skipped on every part and counted; after "
         "this many consecutive skipped steps the run stops with exit status 3 (diverged).", 20)
+    init_from: str = doc(
+        "Start from these weights instead of a random init: a consolidated file of ours (convert.py consolidate, "
+        "with its identity centers when written with --with-head), a FaceCL run or checkpoint, or an arcface_torch "
+        "backbone .pth (iresnet18-200, mbf_large). Ignored when the run is resumed.", "")
+    init_from_softmax: str = doc(
+        "arcface_torch's per-rank Partial FC weight files (a folder, or one file) to start the identity centers "
+        "from; merged in class order and resharded to this job's ranks.", "")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -64,6 +64,28 @@ def build_backbone(recipe: Recipe) -> torch.nn.Module:
     return backbone
 
 
+def load_initial_weights(recipe: Recipe, model: torch.nn.Module):
+    """train.init_from: load the backbone weights into `model` (with UniMoCo into the query encoder and its
+    momentum copy); returns the full identity centers C x D when the file (or init_from_softmax) has them."""
+    cfg = recipe.train
+    if not cfg.init_from:
+        if cfg.init_from_softmax:
+            raise ConfigError("train.init_from_softmax needs train.init_from (the backbone to start from)")
+        return None
+    from toolkit.export.init_from import load_init_state
+
+    state, centers = load_init_state(cfg.init_from, backbone=recipe.model.backbone,
+                                     embedding_size=recipe.model.embedding_size, image_size=recipe.data.image_size,
+                                     softmax=cfg.init_from_softmax or None)
+    backbones = [model] if recipe.contrastive.weight <= 0 else [model.backbone, model.key_backbone]
+    for module in backbones:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"train.init_from {cfg.init_from}: does not fit {recipe.model.backbone} (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return centers
+
+
 def build_model(recipe: Recipe) -> torch.nn.Module:
     """What the engine wraps: the backbone, or with UniMoCo the query encoder and its momentum copy."""
     backbone = build_backbone(recipe)

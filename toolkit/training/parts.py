@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from toolkit.distributed import DistributedContext
+from toolkit.errors import CheckpointError
 from toolkit.heads.partial_fc import ShardedIdentityCenterHead
 from toolkit.heads.shard_checkpoint import load_shards_into, shard_payload
 
@@ -112,6 +113,15 @@ class HeadPart:
 
     def count_parameters(self) -> int:
         return self.module.num_classes * self.module.centers_CD.shape[1]
+
+    @torch.no_grad()
+    def load_full_centers(self, centers_CD: torch.Tensor, source) -> None:
+        """Take this rank's class range from a full C x D center matrix (class order)."""
+        shard = self.module.shard
+        if tuple(centers_CD.shape) != (self.module.num_classes, self.module.centers_CD.shape[1]):
+            raise CheckpointError(f"{source}: identity centers of shape {tuple(centers_CD.shape)}; this run has "
+                                  f"{self.module.num_classes} classes x {self.module.centers_CD.shape[1]}")
+        self.module.centers_CD.copy_(centers_CD[shard.start:shard.end])
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def shard_state(self) -> dict[str, Any]:

@@ -69,12 +69,15 @@ class Trainer:
         self.peak_lr = scaled_lr(recipe.optim, self.shape.global_batch_size)
         self.contrastive_on = recipe.contrastive.weight > 0
         model = builders.build_model(recipe).to(self.device)  # backbone, or UniMoCo's two encoders
+        init_centers = builders.load_initial_weights(recipe, model)
         self.head = None
         if recipe.head.weight > 0:
             # The shards are drawn from a per-rank stream, so that rank r's initial centers do not depend on
             # how many classes other ranks hold (2M x 512 must never be drawn whole on one rank).
             torch.manual_seed(recipe.run.seed * 1_000_003 + 17 + self.ctx.rank)
             self.head = builders.build_head_part(recipe, self.num_classes, self.ctx, self.peak_lr)
+            if init_centers is not None:
+                self.head.load_full_centers(init_centers, recipe.train.init_from_softmax or recipe.train.init_from)
             torch.manual_seed(recipe.run.seed)
         self.backbone = builders.build_strategy(recipe, self.shape, model, self.ctx, self.peak_lr)
         self.unimoco = builders.build_unimoco(recipe, self.shape, self.ctx) if self.contrastive_on else None
