@@ -379,7 +379,9 @@ def test_compile_matches_eager_with_checkpointing(name):
         eager_out, eager_grads, _ = _train_step_results(eager, images, seed=step)
         comp_out, comp_grads, _ = _train_step_results(compiled, images, seed=step)
         torch.testing.assert_close(comp_out, eager_out, rtol=1e-4, atol=1e-5)
-        _assert_grads_close(comp_grads, eager_grads, rtol=1e-4)
+        # Inductor fuses and reorders the reductions: through iresnet18's train-mode BN layers the first
+        # conv's gradient moves by ~3.4e-4 of its size (as with channels_last, see above).
+        _assert_grads_close(comp_grads, eager_grads, rtol=2e-3)
         eager.zero_grad()
         compiled.zero_grad()
     eager.eval()
