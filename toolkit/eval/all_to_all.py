@@ -59,7 +59,8 @@ class _Bracket:
 
 
 class _Tiles:
-    """Iterates the strict upper triangle of E E^T in tiles, yielding (genuine values, impostor values)."""
+    """Iterates the strict upper triangle of E E^T in tiles, yielding (genuine values, impostor scores), the
+    latter a flat view of the tile in which every non-impostor entry is -inf."""
 
     def __init__(self, emb_ND: torch.Tensor, labels_N: torch.Tensor, *, row_block: int, col_block: int,
                  compute_dtype: torch.dtype | None, rank: int, world_size: int):
@@ -100,8 +101,12 @@ class _Tiles:
                     upper_RC = cols > rows
                 same_RC = la_R[:, None] == lb_C[None, :]
                 genuine_RC = same_RC if upper_RC is None else same_RC & upper_RC
-                impostor_RC = ~same_RC if upper_RC is None else ~same_RC & upper_RC
-                yield s_RC[genuine_RC], s_RC[impostor_RC]
+                genuine = s_RC[genuine_RC]
+                # Everything that is not an impostor pair becomes -inf in place (no 64 MB masked copy, whose
+                # varying size fragments the heap): histc ignores it, and the tail selections never keep it.
+                not_impostor_RC = same_RC if upper_RC is None else same_RC | ~upper_RC
+                s_RC.masked_fill_(not_impostor_RC, -math.inf)
+                yield genuine, s_RC.reshape(-1)
 
 
 def _all_reduce_sum(t: torch.Tensor, world_size: int, group) -> torch.Tensor:
@@ -152,7 +157,7 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     _, counts = torch.unique_consecutive(labels_N.cpu(), return_counts=True)
     num_genuine = int(sum(int(c) * (int(c) - 1) // 2 for c in counts.tolist()))
     num_impostor = n * (n - 1) // 2 - num_genuine
-    max_sq_norm = float(emb_ND.float().pow(2).sum(dim=1).max())
+    max_sq_norm = float(torch.linalg.vector_norm(emb_ND, dim=1, dtype=torch.float32).max()) ** 2
     radius = max_sq_norm * (1 + 1e-4) + 1e-6  # every |score| is <= max |e|^2 (Cauchy-Schwarz)
 
     tiles = _Tiles(emb_ND, labels_N, row_block=row_block, col_block=col_block, compute_dtype=compute_dtype,
@@ -196,8 +201,10 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
                 genuine_parts.append(genuine.float().cpu())
             if not requests:
                 continue
-            # The whole tile in a full-range histogram pass, else only the upper tail (usually tiny).
-            tail = impostor if lowest <= -radius else impostor[impostor >= lowest]
+            # The whole tile in a full-range histogram pass (-inf entries, non-impostors, are ignored by
+            # histc), else only the upper tail (usually tiny).
+            tail = impostor if lowest <= -radius and not any(m == "collect" for m, _, _ in requests) \
+                else impostor[impostor >= lowest]
             if tail.numel() == 0:
                 continue
             for i, (mode, lo, hi) in enumerate(requests):
