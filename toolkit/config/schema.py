@@ -263,8 +263,12 @@ class EvalConfig:
 
     every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0)
     sets: list[str] = doc(
-        "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); the first is the one "
-        "reported last. Empty: the synthetic held-out pairs.", default_factory=list, path=True)
+        "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) and IJB-B/IJB-C release "
+        "folders (1:1 TAR at FAR 1e-5/1e-4/1e-3); the first .bin set is the one reported last. Empty: the "
+        "synthetic held-out pairs with the synthetic backend, nothing with real data.", default_factory=list, path=True)
+    ijb_max_pairs: int = doc(
+        "IJB folders in eval.sets: score a seeded subset of this many template pairs (all genuine pairs up to "
+        "half of it) so that evaluation fits into training; 0 = every pair (the benchmark's numbers).", 0)
     batch_size: int = doc("Images per forward pass during evaluation.", 256)
     num_folds: int = doc("Cross-validation folds of the verification protocol.", 10)
 

@@ -208,6 +208,18 @@ def build_val_sets(recipe: Recipe) -> dict:
 
     sets = {}
     for path in recipe.eval.sets:
+        if Path(path).is_dir():
+            from toolkit.eval.ijb import IJBEvaluator, detect_prefix
+
+            if detect_prefix(Path(path)) is None:
+                raise ConfigError(f"eval.sets: {path} is a folder but not an IJB-B/IJB-C release (no meta/ijbb_* or "
+                                  "meta/ijbc_* files)")
+            evaluator = IJBEvaluator(path, max_pairs=recipe.eval.ijb_max_pairs or None,
+                                     image_size=recipe.data.image_size, batch_size=recipe.eval.batch_size,
+                                     num_workers=recipe.data.num_workers, seed=recipe.run.seed,
+                                     fars=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
+            sets[evaluator.name] = evaluator
+            continue
         if not Path(path).is_file():
             raise ConfigError(f"eval.sets: verification file not found: {path}")
         pairs = VerificationBin(path, image_size=recipe.data.image_size)

@@ -318,8 +318,13 @@ class Trainer:
         self.backbone.train(False)
         entries = []
         try:
-            for name, pairs in self.val_sets.items():
-                result = evaluate_pairs(self._embed, pairs, pairs.is_same_P, device=self.device,
+            for name, evaluation in self.val_sets.items():
+                if hasattr(evaluation, "evaluate"):   # an IJB release: TAR at FAR over template pairs
+                    result = evaluation.evaluate(self._embed, device=self.device, rank=self.ctx.rank,
+                                                 world_size=self.ctx.world_size, group=self.ctx.group)
+                    entries.append({"step": self.step, "set": name, **result})
+                    continue
+                result = evaluate_pairs(self._embed, evaluation, evaluation.is_same_P, device=self.device,
                                         batch_size=self.recipe.eval.batch_size, num_folds=self.recipe.eval.num_folds,
                                         rank=self.ctx.rank, world_size=self.ctx.world_size, group=self.ctx.group)
                 entries.append({"step": self.step, "set": name, **result.as_dict()})
@@ -386,8 +391,7 @@ class Trainer:
                                   **({"nonfinite_steps": float(self.nonfinite.total)} if self.nonfinite.total else {})})
                 if self.val_sets and ((recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
-                        reporter.log_eval(self.step, entry["set"],
-                                          {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]})
+                        reporter.log_eval(self.step, entry["set"], evaluation_scalars(entry))
                     reporter.restart_clock()
                     if watchdog is not None:
                         watchdog.beat(self.step)
@@ -411,9 +415,10 @@ class Trainer:
 
     def final_verification(self) -> dict | None:
         """The last evaluation of the primary (first) verification set."""
-        if not self.val_sets:
+        pair_sets = [name for name, evaluation in self.val_sets.items() if not hasattr(evaluation, "evaluate")]
+        if not pair_sets:
             return None
-        primary = next(iter(self.val_sets))
+        primary = pair_sets[0]
         entries = [e for e in self.result.evaluations if e.get("set", primary) == primary]
         return entries[-1] if entries else None
 
@@ -438,6 +443,13 @@ class Trainer:
             "train_wall_time_s": self.result.wall_time_s,
         }
         return write_results_json(self.run_dir / "results.json", payload)
+
+
+def evaluation_scalars(entry: dict) -> dict[str, float]:
+    """What the log line and TensorBoard show of one evaluation: accuracy for pair sets, TAR@FAR for IJB."""
+    if "accuracy_mean" in entry:
+        return {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]}
+    return {key: value for key, value in entry.items() if key.startswith("TAR@FAR=") and value is not None}
 
 
 def head_shard_file(rank: int) -> str:
