@@ -92,6 +92,7 @@ def load_dcp_safely(state: dict, folder: Path, **dcp_options) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    safe_dcp_metadata(folder / ".metadata")   # refused here with its own line, before DCP wraps the error
     try:
         dcp.load(state, storage_reader=safe_dcp_reader(folder), planner=safe_load_planner(folder), **dcp_options)
     except CheckpointException as exc:
