@@ -69,6 +69,11 @@ def torchrun(nproc: int, port: int) -> list[str]:
             f"--master_port={port}"]
 
 
+def launcher(nproc: int, port: int) -> list[str]:
+    """Plain python for one process (its exit status reaches us; torchrun reports every failure as 1)."""
+    return [sys.executable] if nproc == 1 else torchrun(nproc, port)
+
+
 def deepspeed_launcher(num_gpus: int, port: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={num_gpus}", f"--master_port={port}"]
 

@@ -7,22 +7,14 @@ The control: loading the same planted file unsafely does create the marker (the 
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed.conftest import check_ok, free_port, job_env, run_job, torchrun, train_args
-from tests.conftest import REPO
+from tests.distributed.conftest import check_ok, free_port, launcher, run_job, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
-
-
-def launcher(nproc: int, port: int) -> list[str]:
-    """Plain python for one process (its exit status reaches us; torchrun reports every failure as 1)."""
-    return [sys.executable] if nproc == 1 else torchrun(nproc, port)
 
 ENGINES = {
     "single": (1, ["parallel.engine=single"]),

@@ -2,19 +2,13 @@
 # no checkpoint is written from non-finite weights, and results.json stays strict JSON.
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from tests.distributed.conftest import free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import free_port, launcher, run_job, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
-
-
-def launcher(nproc: int, port: int) -> list[str]:
-    """Plain python for one process (its exit status reaches us; torchrun reports every failure as 1)."""
-    return [sys.executable] if nproc == 1 else torchrun(nproc, port)
 
 ENGINES = {
     "single": (1, ["parallel.engine=single"]),

@@ -27,6 +27,7 @@ import torch
 
 from toolkit.errors import CheckpointError
 from toolkit.export.checkpoints import DEEPSPEED_TAG, FSDP_FOLDER, CheckpointSource
+from toolkit.parallel.fsdp2 import safe_dcp_reader
 from toolkit.serialization import safe_dcp_metadata, safe_torch_load
 
 ENCODER_PARTS = ("backbone", "projection", "key_backbone", "key_projection")
@@ -141,23 +142,6 @@ def _check_deepspeed_ranks(source: CheckpointSource, tag_dir: Path, stage: int, 
 
 # ----- FSDP2 (DCP) ------------------------------------------------------------------------------------------
 
-def _safe_dcp_reader(folder: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        """DCP's file reader with `.metadata` parsed by the restricted unpickler."""
-
-        def read_metadata(self, *args, **kwargs):
-            metadata = safe_dcp_metadata(folder / ".metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader(str(folder))
-
-
 def dcp_storage_problems(folder: Path, metadata) -> list[str]:
     """Files that DCP's metadata refers to but which are missing or shorter than the data they must hold."""
     needed: dict[str, int] = {}
@@ -191,7 +175,7 @@ def fsdp_state(source: CheckpointSource) -> dict[str, torch.Tensor]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "loading without a process group" is the intent here
-        loaded = _load_state_dict_from_keys(keys, storage_reader=_safe_dcp_reader(folder))
+        loaded = _load_state_dict_from_keys(keys, storage_reader=safe_dcp_reader(folder))
     model = loaded["model"] if "model" in loaded else {k[len("model."):]: v for k, v in loaded.items()}
     return {key: value for key, value in _flatten(model).items()}
 

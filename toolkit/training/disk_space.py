@@ -10,7 +10,6 @@ after removing what the failed save wrote; the previous checkpoints are never to
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from pathlib import Path
 from typing import Callable

@@ -118,8 +118,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             "contrastive": {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
             "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
-                        "skipped_steps": self.num_skipped_steps,
-            "nonfinite_steps": self.nonfinite.total, "nonfinite_steps": self.nonfinite.total},
+                        "skipped_steps": self.num_skipped_steps, "nonfinite_steps": self.nonfinite.total},
         }
 
     def save(self) -> Path | None:
