@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
-    from toolkit.training.memory_plan import default_num_classes, format_plan, plan_memory
+    from toolkit.training.memory_plan import default_num_classes, format_activations, format_plan, plan_memory
     from toolkit.errors import FaceCLError
 
     if args.world_size < 1:
@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     # With --num-classes no data path is read, so ${DATA_ROOT} and friends need not be set.
     recipe = load_config(args.recipe, args.overrides, expand_env=args.num_classes is None)
     num_classes = args.num_classes if args.num_classes is not None else default_num_classes(recipe)
-    print(format_plan(plan_memory(recipe, args.world_size, num_classes)))
+    plan = plan_memory(recipe, args.world_size, num_classes)
+    print(format_plan(plan))
+    print(format_activations(recipe, args.world_size, plan.gpu_total))
     return 0
 
 

@@ -376,6 +376,33 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if cpu == on_cpu]
         lines.append(f"    {total_name:<{width}}{format_bytes(total):>11}")
         lines.append("")
-    lines.append("  not included: backbone activations, gathered embeddings and normalised centers, "
+    lines.append("  not included: gathered embeddings and normalised centers, "
                  "communication buckets, CUDA context, allocator fragmentation")
+    return "\n".join(lines)
+
+
+def format_activations(recipe: Recipe, world_size: int, gpu_total: int) -> str:
+    """Backbone activations kept for backward on one rank, with and without activation checkpointing.
+
+    Traced on fake tensors (toolkit.models.memory): the recipe's backbone, image size and precision, times
+    the per-rank micro-batch. Added to the model-state total of the plan for the recipe's own setting."""
+    from toolkit.models.memory import activation_footprint
+    from toolkit.training.builders import build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(recipe)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.parallel.precision]
+    footprint = activation_footprint(backbone, recipe.data.image_size, dtype)
+    batch = per_rank_batch(recipe, world_size)
+    chosen = recipe.model.activation_checkpointing
+    rows = [(f"with activation checkpointing ({footprint.num_units} blocks)", True),
+            ("without activation checkpointing", False)]
+    width = max(len(name) for name, _ in rows) + 14
+    lines = [f"  Backbone activations per rank ({batch} samples per micro-step, {recipe.parallel.precision})"]
+    for name, checkpointing in rows:
+        size = footprint.bytes_per_sample(checkpointing) * batch
+        mark = "  <- recipe" if checkpointing == chosen else ""
+        lines.append(f"    {name:<{width}}{format_bytes(size):>11}{mark}")
+    total = gpu_total + footprint.bytes_per_sample(chosen) * batch
+    lines.append(f"    {'total GPU per rank with activations':<{width}}{format_bytes(total):>11}")
     return "\n".join(lines)
