@@ -436,3 +436,26 @@ def test_activation_estimate_matches_memory_measured_on_cpu(name, checkpointing)
     assert abs(measured - expected) <= 0.03 * expected, (measured, expected)
     assert footprint.largest_unit * footprint.num_units >= footprint.units_total > footprint.largest_unit
     assert footprint.bytes_per_sample(checkpointing=True) < footprint.bytes_per_sample(checkpointing=False)
+
+
+def test_plan_prints_activations_for_the_vit_l_recipe():
+    """launch/plan.py on the WebFace42M vit_l recipe at 64 ranks: per-rank activations in both regimes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from toolkit.models.memory import activation_footprint
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "launch/plan.py", "--recipe", "recipes/webface42m_vit_l.yaml",
+                           "--world-size", "64", "--num-classes", "2059906"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("Backbone activations per rank (48 samples per micro-step, bf16)" in line for line in lines)
+    with torch.device("meta"):
+        model = create_backbone("vit_l", mask_ratio=0.05)
+    checkpointed = activation_footprint(model, 112, torch.bfloat16).bytes_per_sample(True) * 48
+    row = next(line for line in lines if "with activation checkpointing (24 blocks)" in line)
+    assert f"{checkpointed / 2**20:.1f} MiB" in row and "<- recipe" in row, row
+    assert any(line.strip().startswith("total GPU per rank with activations") for line in lines)
