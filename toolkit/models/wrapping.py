@@ -195,9 +195,9 @@ def prepare_backbone(model: nn.Module, *, compile: bool = False, channels_last: 
         # All units of a class share one compiled function, so each distinct block shape (and train/eval)
         # is one cache entry of it: raise dynamo's per-function recompile limit (8) to hold them all.
         options = tuple(sorted({"dynamic": False, **(compile_options or {})}.items()))
-        import torch._dynamo
+        from torch import _dynamo  # not `import torch._dynamo`: that would make `torch` local to this function
 
-        dynamo_config = torch._dynamo.config
+        dynamo_config = _dynamo.config
         limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), _RECOMPILE_LIMIT))
         for unit in backbone_units(model):
