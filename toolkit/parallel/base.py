@@ -136,15 +136,15 @@ class ParallelStrategy:
         """model.compile under this engine: a ConfigError where the engine cannot run a compiled backbone."""
 
     @classmethod
-    def check_world_size(cls, world_size: int) -> None:
+    def check_world_size(cls, world_size: int, where: str = "this job has {} ranks") -> None:
         if world_size > 1 and not cls.multi_rank:
-            raise ConfigError(f"parallel.engine {cls.name!r} runs one process, but this job has {world_size} ranks; "
-                              "choose ddp, deepspeed or fsdp")
+            raise ConfigError(f"parallel.engine {cls.name!r} runs one process, but {where.format(world_size)}; "
+                              "set parallel.engine to ddp, deepspeed or fsdp")
 
     @classmethod
     def start(cls, par: "ParallelConfig", device: torch.device, launch: LaunchEnvironment) -> DistributedContext:
         """Start or join the job's process group (gloo on CPU, nccl on GPU) with the recipe's timeout."""
-        cls.check_world_size(launch.world_size)
+        cls.check_world_size(launch.world_size, "the launcher started {} ranks")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"

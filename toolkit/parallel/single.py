@@ -15,7 +15,7 @@ class SingleProcess(ParallelStrategy):
 
     @classmethod
     def start(cls, par, device, launch: LaunchEnvironment) -> DistributedContext:
-        cls.check_world_size(launch.world_size)
+        cls.check_world_size(launch.world_size, "the launcher started {} ranks")
         return DistributedContext(device=device)
 
     @classmethod

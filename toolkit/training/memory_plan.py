@@ -290,7 +290,7 @@ def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan
         raise ConfigError(f"the number of classes must be >= 2, got {num_classes}")
     if num_classes < world_size:
         raise ConfigError(f"{num_classes} classes cannot be sharded over {world_size} ranks")
-    get_strategy(recipe.parallel.engine).check_world_size(world_size)
+    get_strategy(recipe.parallel.engine).check_world_size(world_size, "the plan is for {} ranks")
     params, trainable = count_backbone_params(recipe)
     backbone = plan_backbone(recipe, world_size, params, trainable)
     head = plan_head(recipe, world_size, num_classes)
