@@ -48,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             prefix = "error: " if rank == 0 else f"error: [rank {rank}] "
             print(f"{prefix}{exc}", file=sys.stderr, flush=True)
 
-    return run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
+    status = run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
+    if status != 0 and rank != 0:
+        # Rank 0 prints the error that every rank hit; the launcher stops all ranks as soon as one exits, so
+        # leave it a moment to do so.
+        import time
+
+        time.sleep(2.0)
+    return status
 
 
 def _free_port() -> int:
