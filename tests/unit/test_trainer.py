@@ -134,6 +134,7 @@ def test_eval_sets_from_bin_files_match_the_same_pairs_in_memory(tiny_recipe, tm
     import io
     import pickle
 
+    import numpy as np
     from PIL import Image
 
     reference = make_trainer(tiny_recipe("run.name=evalref", "train.num_epochs=2"))
@@ -152,8 +153,18 @@ def test_eval_sets_from_bin_files_match_the_same_pairs_in_memory(tiny_recipe, tm
     from_files.backbone.unwrapped().load_state_dict(reference.backbone.unwrapped().state_dict())
     entries = from_files.evaluate()
     assert [e["set"] for e in entries] == ["lfw", "agedb_30"]
-    expected = reference.final_verification()["accuracy_mean"]
-    assert abs(entries[0]["accuracy_mean"] - expected) <= 0.05
+    # Reference: the same JPEG bytes decoded here and evaluated from memory with the same model. (The
+    # tiny model is near chance, so the JPEG round trip alone can move its accuracy by several pairs;
+    # compare like with like.)
+    from toolkit.eval import evaluate_pairs
+
+    decoded = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32))
+               .permute(2, 0, 1).div(127.5).sub(1.0) for data in encoded]
+    from_files.backbone.train(False)
+    expected = evaluate_pairs(from_files._embed, decoded, pairs.is_same_P, device=from_files.device,
+                              batch_size=64, num_folds=10).accuracy_mean
+    from_files.backbone.train(True)
+    assert abs(entries[0]["accuracy_mean"] - expected) <= 0.026   # at most one pair of 40 (decoder rounding)
     assert entries[0]["accuracy_mean"] == entries[1]["accuracy_mean"]
     assert from_files.final_verification()["set"] == "lfw"
 
