@@ -276,10 +276,10 @@ def test_same_seed_same_model_and_training_outputs():
 
 def _assert_grads_close(actual: dict, expected: dict, rtol: float) -> None:
     """Per tensor: max |difference| within rtol x the tensor's largest gradient (sums in another order),
-    with a floor of 1e-4 x the largest gradient of the model for gradients that are zero up to rounding
+    with a floor of 1e-3 x the largest gradient of the model for gradients that are zero up to rounding
     (biases in front of a BatchNorm)."""
     assert actual.keys() == expected.keys() and expected
-    floor = 1e-4 * max(want.abs().max().item() for want in expected.values())
+    floor = 1e-3 * max(want.abs().max().item() for want in expected.values())
     for key, want in expected.items():
         scale = want.abs().max().item()
         worst = (actual[key] - want).abs().max().item()
