@@ -1,0 +1,69 @@
+# benchmarks/bench_train.py measures equal work on both sides: same first-step loss, every field in its JSON.
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "bench_train.py"
+TINY = ["--backbone", "mobilefacenet", "--image-size", "16", "--batch-size", "8", "--num-classes", "12",
+        "--embedding-size", "32", "--warmup-steps", "0", "--steps", "2", "--distinct-batches", "2",
+        "--max-load", "0", "--threads", "1"]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_names_are_the_recipe_names():
+    module = _module()
+    assert module.canonical_engine("zero3") == "deepspeed:3"
+    assert module.canonical_engine("deepspeed") == "deepspeed:2"
+    assert module.canonical_engine("fsdp2") == "fsdp"
+    assert module.engine_overrides("deepspeed:1") == {"engine": "deepspeed", "zero_stage": 1}
+    with pytest.raises(SystemExit, match="unknown engine 'zero7'"):
+        module.canonical_engine("zero7")
+
+
+def test_it_never_replaces_a_committed_result():
+    text = SCRIPT.read_text()
+    assert "results_path(" in text and "--overwrite" in text
+
+
+@pytest.mark.slow  # two model builds and four steps in a child process: 15-40 s on 2 busy cores
+def test_single_engine_run_writes_every_field_and_both_sides_do_the_same_work(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--engines", "single", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| single | 1 |" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().count("| single |") == 1
+    assert {"setup", "machine", "load_average", "method", "engines"} <= set(payload)
+    assert len(payload["load_average"]["at_start"]) == 3
+    (job,) = payload["engines"]
+    assert "error" not in job
+    for side in ("toolkit", "bare"):
+        figures = job[side]
+        assert len(figures["step_ms_per_step"]) == 2 and figures["mean_step_ms"] > 0 and figures["samples_per_s"] > 0
+        assert set(figures["split_ms"]) == {"data", "forward", "head", "backward", "optimizer", "other"}
+        assert sum(figures["split_ms"].values()) == pytest.approx(figures["mean_step_ms"], rel=0.02, abs=0.1)
+        assert figures["split_ms"]["forward"] > 0
+        assert len(figures["step_peak_increase_mb_per_rank"]) == 1
+    assert job["ratio_toolkit_to_bare_median"] > 0 and len(job["ratio_per_step"]) == 2
+    assert job["memory"]["process_peak_increase_mb_per_rank"][0] > 0
+    assert job["parameters"]["head"] == 12 * 32
+    # Same initial weights, centers and batch: the same loss. After one update too (same optimizer rule), which
+    # shows the backward and the optimizer step did the same work on both sides.
+    first, second = job["first_step_loss"], job["second_step_loss"]
+    assert first["toolkit"] == pytest.approx(first["bare"], rel=1e-5)
+    assert second["toolkit"] == pytest.approx(second["bare"], rel=1e-4)
+    assert first["toolkit"] != pytest.approx(second["toolkit"], rel=1e-4)   # the weights did move
