@@ -20,12 +20,9 @@ and their gradients existing before the step are not counted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit.ops as ops  # noqa: E402
 from toolkit.heads.margin import Margin  # noqa: E402
 from toolkit.ops import unfused as reference  # noqa: E402
+from measure import peak_bytes, silenced_stderr  # noqa: E402
 from results_file import results_path  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -142,47 +140,6 @@ def timed(step, inputs: dict, device: str, repeat: int) -> float:
     return statistics.median(times[1:])
 
 
-def peak_bytes(step, inputs: dict, device: str) -> int:
-    """Peak bytes allocated above the starting point during one forward + backward."""
-    clear_grads(inputs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(**inputs)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(**inputs)
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [event["args"] for event in events
-              if event.get("name") == "[memory]" and event["args"].get("Device Type", 0) == 0]
-    if not memory:
-        return 0
-    # The running total may carry allocations of earlier profiles freed outside them: count from this start.
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(0, max(record["Total Allocated"] for record in memory) - start)
-
-
-@contextlib.contextmanager
-def silenced_stderr():
-    """Redirects file descriptor 2 (C++ libraries write there directly) to /dev/null."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def main() -> None:
     args = parse_args()
     if not ops.FUSED_KERNELS_AVAILABLE:
@@ -198,8 +155,9 @@ def main() -> None:
         row = {"case": name, "shape": shapes[name]}
         for label, step in (("fused", fused_step), ("reference", reference_step)):
             row[f"{label}_ms"] = 1000 * timed(step, inputs, device, args.repeat)
+            clear_grads(inputs)
             with silenced_stderr():  # the profiler's start/stop chatter
-                row[f"{label}_peak_mb"] = peak_bytes(step, inputs, device) / 2**20
+                row[f"{label}_peak_mb"] = peak_bytes(lambda step=step, inputs=inputs: step(**inputs), device) / 2**20
         row["time_ratio"] = row["fused_ms"] / row["reference_ms"]
         row["memory_ratio"] = row["fused_peak_mb"] / max(row["reference_peak_mb"], 1e-9)
         records.append(row)

@@ -94,6 +94,11 @@ inline Tensor scratch_view(const Tensor& flat, int64_t num_rows, int64_t width) 
   return flat.narrow(0, 0, num_rows * width).view({num_rows, width});
 }
 
+// F.normalize's eps: a vector is divided by max(|x|, eps).
+constexpr double kNormalizeEps = 1e-12;
+// The fp32 inverse norm of a vector shorter than eps (1 / fp32(eps)): such rows get no projection.
+constexpr double kMaxInverseNorm = static_cast<double>(1.0f / static_cast<float>(kNormalizeEps));
+
 inline std::tuple<Tensor, Tensor, Tensor> empty_margin_stats(int64_t num_rows, const Tensor& like) {
   const auto options = like.options().dtype(at::kFloat);
   return {at::full({num_rows}, -INFINITY, options), at::zeros({num_rows}, options), at::zeros({num_rows}, options)};
@@ -224,6 +229,130 @@ struct FusedOps {
     return {grad_emb_float_ND.to(emb_ND.scalar_type()), grad_centers_CD};
   }
 
+  // ---- fused linear margin softmax on raw centers: normalisation fused, logits kept in the gradient's memory ----
+  //
+  // cos = emb_ND . (w_c / max(|w_c|, eps)) for every center row w_c: the centers are never normalised into a
+  // copy; their inverse norms inv_C (C floats) scale each block of products. The backward of the
+  // normalisation is applied to the gradient in place:
+  //   a_c  = inv_c * sum_n G[n, c] emb[n]                 (G = dL/dcos)
+  //   dw_c = a_c - (a_c . w_c) inv_c^2 w_c                 (|w_c| > eps; below eps F.normalize divides by eps
+  //                                                         and dw_c = a_c, no projection)
+  // Workspace: one C x D tensor of the centers' dtype, which ends up holding the centers' gradient. When
+  // N <= D and the centers are fp32 the forward keeps every block's N x width cosines in it (block b at
+  // float offset start_b * N, contiguous); the backward walks the blocks last to first, turns each block's
+  // cosines into its gradient rows and writes them at offset start_b * D >= start_b * N, which only ever
+  // overwrites cosines of blocks already done. So the N x C logits cost no memory beyond the gradient, and
+  // the backward does two matrix products per block instead of three. Otherwise the backward recomputes
+  // each block's cosines into a scratch block.
+
+  // Columns per block for the normalised op: temporaries of N x block and block x D stay near 8 MB.
+  static int64_t normalized_block_size(int64_t block_size, int64_t num_rows, int64_t num_classes, int64_t dims) {
+    if (block_size > 0) {
+      return block_size;
+    }
+    const int64_t budget = int64_t{1} << 21;
+    return std::max<int64_t>(64, std::min<int64_t>(std::max<int64_t>(num_classes, 1),
+                                                   budget / std::max<int64_t>({num_rows, dims, 1})));
+  }
+
+  static bool caches_cosines(const Tensor& emb_ND, const Tensor& centers_CD) {
+    return emb_ND.size(0) <= centers_CD.size(1) && centers_CD.scalar_type() == at::kFloat;
+  }
+
+  // N x width cosines of block [start, start + width) in the workspace (the cached layout above).
+  static Tensor cached_block(const Tensor& workspace_CD, int64_t num_rows, int64_t start, int64_t width) {
+    return workspace_CD.view({-1}).narrow(0, start * num_rows, num_rows * width).view({num_rows, width});
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalized_linear_margin_softmax_ce_stats(
+      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N, double scale, double m1, double m2,
+      double m3, double interclass_filter, int64_t block_size) {
+    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+    TORCH_CHECK(centers_CD.is_contiguous(), "facecl: centers must be contiguous");
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0), dims = centers_CD.size(1);
+    auto [row_max_N, sum_exp_N, target_logit_N] = empty_margin_stats(num_rows, emb_ND);
+    // 1 / max(|w_c|, eps), eps = 1e-12 as F.normalize: C floats.
+    const Tensor inv_norm_C =
+        at::linalg_vector_norm(centers_CD, 2, at::IntArrayRef{1}, false, at::kFloat).clamp_min_(kNormalizeEps).reciprocal_();
+    Tensor workspace_CD = at::empty_like(centers_CD, at::MemoryFormat::Contiguous);  // becomes the gradient
+    if (num_rows == 0 || num_classes == 0) {
+      return {row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD};
+    }
+    const bool cache = caches_cosines(emb_ND, centers_CD);
+    const int64_t block = normalized_block_size(block_size, num_rows, num_classes, dims);
+    const Tensor emb_float_ND = emb_ND.to(at::kFloat);
+    const Tensor scratch =
+        cache ? Tensor() : at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
+    for (int64_t start = 0; start < num_classes; start += block) {
+      const int64_t width = std::min(block, num_classes - start);
+      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D, raw
+      Tensor cos_NB = cache ? cached_block(workspace_CD, num_rows, start, width) : scratch_view(scratch, num_rows, width);
+      at::mm_out(cos_NB, emb_float_ND, centers_block_float.t());
+      cos_NB.mul_(inv_norm_C.narrow(0, start, width).unsqueeze(0));  // raw products -> cosines
+      Kernels::margin_stats_block(cos_NB, local_target_N, start, params, row_max_N, sum_exp_N, target_logit_N);
+    }
+    return {row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD};
+  }
+
+  // Returns the embeddings' gradient; writes the centers' gradient into workspace_CD (see above).
+  static Tensor normalized_linear_margin_softmax_ce_backward_(
+      const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N,
+      const Tensor& row_max_N, const Tensor& sum_exp_N, const Tensor& inv_norm_C, const Tensor& workspace_CD,
+      double scale, double m1, double m2, double m3, double interclass_filter, int64_t block_size) {
+    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0), dims = centers_CD.size(1);
+    check_stat_vector(row_max_N, num_rows, emb_ND, "row_max");
+    check_stat_vector(sum_exp_N, num_rows, emb_ND, "sum_exp");
+    check_stat_vector(grad_loss_N, num_rows, emb_ND, "grad_loss");
+    check_stat_vector(inv_norm_C, num_classes, centers_CD, "inv_norm");
+    TORCH_CHECK(workspace_CD.sizes() == centers_CD.sizes() && workspace_CD.is_contiguous() &&
+                    workspace_CD.scalar_type() == centers_CD.scalar_type(),
+                "facecl: workspace must be a contiguous ", centers_CD.sizes(), " ", centers_CD.scalar_type(),
+                " tensor (the forward's), got ", workspace_CD.sizes(), " ", workspace_CD.scalar_type());
+    const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
+    const Tensor emb_float_ND = emb_ND.to(at::kFloat);
+    Tensor grad_emb_float_ND = at::zeros_like(emb_float_ND);
+    if (num_rows == 0 || num_classes == 0) {
+      workspace_CD.zero_();
+      return grad_emb_float_ND.to(emb_ND.scalar_type());
+    }
+    const bool cache = caches_cosines(emb_ND, centers_CD);
+    const Tensor max_N = row_max_N.contiguous(), sum_N = sum_exp_N.contiguous(), grad_N = grad_loss_N.contiguous();
+    const int64_t block = normalized_block_size(block_size, num_rows, num_classes, dims);
+    const int64_t num_blocks = (num_classes + block - 1) / block;
+    const Tensor scratch =
+        cache ? Tensor() : at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
+    const Tensor workspace_flat = workspace_CD.view({-1});
+    for (int64_t index = num_blocks - 1; index >= 0; --index) {  // last to first: see the layout above
+      const int64_t start = index * block, width = std::min(block, num_classes - start);
+      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D, raw
+      const Tensor inv_norm_B = inv_norm_C.narrow(0, start, width);
+      Tensor grad_NB;
+      if (cache) {
+        grad_NB = cached_block(workspace_CD, num_rows, start, width);  // holds this block's cosines
+      } else {
+        grad_NB = scratch_view(scratch, num_rows, width);
+        at::mm_out(grad_NB, emb_float_ND, centers_block_float.t());
+        grad_NB.mul_(inv_norm_B.unsqueeze(0));  // recomputed cosines
+      }
+      Kernels::margin_grad_block_(grad_NB, local_target_N, start, params, max_N, sum_N, grad_N);  // dL/dcos
+      grad_NB.mul_(inv_norm_B.unsqueeze(0));  // dL/d(emb . w_c)
+      grad_emb_float_ND.addmm_(grad_NB, centers_block_float);
+      Tensor grad_centers_BD = at::mm(grad_NB.t(), emb_float_ND);  // width x D: a_c
+      // Normalisation backward: dw_c = a_c - (a_c . w_c) inv_c^2 w_c where |w_c| > eps.
+      const Tensor projection_B = at::bmm(grad_centers_BD.unsqueeze(1), centers_block_float.unsqueeze(2))
+                                      .view({width})
+                                      .mul_(inv_norm_B)
+                                      .mul_(inv_norm_B)
+                                      .mul_(inv_norm_B < kMaxInverseNorm);
+      // Only now is this block's cached cosine memory free: its gradient rows may overwrite it.
+      Tensor workspace_BD = workspace_flat.narrow(0, start * dims, width * dims).view({width, dims});
+      at::addcmul_out(workspace_BD, grad_centers_BD, centers_block_float, projection_B.unsqueeze(1), -1.0);
+    }
+    return grad_emb_float_ND.to(emb_ND.scalar_type());
+  }
+
   // ---- UniCon: queries (B x D) against keys (K x D), blockwise over the keys -------------------------------
 
   static void check_unicon_inputs(const Tensor& query_BD, const Tensor& keys_KD, const Tensor& query_labels_B,
@@ -325,6 +454,10 @@ struct FusedOps {
   m.impl("linear_margin_softmax_ce_stats", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce_stats); \
   m.impl("linear_margin_softmax_ce", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce);             \
   m.impl("linear_margin_softmax_ce_backward", &::facecl::FusedOps<Kernels>::linear_margin_softmax_ce_backward); \
+  m.impl("normalized_linear_margin_softmax_ce_stats",                                                  \
+         &::facecl::FusedOps<Kernels>::normalized_linear_margin_softmax_ce_stats);                         \
+  m.impl("normalized_linear_margin_softmax_ce_backward_",                                              \
+         &::facecl::FusedOps<Kernels>::normalized_linear_margin_softmax_ce_backward_);                     \
   m.impl("unicon_loss", &::facecl::FusedOps<Kernels>::unicon_loss);                                       \
   m.impl("unicon_loss_backward", &::facecl::FusedOps<Kernels>::unicon_loss_backward)
 

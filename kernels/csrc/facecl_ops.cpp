@@ -12,6 +12,8 @@
 //               writes it over its input buffer (margin_softmax_ce_backward_), the linear variant returns
 //               the gradients of embeddings and centers.
 // The non-"_stats" forward ops are the single-process losses: (loss, row_max, sum_exp) per row.
+// normalized_linear_*: centers raw (not normalised); the stats op also returns their inverse norms and a
+//   workspace the size of the centers, which the backward overwrites with the centers' gradient.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,6 +48,14 @@ TORCH_LIBRARY(facecl, m) {
       "linear_margin_softmax_ce_backward(Tensor grad_loss, Tensor embeddings, Tensor centers, Tensor local_target, "
       "Tensor row_max, Tensor sum_exp, float scale, float m1, float m2, float m3, float interclass_filter, "
       "int block_size) -> (Tensor grad_embeddings, Tensor grad_centers)");
+  m.def(
+      "normalized_linear_margin_softmax_ce_stats(Tensor embeddings, Tensor centers, Tensor local_target, float scale, "
+      "float m1, float m2, float m3, float interclass_filter, int block_size) -> (Tensor row_max, Tensor sum_exp, "
+      "Tensor target_logit, Tensor inv_norm, Tensor workspace)");
+  m.def(
+      "normalized_linear_margin_softmax_ce_backward_(Tensor grad_loss, Tensor embeddings, Tensor centers, "
+      "Tensor local_target, Tensor row_max, Tensor sum_exp, Tensor inv_norm, Tensor(a!) workspace, float scale, "
+      "float m1, float m2, float m3, float interclass_filter, int block_size) -> Tensor grad_embeddings");
   m.def(
       "unicon_loss(Tensor query, Tensor keys, Tensor query_labels, Tensor key_labels, Tensor own_key, "
       "float temperature, float margin, int block_size) -> (Tensor loss, Tensor lse_negatives, "

@@ -1,4 +1,8 @@
 # Shared helpers of the kernel tests: devices (CUDA skipped without a GPU), dtypes, tolerances, input makers.
+import json
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,3 +72,18 @@ def cosine_case(num_rows: int, num_cols: int, seed: int, *, with_foreign_rows: b
 def row_weights(num_rows: int, seed: int = 0) -> torch.Tensor:
     """Distinct positive weights per row, so per-row gradient scaling is tested too."""
     return torch.rand(num_rows, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+def allocator_peak_bytes(run_step) -> int:
+    """Peak of the CPU allocator's running total during run_step, from torch.profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(record["Total Allocated"] for record in memory) - start

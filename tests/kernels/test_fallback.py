@@ -8,6 +8,7 @@ import pytest
 
 import toolkit.ops as ops
 from tests.conftest import REPO
+from tests.kernels.conftest import requires_kernels
 
 # Imports toolkit.ops, calls every public function twice with autograd, compares with the references,
 # prints what happened as JSON. `prelude` runs first (e.g. to hide the extension).
@@ -115,3 +116,13 @@ def test_head_implementation_means_what_it_says_without_kernels():
     for name in ("fused", "fused_linear"):
         assert chosen[name].startswith(f"error: head.implementation '{name}' needs the fused kernels"), chosen[name]
         assert "FACECL_FORCE_REFERENCE=1 is set" in chosen[name]
+
+
+@requires_kernels
+def test_auto_is_the_fused_linear_head_when_the_kernels_are_built():
+    """The default head.implementation ('auto') runs the fastest, leanest path: fused_linear (bench_head.py)."""
+    from toolkit.config.schema import HeadConfig
+    from toolkit.heads import Margin, ShardedIdentityCenterHead
+
+    assert HeadConfig().implementation == "auto"
+    assert ShardedIdentityCenterHead(10, 4, Margin(), implementation="auto").implementation == "fused_linear"

@@ -81,7 +81,8 @@ class HeadConfig:
     weight: float = doc("w_id: weight of the margin-softmax loss in the total loss; 0 disables the head.", 1.0)
     implementation: Literal["auto", "reference", "fused", "fused_linear"] = doc(
         "Loss implementation: plain-PyTorch reference, fused kernel on the logits, fused linear kernel (never "
-        "materialises the logits), or auto (fused when the extension is built).", "reference")
+        "materialises the logits nor normalised centers), or auto (fused_linear when the extension is built, "
+        "else reference with one warning).", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ Rank r of the model-parallel group owns a contiguous range of classes (`shard_ra
    labels are all-gathered;
 2. sampling (sample_rate < 1): every class of this shard that is a positive in the gathered batch is kept,
    random negatives fill up to int(sample_rate * num_local); labels are remapped to the kept columns;
-3. local cosine logits N x S against the (kept) local centers; optional inter-class filtering zeroes
+3. local cosine logits N x S against the (kept, normalised) local centers; optional inter-class filtering zeroes
    negative cosines above a threshold; the margin goes on the target entries this rank owns; times scale;
 4. softmax cross-entropy across ranks: row max by all-reduce(MAX), sum of exp by all-reduce(SUM), target
    logit from the owner (all-reduce SUM of the owner's value); loss = mean over the N rows, the same
@@ -36,12 +36,13 @@ IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_linear")
 
 
 def resolve_implementation(requested: str) -> str:
-    """What `head.implementation` runs: 'auto' is 'fused' when the kernels are built, else 'reference' (toolkit.ops
-    then warned once at import); 'fused' and 'fused_linear' without the kernels are an error, not a silent fallback."""
+    """What `head.implementation` runs: 'auto' is 'fused_linear' (the fastest and leanest path, see
+    benchmarks/bench_head.py) when the kernels are built, else 'reference' (toolkit.ops then warned once at
+    import); 'fused' and 'fused_linear' without the kernels are an error, not a silent fallback."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"unknown head implementation {requested!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
     if requested == "auto":
-        return "fused" if ops.FUSED_KERNELS_AVAILABLE else "reference"
+        return "fused_linear" if ops.FUSED_KERNELS_AVAILABLE else "reference"
     if requested != "reference" and not ops.FUSED_KERNELS_AVAILABLE:
         raise ConfigError(f"head.implementation {requested!r} needs the fused kernels, which are not available "
                           f"({ops.UNAVAILABLE_REASON}); rebuild them with `pip install -e .`, or use 'auto' or 'reference'")
@@ -79,7 +80,8 @@ class ShardedIdentityCenterHead(nn.Module):
                  implementation: str = "reference"):
         super().__init__()
         # reference: unfused plain PyTorch (toolkit/ops/unfused.py); fused: kernel on the cosine buffer, gradient
-        # written in place; fused_linear: kernel over blocks of classes, no N x S logits at all.
+        # written in place; fused_linear: kernel over blocks of classes on the raw centers (normalisation fused),
+        # no N x S logits and no normalised copy of the centers.
         self.implementation = resolve_implementation(implementation)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -120,13 +122,13 @@ class ShardedIdentityCenterHead(nn.Module):
             kept_S, local_target_N = self.sample_classes(labels_N)
             self.last_sampled_classes = kept_S + self.shard.start
             centers_SD = self.centers_CD if kept_S.numel() == self.shard.count else self.centers_CD[kept_S]
-            emb_ND, centers_SD = F.normalize(emb_ND, dim=1), F.normalize(centers_SD, dim=1)
+            emb_ND = F.normalize(emb_ND, dim=1)
             row_weight_N = (labels_N >= 0).float()  # unlabeled rows (-1) take no part
             options = dict(interclass_filter=self.interclass_filter, row_weight_N=row_weight_N)
-            if self.implementation == "fused_linear":
-                return ops.distributed_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N, self.margin,
-                                                                self.group, **options)
-            cos_NS = emb_ND @ centers_SD.t()
+            if self.implementation == "fused_linear":  # the kernels normalise the raw centers on the fly
+                return ops.distributed_normalized_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N,
+                                                                           self.margin, self.group, **options)
+            cos_NS = emb_ND @ F.normalize(centers_SD, dim=1).t()
             if self.implementation == "fused":  # backward writes the gradient over cos_NS (consumed)
                 return ops.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)
             return unfused.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)

@@ -12,6 +12,11 @@ Protocol of the sharded head (each rank holds some of the classes of every row):
    `linear_margin_softmax_ce_backward` (gradients of embeddings and centers, logits recomputed blockwise)
    from the global max and sum.
 
+`distributed_normalized_linear_margin_softmax_ce` is the linear variant on raw (unnormalised) centers: the
+kernels divide each product by its center's norm on the fly and apply the normalisation's backward to the
+centers' gradient in place (see kernels/csrc/blockwise.h), so there is no normalised copy of the centers and,
+when N <= D, no logits memory beyond the centers' gradient (the cosines are kept in the gradient's storage).
+
 `distributed_margin_softmax_ce` / `distributed_linear_margin_softmax_ce` wrap the three steps in an
 autograd function and return the (row-weighted) mean loss over the N rows, the same value on every rank,
 with exactly the gradients of the unfused path (toolkit/ops/unfused.py) (tested on 1 and 2 ranks).
@@ -128,6 +133,35 @@ class _FusedDistributedLinearMarginSoftmaxCE(torch.autograd.Function):
         return grad_emb_ND, grad_centers_SD, None, None, None, None, None
 
 
+class _FusedDistributedNormalizedLinearMarginSoftmaxCE(torch.autograd.Function):
+    """Weighted loss over rows of emb_ND @ normalize(centers_CD)^T; the centers' gradient is written into the
+    workspace the forward allocated (which may hold the cosines until then)."""
+
+    @staticmethod
+    def forward(ctx, emb_ND, centers_CD, local_target_N, weight_N, params, block_size, group):
+        row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD = (
+            torch.ops.facecl.normalized_linear_margin_softmax_ce_stats(emb_ND, centers_CD, local_target_N, *params,
+                                                                       block_size))
+        max_N, sum_N, target_N = combine_partial_stats(row_max_N, sum_exp_N, target_logit_N, group)
+        ctx.save_for_backward(emb_ND, centers_CD, local_target_N, max_N, sum_N, weight_N, inv_norm_C)
+        ctx.workspace_CD = workspace_CD  # not an input or output: kept as an attribute, freed with the graph
+        ctx.params = params
+        ctx.block_size = block_size
+        return ((torch.log(sum_N) + max_N - target_N) * weight_N).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        emb_ND, centers_CD, local_target_N, max_N, sum_N, weight_N, inv_norm_C = ctx.saved_tensors
+        grad_centers_CD, ctx.workspace_CD = ctx.workspace_CD, None  # a second backward finds no workspace
+        if grad_centers_CD is None:
+            raise RuntimeError("the fused normalised head's backward ran twice: its workspace became the centers' "
+                               "gradient the first time (retain_graph is not supported)")
+        grad_emb_ND = torch.ops.facecl.normalized_linear_margin_softmax_ce_backward_(
+            _grad_per_row(grad_loss, weight_N), emb_ND, centers_CD, local_target_N, max_N, sum_N, inv_norm_C,
+            grad_centers_CD, *ctx.params, ctx.block_size)
+        return grad_emb_ND, grad_centers_CD, None, None, None, None, None
+
+
 def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, group=None, *,
                                   interclass_filter: float = 0.0,
                                   row_weight_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,3 +196,20 @@ def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch
     return _FusedDistributedLinearMarginSoftmaxCE.apply(emb_ND.contiguous(), centers_SD.contiguous(), local_target_N,
                                                         weight_N, _params(margin, interclass_filter), int(block_size),
                                                         group)
+
+
+def distributed_normalized_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch.Tensor,
+                                                    local_target_N: torch.Tensor, margin: Margin, group=None, *,
+                                                    interclass_filter: float = 0.0,
+                                                    row_weight_N: torch.Tensor | None = None,
+                                                    block_size: int = 0) -> torch.Tensor:
+    """As distributed_linear_margin_softmax_ce with centers_SD raw (not normalised): the kernels normalise them
+    on the fly. emb_ND must be normalised. Memory beyond the centers' gradient: O(S) norms and one block."""
+    if not FUSED_KERNELS_AVAILABLE:
+        return unfused.distributed_normalized_linear_margin_softmax_ce(
+            emb_ND, centers_SD, local_target_N, margin, group, interclass_filter=interclass_filter,
+            row_weight_N=row_weight_N)
+    weight_N = unfused.normalized_row_weights(row_weight_N, emb_ND.shape[0], emb_ND.device)
+    return _FusedDistributedNormalizedLinearMarginSoftmaxCE.apply(
+        emb_ND.contiguous(), centers_SD.contiguous(), local_target_N, weight_N, _params(margin, interclass_filter),
+        int(block_size), group)

@@ -60,6 +60,20 @@ def _linear_backward_fake(grad_loss_N, emb_ND, centers_CD, local_target_N, row_m
     return emb_ND.new_empty(emb_ND.shape), centers_CD.new_empty(centers_CD.shape)
 
 
+@torch.library.register_fake(f"{_LIB}::normalized_linear_margin_softmax_ce_stats")
+def _normalized_linear_stats_fake(emb_ND, centers_CD, local_target_N, scale, m1, m2, m3, interclass_filter,
+                                  block_size):
+    rows = emb_ND.shape[0]
+    return (_stat(emb_ND, rows), _stat(emb_ND, rows), _stat(emb_ND, rows), _stat(centers_CD, centers_CD.shape[0]),
+            centers_CD.new_empty(centers_CD.shape))
+
+
+@torch.library.register_fake(f"{_LIB}::normalized_linear_margin_softmax_ce_backward_")
+def _normalized_linear_backward_fake(grad_loss_N, emb_ND, centers_CD, local_target_N, row_max_N, sum_exp_N,
+                                     inv_norm_C, workspace_CD, scale, m1, m2, m3, interclass_filter, block_size):
+    return emb_ND.new_empty(emb_ND.shape)
+
+
 @torch.library.register_fake(f"{_LIB}::unicon_loss")
 def _unicon_fake(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin, block_size):
     rows = query_BD.shape[0]

@@ -132,3 +132,14 @@ def distributed_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch
     cos_NS = emb_ND.float() @ centers_SD.float().t()
     return distributed_margin_softmax_ce(cos_NS, local_target_N, margin, group, interclass_filter=interclass_filter,
                                          row_weight_N=row_weight_N)
+
+
+def distributed_normalized_linear_margin_softmax_ce(emb_ND: torch.Tensor, centers_SD: torch.Tensor,
+                                                    local_target_N: torch.Tensor, margin: Margin, group=None, *,
+                                                    interclass_filter: float = 0.0,
+                                                    row_weight_N: torch.Tensor | None = None,
+                                                    block_size: int = 0) -> torch.Tensor:
+    """distributed_linear_margin_softmax_ce on raw centers (normalised here with F.normalize, as a copy)."""
+    return distributed_linear_margin_softmax_ce(emb_ND, torch.nn.functional.normalize(centers_SD.float(), dim=1),
+                                                local_target_N, margin, group, interclass_filter=interclass_filter,
+                                                row_weight_N=row_weight_N, block_size=block_size)

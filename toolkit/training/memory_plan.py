@@ -26,8 +26,11 @@ centers are indexed out of the shard, so the gradient is a full-shard tensor), o
 K_head count D.
 
 Logits: the head's N x S fp32 buffers for one micro-batch (N = per-rank batch x world size gathered
-rows, S = sampled columns of the shard, see `sampled_columns`); how many are alive at once is
-`LIVE_LOGITS_BUFFERS_AT_PEAK`, plus an N x S bool mask when the inter-class filter is on.
+rows, S = sampled columns of the shard, see `sampled_columns`). How many are alive at once depends on
+`head.implementation` (`LIVE_LOGITS_BUFFERS_AT_PEAK`): reference 4 (plus an N x S bool mask when the
+inter-class filter is on), fused 1 (the cosine buffer, whose gradient the kernel writes over it), fused_linear
+none: it holds one block of classes at a time (`fused_linear_block_bytes`: a block x D gradient block, and an
+N x block scratch when N > D) and keeps the cosines in the memory of the centers' gradient (counted above).
 
 Not included: backbone activations, the gathered embeddings (N x D) and normalised centers (S x D),
 communication buckets, CUDA context and workspaces, allocator fragmentation.
@@ -49,8 +52,10 @@ FP16_BYTES = 2
 BOOL_BYTES = 1
 BYTES_PER_OPTIMIZER_STATE = 4  # every state tensor (momentum, exp_avg, exp_avg_sq) is fp32
 
-# How many N x S fp32 tensors ShardedIdentityCenterHead keeps alive at once. The peak is inside
-# _DistributedSoftmaxCE.forward, while torch.exp runs:
+# How many N x S fp32 tensors ShardedIdentityCenterHead keeps alive at once, per implementation.
+# fused: the matmul's cosine buffer only (the kernel computes statistics from it and writes the gradient
+# over it). fused_linear: none. reference: the peak is inside _DistributedSoftmaxCE.forward, while
+# torch.exp runs:
 #   1. cos_NS: the matmul output. matmul saves its inputs (the normalised N x D embeddings and S x D
 #      centers) for backward, not its output, but the local variable `cos_NS` in the head's forward keeps
 #      it alive until forward returns.
@@ -64,7 +69,7 @@ BYTES_PER_OPTIMIZER_STATE = 4  # every state tensor (momentum, exp_avg, exp_avg_
 # index_put gradient of the target gather `cos_NS[rows, cols]`, and their out-of-place sum (the softmax
 # gradient `probs.clone()` and its scaled copy have been freed by then).
 # The measured test (tests/unit/test_memory_plan.py) counts these tensors during a real forward+backward.
-LIVE_LOGITS_BUFFERS_AT_PEAK = 4
+LIVE_LOGITS_BUFFERS_AT_PEAK = {"reference": 4, "fused": 1, "fused_linear": 0}
 
 
 @dataclass(frozen=True)
@@ -139,15 +144,17 @@ class HeadMemory:
 class LogitsMemory:
     """The head's N x S buffers at the peak of one micro-batch's forward+backward, in bytes."""
 
+    implementation: str              # head.implementation as it resolves on this machine
     gathered_rows: int               # N = per-rank batch x world size
     sampled_columns: int             # S
-    live_fp32_buffers: int           # LIVE_LOGITS_BUFFERS_AT_PEAK
+    live_fp32_buffers: int           # LIVE_LOGITS_BUFFERS_AT_PEAK[implementation]
     fp32_buffers: int                # live_fp32_buffers x N x S x 4
-    filter_mask: int                 # N x S bool mask saved by the inter-class filter, else 0
+    filter_mask: int                 # N x S bool mask saved by the reference's inter-class filter, else 0
+    block_buffers: int = 0           # fused_linear: its per-block temporaries
 
     @property
     def total(self) -> int:
-        return self.fp32_buffers + self.filter_mask
+        return self.fp32_buffers + self.filter_mask + self.block_buffers
 
 
 @dataclass(frozen=True)
@@ -267,17 +274,32 @@ def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) 
     return min(shard_classes, max(num_sampled, gathered_rows))
 
 
+def fused_linear_block_bytes(rows: int, columns: int, dims: int) -> int:
+    """The fused linear kernels' temporaries: one block of w classes (w from the same rule as
+    kernels/csrc/blockwise.h: about 2M floats / max(N, D), at least 64, at most S) as a w x D gradient block,
+    plus an N x w scratch when N > D (then the cosines are recomputed instead of kept in the gradient)."""
+    block = max(64, min(max(columns, 1), 2**21 // max(rows, dims, 1)))
+    scratch = rows * block if rows > dims else 0
+    return FP32_BYTES * (block * dims + scratch)
+
+
 def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMemory:
+    from toolkit.heads.partial_fc import resolve_implementation
+
+    implementation = resolve_implementation(recipe.head.implementation)
     gathered_rows = per_rank_batch(recipe, world_size) * world_size  # N
     if shard_classes == 0:  # no head
-        return LogitsMemory(gathered_rows=gathered_rows, sampled_columns=0, live_fp32_buffers=0, fp32_buffers=0,
-                            filter_mask=0)
+        return LogitsMemory(implementation=implementation, gathered_rows=gathered_rows, sampled_columns=0,
+                            live_fp32_buffers=0, fp32_buffers=0, filter_mask=0)
     columns = sampled_columns(recipe.head.sample_rate, shard_classes, gathered_rows)  # S
     elements_NS = gathered_rows * columns
-    filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 else 0
-    return LogitsMemory(gathered_rows=gathered_rows, sampled_columns=columns,
-                        live_fp32_buffers=LIVE_LOGITS_BUFFERS_AT_PEAK,
-                        fp32_buffers=LIVE_LOGITS_BUFFERS_AT_PEAK * FP32_BYTES * elements_NS, filter_mask=filter_mask)
+    live = LIVE_LOGITS_BUFFERS_AT_PEAK[implementation]
+    filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 and implementation == "reference" else 0
+    blocks = (fused_linear_block_bytes(gathered_rows, columns, recipe.model.embedding_size)
+              if implementation == "fused_linear" else 0)
+    return LogitsMemory(implementation=implementation, gathered_rows=gathered_rows, sampled_columns=columns,
+                        live_fp32_buffers=live, fp32_buffers=live * FP32_BYTES * elements_NS, filter_mask=filter_mask,
+                        block_buffers=blocks)
 
 
 def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan:
@@ -362,9 +384,12 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"center shard weights ({shard_shape} fp32)", head.center_weights, False),
         (f"center shard gradient ({shard_shape} fp32, dense)", head.center_grad, False),
         (f"center shard optimizer states ({inp.head_states_per_param} x fp32)", head.optimizer_states, False),
-        (f"logits buffers ({logits.live_fp32_buffers} live x {logits.gathered_rows:,} x "
-         f"{logits.sampled_columns:,} fp32)", logits.fp32_buffers, False),
+        (f"logits buffers, head.implementation {logits.implementation} ({logits.live_fp32_buffers} live x "
+         f"{logits.gathered_rows:,} x {logits.sampled_columns:,} fp32)", logits.fp32_buffers, False),
     ]
+    if logits.block_buffers:
+        rows.append(("fused linear kernel: one block of classes (cosines kept in the gradient's memory)",
+                     logits.block_buffers, False))
     if logits.filter_mask:
         rows.append((f"inter-class filter mask ({logits.gathered_rows:,} x {logits.sampled_columns:,} bool)",
                      logits.filter_mask, False))

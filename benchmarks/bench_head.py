@@ -1,0 +1,259 @@
+# Sharded identity-center head (Partial FC): forward+backward time and peak memory per implementation vs bare matmuls.
+"""Usage:
+    python benchmarks/bench_head.py                                   # CPU: 2 gloo ranks x 1 thread
+    python benchmarks/bench_head.py --classes-per-rank 100000 --sample-rates 1.0 --implementations fused_linear
+    python benchmarks/bench_head.py --device cuda                     # one GPU, the whole head on it
+    python benchmarks/bench_head.py --quick                           # tiny shapes: checks that it runs
+
+Each rank runs the production module (toolkit.heads.ShardedIdentityCenterHead) on its shard of
+C_local classes x D: the gathered batch has N rows (N / ranks embeddings per rank, all-gathered), the loss
+goes through the cross-rank softmax, and backward produces the gradients of the embeddings and the shard.
+The centers' gradient is None before each step (as after `zero_grad(set_to_none=True)`), so its C_local x D
+fp32 allocation is part of the peak, and is reported beside it.
+
+Bare matrix products, timed in the same run on the same ranks: the three products of the head's shape and
+nothing else: logits = E W^T (N x S), dE = G W (N x D), dW = G^T E (S x D), with S = the sampled columns,
+into preallocated outputs. Their time is the floor a head can approach.
+
+Time: median over --repeat steps after --warmup, the slowest rank's time of each step. Peak memory (per rank,
+the largest): on CPU the allocator's running total from torch.profiler memory events above the starting
+point (benchmarks/measure.py), on CUDA torch.cuda.max_memory_allocated above the starting point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from measure import peak_bytes, silenced_stderr  # noqa: E402
+from results_file import results_path  # noqa: E402
+
+IMPLEMENTATIONS = ("reference", "fused", "fused_linear")
+MIB = 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ranks", type=int, default=None, help="gloo ranks on CPU (default 2); CUDA runs 1 rank")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    parser.add_argument("--classes-per-rank", type=int, nargs="+", default=[10_000, 100_000, 250_000])
+    parser.add_argument("--rows", type=int, default=512, help="gathered rows N (all ranks together)")
+    parser.add_argument("--dim", type=int, default=512, help="embedding size D")
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.2])
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3, help="timed steps per case (median reported)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="output file (default benchmarks/results/head_<device>.json, or a new time-stamped "
+                             "file beside it when that exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.classes_per_rank, args.rows, args.dim, args.warmup, args.repeat = [2000], 64, 64, 0, 1
+    args.ranks = 1 if args.device == "cuda" else (args.ranks or 2)
+    if args.rows % args.ranks:
+        raise SystemExit(f"error: --rows {args.rows} is not a multiple of the {args.ranks} ranks")
+    return args
+
+
+# ---- one rank ------------------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def slowest(seconds: float, world: int) -> float:
+    """The largest of the ranks' times (every rank waits for the slowest at the next collective anyway)."""
+    if world == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def largest(num_bytes: int, world: int) -> int:
+    if world == 1:
+        return num_bytes
+    value = torch.tensor([num_bytes], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
+
+
+def timed(run, device: torch.device, world: int, warmup: int, repeat: int) -> float:
+    """Median over `repeat` runs (after `warmup`) of the slowest rank's seconds."""
+    times = []
+    for index in range(warmup + repeat):
+        if world > 1:
+            dist.barrier()
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds = slowest(time.perf_counter() - start, world)
+        if index >= warmup:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+def head_case(args, device, world, rank, group, classes_per_rank: int, sample_rate: float, implementation: str):
+    """(seconds, peak bytes, sampled columns) of one forward+backward of the production head."""
+    from toolkit.heads import ShardedIdentityCenterHead
+    from toolkit.ops.margins import Margin
+
+    torch.manual_seed(rank)
+    head = ShardedIdentityCenterHead(classes_per_rank * world, args.dim, Margin(scale=64.0, m1=1.0, m2=0.5, m3=0.0),
+                                     rank=rank, world_size=world, group=group, sample_rate=sample_rate,
+                                     implementation=implementation).to(device)
+    emb_BD = torch.randn(args.rows // world, args.dim, device=device, requires_grad=True)  # B = N / ranks
+    labels_B = torch.randint(0, classes_per_rank * world, (args.rows // world,), device=device)
+
+    def step():
+        head.centers_CD.grad = None
+        emb_BD.grad = None
+        head(emb_BD, labels_B).backward()
+
+    seconds = timed(step, device, world, args.warmup, args.repeat)
+    head.centers_CD.grad = None
+    emb_BD.grad = None
+    if world > 1:
+        dist.barrier()
+    with silenced_stderr():  # the profiler's start/stop chatter
+        peak = largest(peak_bytes(step, device.type), world)
+    return seconds, peak, int(head.last_sampled_classes.numel())
+
+
+def bare_case(args, device, world, columns: int) -> float:
+    """Seconds of the three matrix products of the head's shape (N x D embeddings, S x D centers)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    emb_ND = torch.randn(args.rows, args.dim, device=device, generator=gen)
+    centers_SD = torch.randn(columns, args.dim, device=device, generator=gen)
+    grad_NS = torch.randn(args.rows, columns, device=device, generator=gen)
+    logits_NS, grad_emb_ND, grad_centers_SD = torch.empty_like(grad_NS), torch.empty_like(emb_ND), \
+        torch.empty_like(centers_SD)
+
+    def products():
+        torch.mm(emb_ND, centers_SD.t(), out=logits_NS)
+        torch.mm(grad_NS, centers_SD, out=grad_emb_ND)
+        torch.mm(grad_NS.t(), emb_ND, out=grad_centers_SD)
+
+    return timed(products, device, world, args.warmup, args.repeat)
+
+
+def run_rank(rank: int, args, port: int, queue) -> None:
+    world = args.ranks
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+    group = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        group = dist.group.WORLD
+    records = []
+    for classes in args.classes_per_rank:
+        for rate in args.sample_rates:
+            bare_seconds = {}
+            for implementation in args.implementations:
+                seconds, peak, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
+                if columns not in bare_seconds:
+                    bare_seconds[columns] = bare_case(args, device, world, columns)
+                grad_bytes = classes * args.dim * 4
+                record = {"classes_per_rank": classes, "sample_rate": rate, "implementation": implementation,
+                          "sampled_columns": columns, "ms": 1000 * seconds,
+                          "bare_matmuls_ms": 1000 * bare_seconds[columns],
+                          "time_vs_bare_matmuls": seconds / bare_seconds[columns],
+                          "peak_increase_mib": peak / MIB, "center_grad_mib": grad_bytes / MIB,
+                          "peak_vs_center_grad": peak / grad_bytes}
+                records.append(record)
+                if rank == 0:
+                    print(f"  C_local={classes:>7,} r={rate:<4g} {implementation:<13}{record['ms']:>9.1f} ms "
+                          f"({record['time_vs_bare_matmuls']:.2f}x bare {record['bare_matmuls_ms']:.1f} ms)"
+                          f"{record['peak_increase_mib']:>9.1f} MiB ({record['peak_vs_center_grad']:.2f}x grad)",
+                          flush=True)
+    if rank == 0:
+        queue.put(records)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ---- driver --------------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| C_local | r | implementation | ms | bare matmuls ms | time / bare | peak MiB | center grad MiB | "
+             "peak / grad |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in records:
+        lines.append(f"| {row['classes_per_rank']:,} | {row['sample_rate']:g} | {row['implementation']} | "
+                     f"{row['ms']:.1f} | {row['bare_matmuls_ms']:.1f} | {row['time_vs_bare_matmuls']:.2f} | "
+                     f"{row['peak_increase_mib']:.1f} | {row['center_grad_mib']:.1f} | "
+                     f"{row['peak_vs_center_grad']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from toolkit import ops
+
+    if not ops.FUSED_KERNELS_AVAILABLE:
+        print(f"warning: fused kernels unavailable ({ops.UNAVAILABLE_REASON}): 'fused' rows run the reference",
+              file=sys.stderr)
+    output = results_path(args.json, f"head_{args.device}{'_quick' if args.quick else ''}", overwrite=args.overwrite)
+    load_before = os.getloadavg()
+    where = (f"{args.ranks} gloo ranks x {args.threads} thread(s)" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    print(f"bench_head: N={args.rows} gathered rows, D={args.dim}, {where}; load average {load_before[0]:.2f}",
+          flush=True)
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=run_rank, args=(rank, args, port, queue)) for rank in range(args.ranks)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [index for index, process in enumerate(processes) if process.exitcode != 0]
+    if failed:
+        raise SystemExit(f"error: rank(s) {failed} failed (exit codes {[processes[i].exitcode for i in failed]})")
+    records = queue.get()
+    table = markdown(records)
+    print(table)
+    environment = {"device": args.device, "where": where, "torch": torch.__version__, "host": platform.node(),
+                   "cpus": os.cpu_count(), "fused_kernels": ops.FUSED_KERNELS_AVAILABLE,
+                   "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"environment": environment, "args": {k: str(v) for k, v in vars(args).items()},
+                                  "results": records}, indent=2) + "\n")
+    output.with_suffix(".md").write_text(table + "\n")
+    print(f"written: {output} ({output.stat().st_size:,} bytes) and {output.with_suffix('.md').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

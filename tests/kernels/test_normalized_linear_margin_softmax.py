@@ -1,0 +1,122 @@
+# Fused linear margin softmax on raw centers (normalisation fused) against F.normalize + the unfused loss.
+import pytest
+import torch
+import torch.nn.functional as F
+
+import toolkit.ops as ops
+from tests.kernels.conftest import (DEVICES, GRAD_RTOL, MARGINS, allocator_peak_bytes, assert_close_relative,
+                                    requires_kernels, row_weights)
+from toolkit.heads.margin import Margin
+from toolkit.ops import unfused
+
+pytestmark = requires_kernels
+
+
+def raw_case(num_rows: int, num_classes: int, dim: int, seed: int, *, degenerate_rows: bool = True):
+    """Unit embeddings, centers of very different norms (one zero row and one below eps), targets with -1 rows."""
+    gen = torch.Generator().manual_seed(seed)
+    emb_ND = F.normalize(torch.randn(num_rows, dim, generator=gen), dim=1)
+    norms_C = torch.exp(torch.randn(num_classes, 1, generator=gen) * 2.0)  # from ~0.02 to ~50
+    centers_CD = torch.randn(num_classes, dim, generator=gen) * norms_C
+    if degenerate_rows:
+        centers_CD[1] = 0.0
+        centers_CD[2] = 1e-14  # |w| < eps = 1e-12: F.normalize divides by eps, no projection
+    local_target_N = torch.randint(0, num_classes, (num_rows,), generator=gen)
+    local_target_N[2::5] = -1
+    return emb_ND, centers_CD, local_target_N
+
+
+def run(loss_fn, emb_ND, centers_CD, local_target_N, margin, weights_N, **kwargs):
+    emb = emb_ND.clone().requires_grad_(True)
+    centers = centers_CD.clone().requires_grad_(True)
+    loss = loss_fn(emb, centers, local_target_N, margin, row_weight_N=weights_N, **kwargs)
+    loss.backward()
+    return loss.detach(), emb.grad, centers.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("shape", [(12, 37, 16), (40, 37, 16)], ids=["N<=D:cached", "N>D:recomputed"])
+@pytest.mark.parametrize("block_size", [7, 1, 0])  # 7 does not divide 37; 0 = automatic (one block here)
+def test_matches_normalize_then_reference(device, margin, shape, block_size):
+    emb_ND, centers_CD, local_target_N = (t.to(device) for t in raw_case(*shape, seed=4))
+    weights_N = row_weights(shape[0]).to(device)
+    fused = run(ops.distributed_normalized_linear_margin_softmax_ce, emb_ND, centers_CD, local_target_N, margin,
+                weights_N, block_size=block_size)
+    expected = run(unfused.distributed_normalized_linear_margin_softmax_ce, emb_ND, centers_CD, local_target_N,
+                   margin, weights_N)
+    for got, want, what in zip(fused, expected, ("loss", "embedding grad", "center grad")):
+        assert_close_relative(got, want, GRAD_RTOL[torch.float32], what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interclass_filter", [0.0, 0.3])
+def test_filter_and_degenerate_rows_match_the_plain_pytorch_formula(device, interclass_filter):
+    """Ground truth written out here: cos = emb @ normalize(centers)^T, margin on the target, softmax CE."""
+    emb_ND, centers_CD, local_target_N = (t.to(device) for t in raw_case(9, 23, 8, seed=11))
+    local_target_N[local_target_N < 0] = 0  # every row labeled here (one process owns every class)
+    margin = Margin(scale=32.0, m1=1.0, m2=0.3, m3=0.1)
+    fused = run(ops.distributed_normalized_linear_margin_softmax_ce, emb_ND, centers_CD, local_target_N, margin,
+                None, block_size=5, interclass_filter=interclass_filter)
+
+    emb = emb_ND.clone().requires_grad_(True)
+    centers = centers_CD.clone().requires_grad_(True)
+    cos_NC = emb @ F.normalize(centers, dim=1).t()
+    rows = torch.arange(cos_NC.shape[0], device=device)
+    target_cos = cos_NC[rows, local_target_N]
+    theta = torch.acos(target_cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    target_logit = torch.cos(margin.m1 * theta + margin.m2) - margin.m3
+    negatives = cos_NC if interclass_filter <= 0 else cos_NC.masked_fill(cos_NC.detach() > interclass_filter, 0.0)
+    logits_NC = negatives.scatter(1, local_target_N[:, None], target_logit[:, None]) * margin.scale
+    F.cross_entropy(logits_NC, local_target_N).backward()
+    assert_close_relative(fused[1], emb.grad, 1e-4, "embedding grad")
+    assert_close_relative(fused[2], centers.grad, 1e-4, "center grad")
+    assert torch.isfinite(fused[2]).all()
+
+
+def test_gradient_takes_the_forward_workspace_and_a_second_backward_is_refused():
+    emb_ND, centers_CD, local_target_N = raw_case(6, 50, 8, seed=3)
+    centers = centers_CD.requires_grad_(True)
+    loss = ops.distributed_normalized_linear_margin_softmax_ce(emb_ND, centers, local_target_N, Margin())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("num_rows,expected_max_ratio", [(64, 1.07), (96, 1.11)], ids=["cached", "recomputed"])
+def test_peak_memory_is_the_centers_gradient_plus_one_block(num_rows, expected_max_ratio):
+    """N <= D: the N x C cosines live in the gradient's storage, so the peak is the gradient plus blocks of
+    512 classes (N x 512 and 512 x D floats); N > D: an N x 512 scratch block is added. The unfused path with
+    F.normalize holds several N x C and C x D tensors at once: far above either."""
+    num_classes, dim, block = 20_000, 64, 512
+    emb_ND, centers_CD, local_target_N = raw_case(num_rows, num_classes, dim, seed=5, degenerate_rows=False)
+    centers = centers_CD.requires_grad_(True)
+    emb = emb_ND.requires_grad_(True)
+    grad_bytes = num_classes * dim * 4
+
+    def step(loss_fn, **kwargs):
+        def run_step():
+            centers.grad, emb.grad = None, None
+            loss_fn(emb, centers, local_target_N, Margin(), **kwargs).backward()
+        return run_step
+
+    fused_peak = allocator_peak_bytes(step(ops.distributed_normalized_linear_margin_softmax_ce, block_size=block))
+    unfused_peak = allocator_peak_bytes(step(unfused.distributed_normalized_linear_margin_softmax_ce))
+    print(f'peak/grad: fused {fused_peak / grad_bytes:.3f}, unfused {unfused_peak / grad_bytes:.3f}')
+    assert grad_bytes <= fused_peak <= expected_max_ratio * grad_bytes, (fused_peak, grad_bytes)
+    assert unfused_peak > 3 * grad_bytes, (unfused_peak, grad_bytes)
+
+
+@pytest.mark.parametrize("num_rows,products_per_block", [(16, 3), (40, 4)], ids=["cached", "recomputed"])
+def test_matrix_products_per_block(num_rows, products_per_block):
+    """Cached (N <= D): logits forward, then dE and dW backward = 3 products per block; N > D recomputes the
+    logits in backward: 4. Counted from the profiler's aten::mm / aten::addmm_ calls (5 blocks of 7 classes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    emb_ND, centers_CD, local_target_N = raw_case(num_rows, 35, 32, seed=6)
+    centers = centers_CD.requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ops.distributed_normalized_linear_margin_softmax_ce(emb_ND, centers, local_target_N, Margin(),
+                                                            block_size=7).backward()
+    products = sum(event.count for event in prof.key_averages() if event.key in ("aten::mm", "aten::addmm_"))
+    assert products == 5 * products_per_block
