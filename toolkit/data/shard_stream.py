@@ -47,7 +47,7 @@ from toolkit.data.jpeg import CorruptImageError, decode_rgb, resolve_decoder
 from toolkit.data.loader import EpochStream
 from toolkit.data.shards import (IMAGE_EXT, LABEL_INT32_EXT, LABEL_TEXT_EXT, Manifest, ShardEntry, chunk_of_key,
                                  load_manifest, parse_tar)
-from toolkit.data.transforms import ViewAugmentation, two_views
+from toolkit.data.transforms import ViewAugmentation, two_views_batch
 from toolkit.errors import FaceCLError
 
 logger = logging.getLogger("toolkit.data")
@@ -333,8 +333,7 @@ class _EpochBatches(IterableDataset):
         if aug.views is None:
             return images_B3HW, labels_B, dict(skipped)
         sample_seeds = torch.randint(0, 2**62, (len(samples),), generator=gen).tolist()
-        views_B23HW = torch.stack([two_views(image_3HW, aug.views, torch.Generator().manual_seed(s))
-                                   for image_3HW, s in zip(images_B3HW, sample_seeds)])
+        views_B23HW = two_views_batch(images_B3HW, sample_seeds, aug.views)   # each sample from its own seed
         return views_B23HW, labels_B, dict(skipped)
 
     def _decode(self, data: bytes) -> np.ndarray:

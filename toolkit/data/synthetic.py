@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from toolkit.data.transforms import ViewAugmentation, two_views
+from toolkit.data.transforms import ViewAugmentation, two_views_batch
 
 # Side of the coarse grid that defines an identity: small enough to be smooth, large enough for variety.
 _PATTERN_GRID = 6
@@ -81,7 +81,8 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
 
     Items are looked up by key (index, augmentation seed): the sampler draws the seed, so augmentation
     is part of the resumable data order, not of worker RNG state. One view: 3 x S x S (random flip when
-    `flip`); two views (UniMoCo): 2 x 3 x S x S.
+    `flip`); two views (UniMoCo): 2 x 3 x S x S. A DataLoader batch is fetched through `__getitems__`,
+    which augments the two views of the whole batch at once (the same pixels as item by item).
     """
 
     def __init__(self, faces: SyntheticFaces, num_identities: int, samples_per_identity: int, *,
@@ -104,17 +105,27 @@ class SyntheticTrainSet(torch.utils.data.Dataset):
         """Identity of every sample, N (for identity-grouped sampling; unlabeled identities included)."""
         return torch.arange(len(self)) // self.samples_per_identity
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, aug_seed = key
+    def _image_and_label(self, index: int) -> tuple[torch.Tensor, int]:
         identity = self.label_of(index)
         label = identity if identity < self.num_labeled_identities else -1
-        image_3SS = self.faces.render(identity, index % self.samples_per_identity)
-        gen = torch.Generator().manual_seed(aug_seed)
+        return self.faces.render(identity, index % self.samples_per_identity), label
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         if self.views is not None:
-            return two_views(image_3SS, self.views, gen), label
-        if self.flip and float(torch.rand(1, generator=gen)) < 0.5:
+            return self.__getitems__([key])[0]
+        index, aug_seed = key
+        image_3SS, label = self._image_and_label(index)
+        if self.flip and float(torch.rand(1, generator=torch.Generator().manual_seed(aug_seed))) < 0.5:
             image_3SS = image_3SS.flip(-1)
         return image_3SS, label
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+        """The items of a batch of keys; two views are augmented for the whole batch at once."""
+        if self.views is None:
+            return [self[key] for key in keys]
+        images, labels = zip(*(self._image_and_label(index) for index, _ in keys))
+        views_B23SS = two_views_batch(torch.stack(images), [aug_seed for _, aug_seed in keys], self.views)
+        return list(zip(views_B23SS.unbind(0), labels))
 
 
 class SyntheticPairs:
