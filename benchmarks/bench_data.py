@@ -1,7 +1,10 @@
 # Data benchmark: JPEG decoders, shard conversion, the webdataset stream and (if installed) DALI on CPU.
 """Prints images/s and writes benchmarks/results/bench_data.json.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_data.py [--images 6000] [--batch-size 128] [--out PATH]
+    OMP_NUM_THREADS=2 python benchmarks/bench_data.py [--images 6000] [--batch-size 128] [--out PATH] [--overwrite]
+
+The results record the date and the machine's load average (1, 5, 15 minutes) before and after the run,
+since other processes on the machine slow every figure; the two-view / one-view ratio is from this run.
 
 The data are 112x112 synthetic faces (toolkit.data.synthetic, with their pixel noise) encoded as JPEG
 quality 95, written as an image folder and converted to shards; every figure is decoded + augmented
@@ -108,10 +111,12 @@ def main() -> int:
     args = parser.parse_args()
     args.out = results_path(args.out, "bench_data", overwrite=args.overwrite)
 
+    load_before = os.getloadavg()
     per_identity = 20
     jpegs = face_jpegs(max(1, args.images // per_identity), per_identity)
     flat = [data for row in jpegs for data in row]
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "python": platform.python_version()},
                "images": len(flat), "mean_jpeg_bytes": int(np.mean([len(d) for d in flat])),
                "batch_size": args.batch_size}
@@ -138,10 +143,17 @@ def main() -> int:
                 stream_results[key] = bench_stream(manifest, args.batch_size, workers, views, args.seconds)
                 print(f"webdataset stream, {key}: {stream_results[key]} images/s")
         results["webdataset_stream_images_per_s"] = stream_results
+        ratio = round(stream_results["workers=0 two_views"] / stream_results["workers=0 flip"], 3)
+        results["two_views_over_one_view_in_process"] = ratio
+        print(f"two views / one view, in process: {ratio}")
         dali = bench_dali(manifest, args.batch_size, 2, args.seconds)
         results["dali_cpu_2_threads_flip_images_per_s"] = dali
         print(f"DALI CPU pipeline, 2 threads, flip: {dali if dali is not None else 'not installed'} images/s")
 
+    results["load_average"] = {"before": [round(v, 2) for v in load_before],
+                               "after": [round(v, 2) for v in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min): before {results['load_average']['before']}, "
+          f"after {results['load_average']['after']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
