@@ -223,16 +223,17 @@ def test_head_plan_matches_measured_memory(sample_rate, optimizer_name, intercla
 
 
 @requires_kernels
-@pytest.mark.parametrize("batch, embedding_size", [(32, 64), (96, 64)], ids=["N<=D", "N>D"])
-def test_fused_linear_plan_matches_the_allocator_peak(batch, embedding_size):
+@pytest.mark.parametrize("batch, embedding_size, sample_rate", [(32, 64, 1.0), (96, 64, 1.0), (32, 64, 0.3), (32, 256, 0.6)],
+                         ids=["N<=D", "N>D", "sampled", "sampled-blocks"])
+def test_fused_linear_plan_matches_the_allocator_peak(batch, embedding_size, sample_rate):
     """fused_linear allocates inside its kernels, where no dispatch mode sees it: the CPU allocator's peak
     over forward + backward (torch.profiler memory events) must equal the plan's center gradient plus its
     block temporaries, within 10% (the rest: N x D embeddings and their gradients)."""
     num_classes = 30_000
     recipe = load_config(SMOKE_RECIPE, [f"model.embedding_size={embedding_size}", f"data.batch_size={batch}",
-                                        "head.implementation=fused_linear"])
+                                        "head.implementation=fused_linear", f"head.sample_rate={sample_rate}"])
     plan = plan_memory(recipe, 1, num_classes)
-    assert plan.logits.fp32_buffers == 0 and plan.logits.block_buffers > 0
+    assert plan.logits.fp32_buffers == 0 and plan.logits.block_buffers + plan.logits.sampled_centers > 0
     torch.manual_seed(0)
     head = build_head(recipe, num_classes, DistributedContext())
     emb_BD = torch.randn(batch, embedding_size, requires_grad=True)
@@ -257,7 +258,8 @@ def test_plan_cli_prints_the_webface42m_plan():
     lines = proc.stdout.splitlines()
     assert any("C = 2,059,906" in line for line in lines), proc.stdout
     assert any(line.strip().startswith("center shard weights (257,489 x 512") for line in lines), proc.stdout
-    assert any(line.strip().startswith("logits buffers (") and "2,048 x 51,497" in line for line in lines), proc.stdout
+    assert any(line.strip().startswith("logits buffers, head.implementation ") and "2,048 x 51,497" in line
+               for line in lines), proc.stdout
     assert any(line.strip().startswith("total GPU per rank") for line in lines), proc.stdout
 
 

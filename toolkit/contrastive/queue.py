@@ -34,11 +34,12 @@ class LabelQueue(nn.Module):
     def enqueue(self, keys_NP: torch.Tensor, labels_N: torch.Tensor) -> None:
         """Write the gathered keys (N = global batch, rank order) at the pointer and advance it."""
         num = keys_NP.shape[0]
-        start = int(self.pointer)
-        self.keys_KP[start:start + num] = keys_NP.to(self.keys_KP.dtype)
-        self.labels_K[start:start + num] = labels_N
-        self.pointer.fill_((start + num) % self.size)
-        self.num_filled.fill_(min(self.size, int(self.num_filled) + num))
+        # Slots from the pointer, computed on the device: the host never waits for the pointer's value.
+        slots_N = (self.pointer + torch.arange(num, device=self.pointer.device)) % self.size
+        self.keys_KP.index_copy_(0, slots_N, keys_NP.to(self.keys_KP.dtype))
+        self.labels_K.index_copy_(0, slots_N, labels_N.to(self.labels_K.dtype))
+        self.pointer.copy_((self.pointer + num) % self.size)
+        self.num_filled.copy_((self.num_filled + num).clamp(max=self.size))
 
     @torch.no_grad()
     def statistics(self, query_labels_B: torch.Tensor) -> dict[str, float]:

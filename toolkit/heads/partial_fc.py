@@ -6,7 +6,8 @@ Rank r of the model-parallel group owns a contiguous range of classes (`shard_ra
 1. embeddings (B x D per rank) are all-gathered to N = W*B rows (backward: reduce-scatter, exact gradients);
    labels are all-gathered;
 2. sampling (sample_rate < 1): every class of this shard that is a positive in the gathered batch is kept,
-   random negatives fill up to int(sample_rate * num_local); labels are remapped to the kept columns;
+   random negatives fill up to int(sample_rate * num_local) columns (min(N, num_local) if more: a size fixed by
+   the shapes, so no host sync); labels are remapped to the kept columns;
 3. local cosine logits N x S against the (kept, normalised) local centers; optional inter-class filtering zeroes
    negative cosines above a threshold; the margin goes on the target entries this rank owns; times scale;
 4. softmax cross-entropy across ranks: row max by all-reduce(MAX), sum of exp by all-reduce(SUM), target
@@ -77,7 +78,7 @@ class ShardedIdentityCenterHead(nn.Module):
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin, *, rank: int = 0, world_size: int = 1,
                  group=None, sample_rate: float = 1.0, interclass_filter: float = 0.0,
-                 implementation: str = "reference"):
+                 implementation: str = "auto"):
         super().__init__()
         # reference: unfused plain PyTorch (toolkit/ops/unfused.py); fused: kernel on the cosine buffer, gradient
         # written in place; fused_linear: kernel over blocks of classes on the raw centers (normalisation fused),
@@ -95,17 +96,26 @@ class ShardedIdentityCenterHead(nn.Module):
         self.centers_CD = nn.Parameter(torch.empty(self.shard.count, embedding_size).normal_(0.0, 0.01))
         self.last_sampled_classes: torch.Tensor | None = None  # global ids of the kept columns (for tests, plans)
 
+    def num_kept_columns(self, num_rows: int) -> int:
+        """Columns S kept per step, from shapes only (no host sync): int(sample_rate x count), or min(N, count)
+        when that is more, so that every positive of the N gathered rows always fits (at most min(N, count)
+        distinct classes of this shard can be positives)."""
+        return min(self.shard.count, max(self.num_sampled, num_rows))
+
     def sample_classes(self, labels_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept local column indices S, local target column per row or -1): positives first, then negatives."""
+        """(kept local column indices S, local target column per row or -1): every positive, then random negatives.
+
+        Fixed-size device-side work (no torch.unique, no nonzero): the step never waits for the device here."""
         in_shard_N = (labels_N >= self.shard.start) & (labels_N < self.shard.end)
         local_label_N = torch.where(in_shard_N, labels_N - self.shard.start, torch.full_like(labels_N, -1))
-        if self.num_sampled >= self.shard.count:
+        num_keep = self.num_kept_columns(labels_N.numel())
+        if num_keep >= self.shard.count:
             return torch.arange(self.shard.count, device=labels_N.device), local_label_N
-        positives = torch.unique(local_label_N[in_shard_N])
-        # Random scores in [0, 1) for every local class, 2 for positives: top-k keeps all positives first.
+        # Random scores in [0, 1) for every local class, 2 for positives: top-k keeps all positives first. Rows of
+        # other shards scatter -1 into column 0, which the max leaves unchanged.
         scores_C = torch.rand(self.shard.count, device=labels_N.device)
-        scores_C[positives] = 2.0
-        num_keep = max(self.num_sampled, positives.numel())
+        positive_scores_N = torch.where(in_shard_N, 2.0, -1.0).to(scores_C.dtype)
+        scores_C.scatter_reduce_(0, local_label_N.clamp(min=0), positive_scores_N, reduce="amax")
         kept_S = torch.topk(scores_C, k=num_keep, sorted=False).indices.sort().values
         remap_C = torch.full((self.shard.count,), -1, dtype=torch.long, device=labels_N.device)
         remap_C[kept_S] = torch.arange(num_keep, device=labels_N.device)

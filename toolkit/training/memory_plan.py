@@ -151,10 +151,17 @@ class LogitsMemory:
     fp32_buffers: int                # live_fp32_buffers x N x S x 4
     filter_mask: int                 # N x S bool mask saved by the reference's inter-class filter, else 0
     block_buffers: int = 0           # fused_linear: its per-block temporaries
+    sampled_centers: int = 0         # fused_linear, S < count: the kept centers' copy and gradient at the peak
+    embedding_size: int = 0          # D
+
+    @property
+    def cosines_cached(self) -> bool:
+        """fused_linear keeps the cosines in the gradient's memory when N <= D, else recomputes them."""
+        return self.implementation == "fused_linear" and self.gathered_rows <= self.embedding_size
 
     @property
     def total(self) -> int:
-        return self.fp32_buffers + self.filter_mask + self.block_buffers
+        return self.fp32_buffers + self.filter_mask + self.block_buffers + self.sampled_centers
 
 
 @dataclass(frozen=True)
@@ -265,8 +272,8 @@ def plan_head(recipe: Recipe, world_size: int, num_classes: int) -> HeadMemory:
 def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) -> int:
     """Columns S of the logits: int(sample_rate x count) (at least 1), or the whole shard at rate 1.
 
-    Every positive of the gathered batch is kept, so S can exceed int(rate x count) when the batch holds
-    more distinct classes of this shard than that; the plan takes that worst case (min(N, count) positives).
+    Every positive of the gathered batch is kept, so the head keeps min(N, count) columns when that is more
+    than int(rate x count) (ShardedIdentityCenterHead.num_kept_columns: a size fixed by the shapes).
     """
     num_sampled = max(1, int(sample_rate * shard_classes))
     if num_sampled >= shard_classes:
@@ -295,11 +302,18 @@ def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMe
     elements_NS = gathered_rows * columns
     live = LIVE_LOGITS_BUFFERS_AT_PEAK[implementation]
     filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 and implementation == "reference" else 0
-    blocks = (fused_linear_block_bytes(gathered_rows, columns, recipe.model.embedding_size)
-              if implementation == "fused_linear" else 0)
+    dims = recipe.model.embedding_size
+    blocks = fused_linear_block_bytes(gathered_rows, columns, dims) if implementation == "fused_linear" else 0
+    sampled = 0
+    if implementation == "fused_linear" and columns < shard_classes:
+        # The kernels run on an S x D copy of the kept centers and write their S x D gradient; the dense
+        # count x D gradient (counted above) is made after them, from that S x D gradient. Peak above the dense
+        # gradient: max(copy + S x D gradient + one block - dense gradient, S x D gradient).
+        sampled_bytes, dense_bytes = FP32_BYTES * columns * dims, FP32_BYTES * shard_classes * dims
+        sampled, blocks = max(2 * sampled_bytes + blocks - dense_bytes, sampled_bytes), 0
     return LogitsMemory(implementation=implementation, gathered_rows=gathered_rows, sampled_columns=columns,
                         live_fp32_buffers=live, fp32_buffers=live * FP32_BYTES * elements_NS, filter_mask=filter_mask,
-                        block_buffers=blocks)
+                        block_buffers=blocks, sampled_centers=sampled, embedding_size=dims)
 
 
 def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan:
@@ -388,8 +402,11 @@ def format_plan(plan: MemoryPlan) -> str:
          f"{logits.gathered_rows:,} x {logits.sampled_columns:,} fp32)", logits.fp32_buffers, False),
     ]
     if logits.block_buffers:
-        rows.append(("fused linear kernel: one block of classes (cosines kept in the gradient's memory)",
-                     logits.block_buffers, False))
+        how = "cosines kept in the gradient's memory" if logits.cosines_cached else "N > D: cosines recomputed"
+        rows.append((f"fused linear kernel: one block of classes ({how})", logits.block_buffers, False))
+    if logits.sampled_centers:
+        rows.append((f"sampled centers ({logits.sampled_columns:,} x {inp.embedding_size} copy, its gradient and "
+                     f"one block at the peak)", logits.sampled_centers, False))
     if logits.filter_mask:
         rows.append((f"inter-class filter mask ({logits.gathered_rows:,} x {logits.sampled_columns:,} bool)",
                      logits.filter_mask, False))
@@ -401,7 +418,7 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if cpu == on_cpu]
         lines.append(f"    {total_name:<{width}}{format_bytes(total):>11}")
         lines.append("")
-    lines.append("  not included: gathered embeddings and normalised centers, "
+    lines.append("  not included: gathered embeddings, normalised centers (reference and fused), "
                  "communication buckets, CUDA context, allocator fragmentation")
     return "\n".join(lines)
 

@@ -235,7 +235,8 @@ class Trainer:
                              grads_bad if self.fp16 else torch.zeros((), device=self.device)]).float()
         if self.ctx.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.ctx.group)
-        nonfinite, overflow = (bool(v > 0) for v in flags.tolist())
+        decision = int(((flags[0] > 0).int() + 2 * (flags[1] > 0).int()).item())  # the step's one host sync
+        nonfinite, overflow = bool(decision & 1), bool(decision & 2)
         skip = nonfinite or overflow
         max_norm = self.recipe.parallel.clip_grad_norm
         self.last_grad_norms = {}
