@@ -97,7 +97,6 @@ def main(argv=None) -> int:
                 print(f"{kernel:<44}{record['dtype']:<10}{margin_name:<9}{record['ms']:>9.3f} ms "
                       f"{record['gb_per_s']:>8.1f} GB/s = {record['fraction_of_copy']:.2f} x copy "
                       f"({record['copy_gb_per_s']:.1f} GB/s)", flush=True)
-        del cos_NC, copy_NC
     environment = {"device": device.type, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                    "torch": torch.__version__, "load_average": os.getloadavg()[0],
                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -21,6 +21,19 @@ DIST_OVERRIDES = [
 ]
 JOB_TIMEOUT_S = 300
 
+# The multi-rank engines, as recipe overrides (shared by the engine, full-state and UniMoCo tests).
+ENGINES = {
+    "ddp": ["parallel.engine=ddp"],
+    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    "fsdp": ["parallel.engine=fsdp"],
+}
+# UniMoCo on top of the margin softmax, small enough for 2 ranks of 8 images.
+UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
+           "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
+           "data.synthetic.labeled_fraction=0.5"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -1,20 +1,11 @@
 # Every engine on 2 gloo ranks: same loss sequence as every other engine, and exact resume from a checkpoint.
 import pytest
 
-from tests.distributed.conftest import check_ok, free_port, loss_curve, run_job, torchrun, train_args
+from tests.distributed.conftest import (ENGINES, UNIMOCO, check_ok, free_port, loss_curve, run_job, torchrun,
+                                        train_args)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
-ENGINES = {
-    "ddp": ["parallel.engine=ddp"],
-    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
-    "fsdp": ["parallel.engine=fsdp"],
-}
-UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
-           "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
-           "data.synthetic.labeled_fraction=0.5"]
 # Resume only (a different objective, so not comparable with the others' losses): UniMoCo's queue and
 # momentum encoder must survive DeepSpeed's and DCP's checkpoint formats.
 RESUME_ONLY = {
@@ -61,7 +52,7 @@ def full_and_resumed(tmp_path_factory) -> EngineRuns:
 def test_resume_gives_the_uninterrupted_losses(engine, full_and_resumed):
     runs = full_and_resumed(engine)
     assert sorted(runs["full"]) == list(range(1, NUM_STEPS + 1))
-    assert f"resumed from" in runs["resumed_stdout"] and f"at step {RESUME_STEP}" in runs["resumed_stdout"]
+    assert "resumed from" in runs["resumed_stdout"] and f"at step {RESUME_STEP}" in runs["resumed_stdout"]
     for step in range(RESUME_STEP + 1, NUM_STEPS + 1):
         assert runs["resumed"][step] == pytest.approx(runs["full"][step], rel=0, abs=1e-6), (engine, step)
 

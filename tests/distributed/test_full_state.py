@@ -3,17 +3,9 @@ import pytest
 import torch
 
 from tests.conftest import SMOKE_RECIPE
-from tests.distributed.conftest import DIST_OVERRIDES, check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import DIST_OVERRIDES, ENGINES, check_ok, free_port, run_job, torchrun, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
-
-ENGINES = {
-    "ddp": ["parallel.engine=ddp"],
-    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
-    "fsdp": ["parallel.engine=fsdp"],
-}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 # Sharded identity-center layer on 1, 2 and 3 gloo ranks against the single-process full-softmax reference.
-import os
 
 import pytest
 import torch

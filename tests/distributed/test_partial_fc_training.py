@@ -1,13 +1,12 @@
 # The sharded head inside real jobs: resharding a checkpoint to other world sizes, and 2-rank training quality.
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, SMOKE_RECIPE
-from tests.distributed.conftest import check_ok, free_port, job_env, run_job, torchrun, train_args
+from tests.conftest import SMOKE_RECIPE
+from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
 from toolkit.training.checkpoint import read_payload
 from toolkit.heads.shard_checkpoint import gather_full_centers
 

@@ -2,23 +2,17 @@
 import pytest
 import torch
 
-from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import ENGINES as BASE_ENGINES
+from tests.distributed.conftest import UNIMOCO, check_ok, free_port, run_job, torchrun, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
 ENGINES = {
-    "ddp": ["parallel.engine=ddp"],
-    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    **BASE_ENGINES,
     # Every parameter partitioned (none kept whole as "persistent"): the EMA runs on ds_tensor partitions.
     "zero3_partitioned": ["parallel.engine=deepspeed", "parallel.zero_stage=3",
                           "parallel.deepspeed_config=tests/distributed/zero3_no_persistence.yaml"],
-    "fsdp": ["parallel.engine=fsdp"],
 }
-UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
-           "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
-           "data.synthetic.labeled_fraction=0.5"]
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

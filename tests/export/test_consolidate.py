@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.export.conftest import ENGINES, SAVE_STEP, probed_run
+from tests.export.conftest import SAVE_STEP, probed_run
 from toolkit.export import consolidate, load_backbone
 from toolkit.export.consolidate import ENCODER_EXTRA_PREFIXES, FORMAT_NAME, HEAD_KEY
 from toolkit.models import create_backbone

@@ -1,5 +1,4 @@
 # init-from: arcface_torch backbones (their module naming, re-stated here) and per-rank softmax files map onto ours.
-import pickle
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ types; the packages below them take plain arguments or small dataclasses of thei
 """
 
 import ast
-from pathlib import Path
 
 from tests.conftest import REPO
 

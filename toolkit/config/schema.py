@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 def doc(text: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, path: bool = False):

@@ -136,7 +136,7 @@ def load_init_state(path: str | Path, *, backbone: str | None = None, embedding_
     `backbone` / `embedding_size` / `image_size` are the run's; they are checked against a FaceCL file's
     metadata and needed to map an arcface_torch file (which does not record its architecture).
     """
-    from toolkit.export.load import _is_consolidated_file, read_consolidated
+    from toolkit.export.load import _is_consolidated_file
 
     path = Path(path)
     if not path.exists():
