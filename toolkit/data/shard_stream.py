@@ -321,6 +321,11 @@ class _EpochBatches(IterableDataset):
         images_BHW3 = np.stack([image for image, _ in samples])
         labels_B = torch.tensor([label for _, label in samples], dtype=torch.int64)
         gen = torch.Generator().manual_seed(_seed_of(self.plan.seed, _SALT_AUGMENT, self.epoch, self.plan.rank, batch))
+        if aug.views is not None and images_BHW3.shape[1] == aug.image_size:
+            # The views read the decoded bytes directly (their colour map includes the [-1, 1] conversion).
+            sample_seeds = torch.randint(0, 2**62, (len(samples),), generator=gen).tolist()
+            views_B23HW = two_views_batch(torch.from_numpy(images_BHW3), sample_seeds, aug.views)
+            return views_B23HW, labels_B, dict(skipped)
         if aug.views is None and aug.flip:
             # Flip the uint8 pixels before the float conversion: a quarter of the bytes to move.
             flip_B = (torch.rand(len(samples), generator=gen) < 0.5).numpy()

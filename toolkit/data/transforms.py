@@ -135,16 +135,18 @@ def _hue_rotations(turns_V: torch.Tensor) -> torch.Tensor:
     return _RGB_FROM_YIQ_64 @ rotate_V33 @ _YIQ_FROM_RGB_64
 
 
-def _colour_affine(params: ViewParameters, gray_mean_B: torch.Tensor, apply_hue: bool):
-    """Per-view affine map of [-1, 1] pixels that equals colour jitter (and grayscale, when it comes without
-    jitter) on [0, 1] pixels x = (z + 1) / 2: V x 3 x 4 (V = 2B, query first), [M | offset] for z -> M z + offset.
-    The jittered views are clamped to [-1, 1] afterwards (the clamp to [0, 1] of the old code).
+def _colour_affine(params: ViewParameters, scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view affine map of stored pixel values v (z = scale v + shift in [-1, 1]) that equals colour jitter (and
+    grayscale, when it comes without jitter) on [0, 1] pixels x = (z + 1) / 2, given m_z, the mean gray level of
+    the view's image in z: [M | offset] (V x 3 x 4, V = 2B, query first) for v -> M v + offset + m_z mean_coef,
+    and mean_coef (V x 3). The jittered views are clamped to [-1, 1] afterwards (the old code's clamp to [0, 1]).
 
-    On x: brightness b gives b x; contrast c gives c b x + (1 - c) b m (m: the mean gray level of x); saturation s
-    is S = s I + (1 - s) 1 w^T; hue is a matrix H; so jitter is A x + o with A = c b H S, o = (1 - c) b m H S 1.
-    In z: 2 (A (z + 1) / 2 + o) - 1 = A z + (A 1 + 2 o - 1). A view without jitter is I z, or 1 w^T z when it
-    turns gray (w sums to 1, so the gray of z is the [-1, 1] image of the gray of x)."""
-    V = gray_mean_B.numel() * 2
+    On x: brightness b gives b x; contrast c gives c b x + (1 - c) b m_x (m_x = (m_z + 1) / 2); saturation s is
+    S = s I + (1 - s) 1 w^T; hue is a matrix H; so jitter is A x + o with A = c b H S, o = (1 - c) b m_x H S 1.
+    In z: 2 (A (z + 1) / 2 + o) - 1 = A z + A 1 - 1 + k (m_z + 1) with k = (1 - c) b H S 1; in v, A z = scale A v +
+    shift A 1. A view without jitter is I z, or 1 w^T z when it turns gray (w sums to 1, so the gray of z is
+    the [-1, 1] image of the gray of x)."""
+    V = params.jitter_on_B2.numel()
     b_V = params.brightness_B2.reshape(V)
     c_V = params.contrast_B2.reshape(V)
     s_V = params.saturation_B2.reshape(V)
@@ -152,18 +154,18 @@ def _colour_affine(params: ViewParameters, gray_mean_B: torch.Tensor, apply_hue:
     ones_31 = torch.ones(3, 1, dtype=torch.float64)
     to_gray_33 = ones_31 @ torch.tensor([GRAY_WEIGHTS], dtype=torch.float64)   # every channel the gray level
     saturation_V33 = s_V[:, None, None] * eye_33 + (1 - s_V)[:, None, None] * to_gray_33
+    apply_hue = bool((params.hue_turns_B2 != 0).any())
     hue_V33 = _hue_rotations(params.hue_turns_B2.reshape(V)) if apply_hue else eye_33.expand(V, 3, 3)
     hue_saturation_V33 = hue_V33 @ saturation_V33
-    mean_V = ((gray_mean_B.to(torch.float64) + 1) / 2).repeat_interleave(2)   # m of each view's source, in [0, 1]
     jitter_V33 = (c_V * b_V)[:, None, None] * hue_saturation_V33
-    jitter_offset_V31 = ((1 - c_V) * b_V * mean_V)[:, None, None] * (hue_saturation_V33 @ ones_31)
-    jitter_offset_V31 = jitter_V33 @ ones_31 + 2 * jitter_offset_V31 - 1
+    jitter_mean_coef_V31 = ((1 - c_V) * b_V)[:, None, None] * (hue_saturation_V33 @ ones_31)
+    jitter_offset_V31 = jitter_V33 @ ones_31 - 1 + jitter_mean_coef_V31
     jitter_V = params.jitter_on_B2.reshape(V)[:, None, None]
     gray_V = params.grayscale_on_B2.reshape(V)[:, None, None]
-    plain_V33 = torch.where(gray_V, to_gray_33, eye_33)
-    matrix_V33 = torch.where(jitter_V, jitter_V33, plain_V33)
-    offset_V31 = torch.where(jitter_V, jitter_offset_V31, 0.0)
-    return torch.cat([matrix_V33, offset_V31], dim=2).float()
+    matrix_V33 = torch.where(jitter_V, jitter_V33, torch.where(gray_V, to_gray_33, eye_33))
+    offset_V31 = torch.where(jitter_V, jitter_offset_V31, 0.0) + shift * (matrix_V33 @ ones_31)
+    mean_coef_V31 = torch.where(jitter_V, jitter_mean_coef_V31, 0.0)
+    return torch.cat([scale * matrix_V33, offset_V31], dim=2).float(), mean_coef_V31[:, :, 0].float()
 
 
 def _blur_kernels(sigma_V: torch.Tensor) -> torch.Tensor:
@@ -212,19 +214,27 @@ def _runs(flags: list[bool], first: int, last: int) -> list[tuple[int, int]]:
     return runs
 
 
-def apply_views(images_B3HW: torch.Tensor, params: ViewParameters,
-                chunk_samples: int = CHUNK_SAMPLES) -> torch.Tensor:
-    """The two views of every image with the given parameters: B x 2 x 3 x H x W float32 in [-1, 1]."""
-    if images_B3HW.dim() != 4 or images_B3HW.shape[1] != 3:
-        raise ValueError(f"images of shape {tuple(images_B3HW.shape)}, expected B x 3 x H x W")
+def _as_channels_first(images: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """(images as B x 3 x H x W, scale, shift) with z = scale * value + shift the [-1, 1] pixel: float32 images
+    B x 3 x H x W in [-1, 1] as they are, or decoded uint8 pixels B x H x W x 3 (a channels-first view, read
+    by the chunk copies, so the batch is never converted to float as a whole)."""
+    if images.dtype == torch.uint8 and images.dim() == 4 and images.shape[3] == 3:
+        return images.permute(0, 3, 1, 2), 1 / 127.5, -1.0
+    if images.dtype.is_floating_point and images.dim() == 4 and images.shape[1] == 3:
+        return images.float(), 1.0, 0.0
+    raise ValueError(f"images of shape {tuple(images.shape)} and dtype {images.dtype}, expected float "
+                     "B x 3 x H x W in [-1, 1] or uint8 B x H x W x 3")
+
+
+def apply_views(images: torch.Tensor, params: ViewParameters, chunk_samples: int = CHUNK_SAMPLES) -> torch.Tensor:
+    """The two views of every image with the given parameters: B x 2 x 3 x H x W float32 in [-1, 1]. Images are
+    float32 B x 3 x H x W in [-1, 1], or uint8 B x H x W x 3 as decoded (value v is the pixel v / 127.5 - 1)."""
+    images_B3HW, scale, shift = _as_channels_first(images)
     B, _, H, W = images_B3HW.shape
     if params.jitter_on_B2.shape != (B, 2):
         raise ValueError(f"view parameters for {tuple(params.jitter_on_B2.shape)} views, images are {B} x 2 views")
-    images_B3HW = images_B3HW.float()
-    gray_weights_13 = torch.tensor([GRAY_WEIGHTS])
-    gray_mean_B = (images_B3HW.mean(dim=(2, 3)) @ gray_weights_13.T)[:, 0]   # mean gray level, in [-1, 1]
-    apply_hue = bool((params.hue_turns_B2 != 0).any())
-    affine_V34 = _colour_affine(params, gray_mean_B, apply_hue)
+    gray_weights_31 = torch.tensor([GRAY_WEIGHTS])[0, :, None]
+    affine_V34, mean_coef_V3 = _colour_affine(params, scale, shift)
     jitter_V = params.jitter_on_B2.reshape(-1).tolist()
     gray_after_jitter_V = (params.grayscale_on_B2 & params.jitter_on_B2).reshape(-1).tolist()
     blur_V, flip_V = params.blur_on_B2.reshape(-1), params.flip_on_B2.reshape(-1)
@@ -242,7 +252,10 @@ def apply_views(images_B3HW: torch.Tensor, params: ViewParameters,
     for start in range(0, B, chunk_samples):
         stop = min(B, start + chunk_samples)
         first, last = 2 * start, 2 * stop                               # the chunk's views
-        sources_C4P[: stop - start, :3].copy_(images_B3HW[start:stop].view(-1, 3, H * W))
+        sources_C4P[: stop - start, :3].view(-1, 3, H, W).copy_(images_B3HW[start:stop])
+        # The contrast term needs each image's mean gray level, read from the chunk while it is in cache.
+        gray_mean_C = (sources_C4P[: stop - start, :3].mean(dim=2) @ gray_weights_31)[:, 0] * scale + shift
+        affine_B64[start:stop, :, 3].addcmul_(mean_coef_V3[first:last].view(-1, 6), gray_mean_C[:, None])
         views_V3P = out_B23HW[start:stop].view(last - first, 3, H * W)
         torch.bmm(affine_B64[start:stop], sources_C4P[: stop - start], out=views_V3P.view(-1, 6, H * W))
         for run_start, run_stop in _runs(jitter_V, first, last):
@@ -250,18 +263,21 @@ def apply_views(images_B3HW: torch.Tensor, params: ViewParameters,
         for view in range(first, last):
             if gray_after_jitter_V[view]:
                 plane_3P = views_V3P[view - first]
-                plane_3P.copy_((gray_weights_13 @ plane_3P).expand(3, -1))
+                plane_3P.copy_((gray_weights_31.T @ plane_3P).expand(3, -1))
     # Blur and flip over the whole batch: blurred views grouped by kernel radius (no taps spent on zeros) and
     # by flip (a mirrored group is written back mirrored), in groups of a few MB.
     views_V3HW = out_B23HW.view(2 * B, 3, H, W)
     sigma_V = params.blur_sigma_B2.reshape(-1)
     radius_V = torch.clamp(torch.ceil(2 * sigma_V), min=1).long()
+    if bool(blur_V.any()):
+        kernel_VK = _blur_kernels(torch.where(blur_V, sigma_V, 0.5))     # V x (2 largest_radius + 1)
     for radius in torch.unique(radius_V[blur_V]).tolist():
         for mirrored in (False, True):
             group_G = torch.nonzero(blur_V & (radius_V == radius) & (flip_V == mirrored)).view(-1)
+            taps = slice(largest_radius - radius, largest_radius + radius + 1)   # the group's own radius
             for part in range(0, group_G.numel(), VIEWS_PER_GROUP):
                 picked_N = group_G[part: part + VIEWS_PER_GROUP]
-                _blur_in_place(views_V3HW, picked_N, _blur_kernels(sigma_V[picked_N]), mirrored)
+                _blur_in_place(views_V3HW, picked_N, kernel_VK[picked_N, taps], mirrored)
     mirrored_M = torch.nonzero(flip_V & ~blur_V).view(-1)
     for part in range(0, mirrored_M.numel(), VIEWS_PER_GROUP):
         picked_N = mirrored_M[part: part + VIEWS_PER_GROUP]
@@ -269,9 +285,10 @@ def apply_views(images_B3HW: torch.Tensor, params: ViewParameters,
     return out_B23HW
 
 
-def two_views_batch(images_B3HW: torch.Tensor, sample_seeds: Sequence[int], cfg: ViewAugmentation) -> torch.Tensor:
-    """The query and key views of every image, sample i augmented from sample_seeds[i]: B x 2 x 3 x H x W."""
+def two_views_batch(images: torch.Tensor, sample_seeds: Sequence[int], cfg: ViewAugmentation) -> torch.Tensor:
+    """The query and key views of every image, sample i augmented from sample_seeds[i]: B x 2 x 3 x H x W.
+    Images as apply_views takes them (float B x 3 x H x W in [-1, 1], or uint8 B x H x W x 3)."""
+    images_B3HW, _, _ = _as_channels_first(images)
     if len(sample_seeds) != images_B3HW.shape[0]:
         raise ValueError(f"{len(sample_seeds)} sample seeds for a batch of {images_B3HW.shape[0]} images")
-    return apply_views(images_B3HW, draw_view_parameters(sample_seeds, cfg, images_B3HW.shape[-1]))
-
+    return apply_views(images, draw_view_parameters(sample_seeds, cfg, images_B3HW.shape[-1]))
