@@ -108,6 +108,13 @@ def test_two_moco_views(grouped_shards):
     assert float(images.min()) >= -1 and float(images.max()) <= 1
 
 
+def test_two_moco_views_of_resized_images(grouped_shards):
+    views = stream(grouped_shards, 4, views=ViewAugmentation(), samples_per_label=2, image_size=24)
+    images, labels = views.next_batch()
+    assert images.shape == (4, 2, 3, 24, 24) and images.dtype == torch.float32 and labels.shape == (4,)
+    assert float(images.min()) >= -1 and float(images.max()) <= 1
+
+
 def test_samples_per_label_must_divide_the_chunks(even_shards):
     with pytest.raises(FaceCLError, match="group_size 1"):
         ShardedTrainSet(even_shards, samples_per_label=2)

@@ -52,6 +52,16 @@ def test_batched_views_equal_the_old_per_image_code_with_the_same_parameters(nam
                 (name, i, view, float((batched_B23HW[i, view] - expected).abs().max()))
 
 
+def test_decoded_bytes_give_the_views_of_their_normalised_image():
+    pixels_BHW3 = torch.randint(0, 256, (5, 40, 40, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    normalised_B3HW = pixels_BHW3.permute(0, 3, 1, 2).float() / 127.5 - 1
+    seeds = [21, 22, 23, 24, 25]
+    from_bytes = two_views_batch(pixels_BHW3, seeds, CONFIGS["always"])
+    assert torch.allclose(from_bytes, two_views_batch(normalised_B3HW, seeds, CONFIGS["always"]), atol=2e-6)
+    with pytest.raises(ValueError, match=r"images of shape \(5, 40, 40, 3\) and dtype torch.int32"):
+        two_views_batch(pixels_BHW3.int(), seeds, DEFAULT)
+
+
 def test_a_sample_is_augmented_from_its_own_seed_whatever_its_batch():
     images_B3HW = torch.stack([sample_image(32, s) for s in range(6)])
     whole = two_views_batch(images_B3HW, [11, 12, 13, 14, 15, 16], DEFAULT)
