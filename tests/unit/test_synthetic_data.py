@@ -1,4 +1,5 @@
 # Synthetic faces: deterministic, identity-consistent, held-out identities disjoint, folds balanced.
+import pytest
 import torch
 
 from toolkit.data import EpochBatchSampler, ResumableBatchStream, SyntheticFaces, SyntheticPairs, SyntheticTrainSet
@@ -68,3 +69,44 @@ def test_stream_resumes_exactly_from_its_state():
         assert torch.equal(images, got_images) and torch.equal(labels, got_labels)
     # Different epochs use different orders.
     assert not torch.equal(full[0][1], full[7][1])
+
+
+def global_batches(dataset, world: int, global_batch: int, count: int, state=None, samples_per_label: int = 1):
+    """`count` global batches (every rank's slice, rank order concatenated) of `world` ranks, from `state`."""
+    streams = [ResumableBatchStream(dataset, global_batch // world, seed=2, rank=rank, world_size=world,
+                                    samples_per_label=samples_per_label) for rank in range(world)]
+    if state is not None:
+        for stream in streams:
+            stream.load_state_dict(state, allow_world_size_change=True)
+    batches = []
+    for _ in range(count):
+        parts = [stream.next_batch() for stream in streams]
+        batches.append((torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])))
+    return batches, streams
+
+
+@pytest.mark.parametrize("samples_per_label", [1, 2])
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_stream_resumes_sample_for_sample_at_another_world_size_with_the_same_global_batch(new_world,
+                                                                                           samples_per_label):
+    faces = SyntheticFaces(image_size=16, seed=0)
+    dataset = SyntheticTrainSet(faces, num_identities=10, samples_per_identity=6)  # 60 samples: 5 batches of 12
+    full, _ = global_batches(dataset, 2, 12, 9, samples_per_label=samples_per_label)  # crosses an epoch boundary
+    _, saved = global_batches(dataset, 2, 12, 3, samples_per_label=samples_per_label)
+    state = saved[0].state_dict()
+    resumed, streams = global_batches(dataset, new_world, 12, 6, state, samples_per_label)
+    assert all(stream.resumes_sample_exactly for stream in streams)
+    for (images, labels), (got_images, got_labels) in zip(full[3:], resumed):
+        assert torch.equal(labels, got_labels) and torch.equal(images, got_images)
+
+
+def test_another_global_batch_resumes_at_the_same_share_of_the_epoch_only():
+    faces = SyntheticFaces(image_size=16, seed=0)
+    dataset = SyntheticTrainSet(faces, num_identities=10, samples_per_identity=6)
+    _, saved = global_batches(dataset, 2, 12, 2)  # 24 of 60 samples read
+    stream = ResumableBatchStream(dataset, 8, seed=2, world_size=1)
+    stream.load_state_dict(saved[0].state_dict(), allow_world_size_change=True)
+    assert not stream.resumes_sample_exactly and stream.batch_in_epoch == 24 // 8
+    same_world = ResumableBatchStream(dataset, 4, seed=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size=6"):  # same world size, other batch: refused
+        same_world.load_state_dict(saved[0].state_dict(), allow_world_size_change=True)

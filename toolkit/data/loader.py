@@ -141,16 +141,26 @@ class ResumableBatchStream(EpochStream):
                 "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict, allow_world_size_change: bool = False) -> None:
-        """Continue from a saved position. With another world size (allowed on request) the position is
-        converted through the number of samples consumed in the epoch: same epoch, not the same samples."""
-        keys = ("seed", "batch_size") if allow_world_size_change else ("seed", "world_size", "batch_size")
+        """Continue from a saved position.
+
+        With another world size (allowed on request) and the same global batch (batch_size x world_size), the
+        resume is sample for sample: the epoch's order and every sample's augmentation seed do not depend on
+        the world size, and global batch b is the same samples split into other rank slices. With another
+        global batch the position is converted through the number of samples consumed in the epoch: same
+        epoch, not the same samples (`resumes_sample_exactly` says which).
+        """
+        keys = ("seed", "world_size", "batch_size")
+        if allow_world_size_change and state["world_size"] != self.world_size:
+            keys = ("seed",)  # the per-rank batch changes with the world size
         for key in keys:
             if state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {key}={state[key]}, this run has "
                                  f"{key}={getattr(self, key)}; exact resume needs the same value")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if state["world_size"] != self.world_size:
-            consumed = self.batch_in_epoch * state["batch_size"] * state["world_size"]
+        saved_global_batch = state["batch_size"] * state["world_size"]
+        self.resumes_sample_exactly = saved_global_batch == self.batch_size * self.world_size
+        if not self.resumes_sample_exactly:
+            consumed = self.batch_in_epoch * saved_global_batch
             self.batch_in_epoch = min(consumed // (self.batch_size * self.world_size), self.batches_per_epoch)
         self._iterator = None
 

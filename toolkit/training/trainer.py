@@ -179,9 +179,13 @@ class Trainer:
         if saved_world == self.ctx.world_size:
             restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
         else:
+            data = ("the data continues sample for sample (same global batch)"
+                    if getattr(self.stream, "resumes_sample_exactly", False) else
+                    "the data order continues from the same epoch position, but not sample for sample")
             self._say(f"warning: checkpoint {source} was written by {saved_world} ranks, this job has "
-                      f"{self.ctx.world_size}: the center shards are resharded exactly; the data order continues "
-                      f"from the same epoch position, but not sample for sample")
+                      f"{self.ctx.world_size}: the center shards are resharded exactly; {data}; per-rank random "
+                      f"state (dropout, drop path, sampled negative classes) is not carried over: it starts "
+                      f"from this job's seed")
         self.step = int(payload["step"])
         if self.unimoco is not None:
             if "queue" not in payload.get("contrastive", {}):
