@@ -194,10 +194,15 @@ def _blur_in_place(views_V3HW: torch.Tensor, picked_N: torch.Tensor, kernel_NK: 
     views_V3HW.index_copy_(0, picked_N, blurred_N3HW.flip(-1) if mirrored else blurred_N3HW)
 
 
-def _large_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor from numpy's allocator, which asks for transparent huge pages on large
-    blocks: the first touch of a fresh 38 MB batch then costs a few page faults instead of ~9,000 (glibc
-    returns blocks above 32 MB to the system on free, so every batch is fresh memory)."""
+def _output_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor for the views. In a DataLoader worker it is allocated in shared memory,
+    where the batch has to go anyway (the pickler would copy it there). Otherwise it comes from numpy's
+    allocator, which asks for transparent huge pages on large blocks: the first touch of a fresh 38 MB batch
+    then costs a few page faults instead of ~9,000 (glibc returns blocks above 32 MB to the system on free,
+    so every batch is fresh memory)."""
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)   # as DataLoader's collate does
+        return torch.empty(0).set_(storage, 0, shape)
     return torch.from_numpy(np.empty(shape, dtype=np.float32))
 
 
@@ -244,7 +249,7 @@ def apply_views(images: torch.Tensor, params: ViewParameters, chunk_samples: int
         raise ValueError(f"blur radius {largest_radius} px needs images larger than {H}x{W} (blur_sigma "
                          f"{largest_sigma:.3g} px is too large for the size)")
 
-    out_B23HW = _large_empty((B, 2, 3, H, W))
+    out_B23HW = _output_batch((B, 2, 3, H, W))
     # Both views of a sample are one matmul of its [M | offset] rows (6 x 4) with the image plus a channel of ones.
     affine_B64 = affine_V34.view(B, 6, 4)
     sources_C4P = torch.empty(min(B, chunk_samples), 4, H * W)
