@@ -108,6 +108,15 @@ def test_two_moco_views(grouped_shards):
     assert float(images.min()) >= -1 and float(images.max()) <= 1
 
 
+def test_two_moco_views_made_in_a_worker_equal_those_made_in_process(grouped_shards):
+    in_process = stream(grouped_shards, 4, views=ViewAugmentation(), samples_per_label=2)
+    in_worker = stream(grouped_shards, 4, views=ViewAugmentation(), samples_per_label=2, num_workers=1)
+    for _ in range(3):
+        (views_a, labels_a), (views_b, labels_b) = in_process.next_batch(), in_worker.next_batch()
+        assert torch.equal(labels_a, labels_b) and torch.equal(views_a, views_b)
+    in_worker.close()
+
+
 def test_two_moco_views_of_resized_images(grouped_shards):
     views = stream(grouped_shards, 4, views=ViewAugmentation(), samples_per_label=2, image_size=24)
     images, labels = views.next_batch()
