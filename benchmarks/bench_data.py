@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_data.py [--images 6000] [--batch-size 128] [--out PATH] [--overwrite]
 
 The results record the date and the machine's load average (1, 5, 15 minutes) before and after the run,
-since other processes on the machine slow every figure; the two-view / one-view ratio is from this run.
+since other processes on the machine slow every figure. The in-process one-view and two-view figures are
+measured in alternating windows, so their ratio (also recorded) holds even when the load changes.
 
 The data are 112x112 synthetic faces (toolkit.data.synthetic, with their pixel noise) encoded as JPEG
 quality 95, written as an image folder and converted to shards; every figure is decoded + augmented
@@ -71,15 +72,34 @@ def bench_decoders(jpegs: list[bytes]) -> dict:
     return results
 
 
-def bench_stream(manifest: Path, batch_size: int, num_workers: int, views: bool, seconds: float) -> float:
+def make_stream(manifest: Path, batch_size: int, num_workers: int, views: bool) -> ShardBatchStream:
     stream = ShardBatchStream(ShardedTrainSet(manifest), batch_size, seed=0, num_workers=num_workers,
                               views=ViewAugmentation() if views else None, window_shards=2, image_size=112)
     for _ in range(2 * max(1, num_workers)):  # warm-up: workers started, first windows read
         stream.next_batch()
+    return stream
+
+
+def bench_stream(manifest: Path, batch_size: int, num_workers: int, views: bool, seconds: float) -> float:
+    stream = make_stream(manifest, batch_size, num_workers, views)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         count += stream.next_batch()[1].numel()
     return rate(count, time.perf_counter() - start)
+
+
+def bench_streams_in_process(manifest: Path, batch_size: int, seconds: float, rounds: int = 6) -> dict[str, float]:
+    """One view (flip) and two views, in process, measured in alternating windows of seconds / rounds each, so
+    that a change of the machine's load during the run weighs on both figures alike (their ratio is the point)."""
+    streams = {name: make_stream(manifest, batch_size, 0, views) for name, views in (("flip", False), ("two_views", True))}
+    counts, elapsed = dict.fromkeys(streams, 0), dict.fromkeys(streams, 0.0)
+    for _ in range(rounds):
+        for name, stream in streams.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                counts[name] += stream.next_batch()[1].numel()
+            elapsed[name] += time.perf_counter() - start
+    return {f"workers=0 {name}": rate(counts[name], elapsed[name]) for name in streams}
 
 
 def bench_dali(manifest: Path, batch_size: int, num_threads: int, seconds: float) -> float | None:
@@ -137,11 +157,12 @@ def main() -> int:
               "images/s")
         manifest = root / "shards" / "manifest.json"
         stream_results = {}
-        for workers in (0, 2):
-            for views in (False, True):
-                key = f"workers={workers} {'two_views' if views else 'flip'}"
-                stream_results[key] = bench_stream(manifest, args.batch_size, workers, views, args.seconds)
-                print(f"webdataset stream, {key}: {stream_results[key]} images/s")
+        stream_results.update(bench_streams_in_process(manifest, args.batch_size, args.seconds))
+        for views in (False, True):
+            key = f"workers=2 {'two_views' if views else 'flip'}"
+            stream_results[key] = bench_stream(manifest, args.batch_size, 2, views, args.seconds)
+        for key, value in stream_results.items():
+            print(f"webdataset stream, {key}: {value} images/s")
         results["webdataset_stream_images_per_s"] = stream_results
         ratio = round(stream_results["workers=0 two_views"] / stream_results["workers=0 flip"], 3)
         results["two_views_over_one_view_in_process"] = ratio
