@@ -54,8 +54,6 @@ class ViewAugmentation:
         if len(self.color_jitter) != 4 or min(self.color_jitter) < 0:
             raise ValueError(f"views.color_jitter={self.color_jitter} must be 4 non-negative strengths "
                              "(brightness, contrast, saturation, hue)")
-        if self.color_jitter[3] > 0.5:
-            raise ValueError(f"views.color_jitter hue strength {self.color_jitter[3]} is above 0.5 of a turn")
         low, high = self.blur_sigma
         if not 0 < low <= high:
             raise ValueError(f"views.blur_sigma={self.blur_sigma} must be a range 0 < low <= high (pixels)")
