@@ -175,21 +175,24 @@ class StepClock:
         self.phases: dict[str, float] = defaultdict(float)
         self.comm: dict[str, float] = defaultdict(float)
         self.collective_calls: dict[str, int] = defaultdict(int)
-        self._start = 0.0
+        self._start = self._cpu_start = 0.0
 
     def begin(self) -> None:
         self.phases, self.comm = defaultdict(float), defaultdict(float)
         self.sync()
         self.recording = True
+        self._cpu_start = time.process_time()
         self._start = time.perf_counter()
 
-    def end(self) -> tuple[float, dict, dict]:
+    def end(self) -> tuple[float, float, dict, dict]:
+        """(wall seconds, CPU seconds of this process, wall seconds per phase, collective seconds per phase)."""
         self.sync()
         total = time.perf_counter() - self._start
+        cpu = time.process_time() - self._cpu_start
         self.recording = False
         phases = {name: self.phases.get(name, 0.0) for name in PHASES if name != "other"}
         phases["other"] = max(0.0, total - sum(phases.values()))
-        return total, phases, dict(self.comm)
+        return total, cpu, phases, dict(self.comm)
 
     def timed(self, phase: str, fn):
         @functools.wraps(fn)
@@ -517,7 +520,7 @@ def run_worker(args) -> int:
             resident = memory.reset_peak()
             clock.begin()
             loss = trainer.train_step() if side == "toolkit" else bare.train_step(bare_batches, clock)
-            total, phases, comm = clock.end()
+            total, cpu, phases, comm = clock.end()
             peak = memory.peak_since_reset_mb() - resident
             loss_value = float(loss)
             if len(early_losses[side]) < 2:
@@ -525,6 +528,7 @@ def run_worker(args) -> int:
             record = sides[side]
             if measured:
                 record["step_s"].append(total)
+                record["cpu_s"].append(cpu)
                 record["phases_s"].append(phases)
                 record["comm_s"].append(comm)
                 record["loss"].append(loss_value)
@@ -686,10 +690,12 @@ def summarise(per_rank: list[dict], args) -> dict:
                 for phase, seconds in comm.items():
                     comm_by_phase[phase] += seconds / (ranks * args.steps)
         mean_step = statistics.fmean(steps)
+        cpu_steps = [max(r["sides"][side]["cpu_s"][i] for r in per_rank) for i in range(args.steps)]
         summary[side] = {
             "step_ms_per_step": [_ms(s) for s in steps],
             "mean_step_ms": _ms(mean_step), "median_step_ms": _ms(statistics.median(steps)),
             "samples_per_s": round(args.batch_size * ranks / mean_step, 2),
+            "cpu_ms_per_step": [_ms(s) for s in cpu_steps],
             "split_ms": phase_means,
             "comm_ms_by_phase": {phase: _ms(v) for phase, v in sorted(comm_by_phase.items())},
             "comm_ms": _ms(sum(comm_by_phase.values())),
@@ -702,6 +708,10 @@ def summarise(per_rank: list[dict], args) -> dict:
     ratios = [t / b for t, b in zip(summary["toolkit"]["step_ms_per_step"], summary["bare"]["step_ms_per_step"])]
     summary["ratio_toolkit_to_bare_median"] = round(statistics.median(ratios), 4)
     summary["ratio_per_step"] = [round(r, 4) for r in ratios]
+    # Process CPU time (all threads) per step: much less sensitive than wall time to other jobs on a shared
+    # machine (it still counts OpenMP spin-waiting and cache effects of the neighbours).
+    cpu_ratios = [t / b for t, b in zip(summary["toolkit"]["cpu_ms_per_step"], summary["bare"]["cpu_ms_per_step"])]
+    summary["cpu_time_ratio_toolkit_to_bare_median"] = round(statistics.median(cpu_ratios), 4)
     toolkit_first = first["early_losses"]["toolkit"][0]                 # the global-batch mean, same on every rank
     bare_first = statistics.fmean(r["early_losses"]["bare"][0] for r in per_rank)   # mean of the ranks' means
     summary["first_step_loss"] = {"toolkit": toolkit_first, "bare": bare_first,
@@ -729,24 +739,27 @@ def markdown_table(payload: dict) -> str:
              f"{payload['machine']['cpu_cores']} CPU cores; load average {payload['load_average']['at_start']} at "
              f"start",
              "",
-             "| engine | ranks | samples/s | toolkit ms/step | bare ms/step | toolkit/bare (median) | data | forward | "
-             "head | backward | optimizer | other | comm (inside) | step peak mem Δ/rank MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | ranks | samples/s | toolkit ms/step | bare ms/step | toolkit/bare (median) | CPU-time ratio | "
+             "data | forward | head | backward | optimizer | other | comm (inside) | step peak mem Δ/rank MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for job in payload["engines"]:
         if "error" in job:
-            lines.append(f"| {job['engine']} | {job['ranks']} | failed: {job['error']} |" + " |" * 11)
+            lines.append(f"| {job['engine']} | {job['ranks']} | failed: {job['error']} |" + " |" * 12)
             continue
         tk, split = job["toolkit"], job["toolkit"]["split_ms"]
         peak = "/".join(f"{v:.0f}" for v in tk["step_peak_increase_mb_per_rank"])
         lines.append(f"| {job['engine']} | {job['ranks']} | {tk['samples_per_s']:.1f} | {tk['mean_step_ms']:.1f} | "
                      f"{job['bare']['mean_step_ms']:.1f} | {job['ratio_toolkit_to_bare_median']:.3f} | "
+                     f"{job['cpu_time_ratio_toolkit_to_bare_median']:.3f} | "
                      + " | ".join(f"{split[p]:.1f}" for p in PHASES)
                      + f" | {tk['comm_ms']:.1f} | {peak} |")
         notes.append(f"- {job['engine']}: {job['not_separable']}; first-step loss toolkit "
                      f"{job['first_step_loss']['toolkit']:.6f} vs bare {job['first_step_loss']['bare']:.6f}")
-    lines += ["", "Split columns are the toolkit's mean ms per phase; 'comm' is time inside collectives, already "
-              "counted in the phase it happened in. Bare split and per-step figures are in the JSON.", "", *notes]
+    lines += ["", "Ratios are medians over steps of toolkit / bare (wall time of the slowest rank; 'CPU-time ratio': "
+              "process CPU time, less disturbed by other jobs). Split columns are the toolkit's mean ms per phase; "
+              "'comm' is time inside collectives, already counted in the phase it happened in. Bare split and "
+              "per-step figures are in the JSON.", "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -778,7 +791,7 @@ def run_parent(args) -> int:
                    "with its data stream replaced by pre-made batches; bare: the registry backbone + the same margin "
                    "softmax on one unsharded centre matrix + torch.optim.SGD, same initial weights and batches; the "
                    "sides alternate per step (order flipped every step); step time = slowest rank; ratio = median "
-                   "over steps of toolkit/bare. Memory: per-step peak above the resident set before the step (CPU: "
+                   "over steps of toolkit/bare (also of process CPU time per step, which other jobs disturb less). Memory: per-step peak above the resident set before the step (CPU: "
                    "VmHWM reset via /proc/self/clear_refs; CUDA: max_memory_allocated)."),
         "engines": jobs,
     }

@@ -59,6 +59,7 @@ def test_single_engine_run_writes_every_field_and_both_sides_do_the_same_work(tm
         assert figures["split_ms"]["forward"] > 0
         assert len(figures["step_peak_increase_mb_per_rank"]) == 1
     assert job["ratio_toolkit_to_bare_median"] > 0 and len(job["ratio_per_step"]) == 2
+    assert job["cpu_time_ratio_toolkit_to_bare_median"] > 0
     assert job["memory"]["process_peak_increase_mb_per_rank"][0] > 0
     assert job["parameters"]["head"] == 12 * 32
     # Same initial weights, centers and batch: the same loss. After one update too (same optimizer rule), which
