@@ -314,6 +314,14 @@ class ParallelStrategy:
         """What a checkpoint must match to be resumed by this engine (beyond model and data)."""
         return {"engine_format": self.name if self.checkpoint_kind == "folder" else "file"}
 
+    def bound_to_world_size(self, folder: Path) -> bool:
+        """Whether the checkpoint `folder` can only resume at the world size that wrote it (its files hold
+        per-rank partitions). FSDP2's DCP files and the trainer file reshard: no."""
+        return False
+
+    # Said after "resuming needs the same world size" when bound_to_world_size refuses a checkpoint.
+    world_size_change_hint = ""
+
     def state_for_file(self) -> dict[str, Any]:
         """Engine state stored inside the trainer file."""
         return {"backbone": self.unwrapped().state_dict(), "optimizer": self.optimizer.state_dict(),

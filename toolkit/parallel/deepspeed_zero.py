@@ -194,8 +194,20 @@ class DeepSpeedZero(ParallelStrategy):
         return {"deepspeed_config.json": json.dumps(self.ds_config, indent=1)}
 
     def checkpoint_identity(self) -> dict[str, Any]:
-        # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks.
+        # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks, unless the
+        # checkpoint was converted to DeepSpeed's universal format (bound_to_world_size).
         return {**super().checkpoint_identity(), "world_size": self.ctx.world_size}
+
+    world_size_change_hint = (" (ZeRO files are partitioned by rank: convert the checkpoint with `python launch/"
+                              "convert.py universal CHECKPOINT --out FOLDER`, then resume from FOLDER)")
+
+    @staticmethod
+    def is_universal(folder: Path) -> bool:
+        """DeepSpeed's universal format (toolkit/export/universal.py): one folder per parameter under zero/."""
+        return (folder / "deepspeed" / "zero").is_dir()
+
+    def bound_to_world_size(self, folder: Path) -> bool:
+        return not self.is_universal(folder)
 
     def state_for_file(self) -> dict[str, Any]:
         return {}
@@ -212,7 +224,7 @@ class DeepSpeedZero(ParallelStrategy):
         classes DeepSpeed writes) before DeepSpeed reads them with its own, unrestricted torch.load: a file
         holding any other pickled object is refused with a one-line CheckpointError naming it."""
         tag_dir = folder / "deepspeed"
-        files = sorted(tag_dir.glob("*.pt"))
+        files = sorted(tag_dir.rglob("*.pt"))  # a universal checkpoint's are one folder per parameter deeper
         if not files:
             raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files")
         for file in files:
@@ -220,8 +232,21 @@ class DeepSpeedZero(ParallelStrategy):
 
     def load_folder(self, folder: Path) -> None:
         self.check_files(folder)
-        load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        universal = self.is_universal(folder)
+        if universal and self.par.zero_stage == 3:
+            raise CheckpointError(
+                f"{folder} is a universal checkpoint and this run uses ZeRO-3: DeepSpeed 0.19.8's ZeRO-3 universal "
+                f"loader does not continue a run exactly (weights and optimizer state load equal, yet the first "
+                f"update after it differs: 2e-2 relative loss error 5 steps later, at any world size). Resume the "
+                f"original checkpoint at its own world size, or train with ZeRO-1/2 or FSDP2 (which reshard exactly)")
+        # A universal checkpoint loads at any world size; DeepSpeed reads the choice from its config.
+        config = self.module._config
+        config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder / 'deepspeed'}")
 

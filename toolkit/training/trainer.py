@@ -160,10 +160,14 @@ class Trainer:
         payload = load_checkpoint(path, map_location=self.device)
         source = payload["path"]
         saved = payload.get("run", {})
-        for key, expected in self._identity().items():
+        identity = self._identity()
+        if self.backbone.checkpoint_kind == "folder" and not self.backbone.bound_to_world_size(Path(source)):
+            identity.pop("world_size", None)  # e.g. a DeepSpeed universal checkpoint
+        for key, expected in identity.items():
             if saved.get(key) != expected:
+                hint = self.backbone.world_size_change_hint if key == "world_size" else ""
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
-                                      f"this run has {key}={expected!r}")
+                                      f"this run has {key}={expected!r}{hint}")
         if self.backbone.checkpoint_kind == "folder":
             self.backbone.load_folder(Path(source))
         self.backbone.load_from_file(payload["engine"])
