@@ -2,7 +2,8 @@
 """`to_universal(checkpoint, out)` writes a FaceCL checkpoint folder whose `deepspeed/` tag folder holds
 DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: one file per parameter and optimizer
 state, not per rank), next to byte-for-byte copies of `trainer.pt` and the center shards (which already
-reshard by class range). The engine loads it with `"checkpoint": {"load_universal": true}`.
+reshard by class range). `--resume` on any number of ranks loads it (the DeepSpeed strategy turns on
+`"checkpoint": {"load_universal": true}` for that load; ZeRO-3 ones are refused, see toolkit/parallel/deepspeed_zero.py).
 
 Safety and limits:
 - ds_to_universal unpickles the input files freely, so every file of the tag folder is first read with
