@@ -79,21 +79,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def slowest(seconds: float, world: int) -> float:
-    """The largest of the ranks' times (every rank waits for the slowest at the next collective anyway)."""
+def largest_over_ranks(value, world: int):
+    """The largest of the ranks' values (times: every rank waits for the slowest at the next collective)."""
     if world == 1:
-        return seconds
-    value = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value)
-
-
-def largest(num_bytes: int, world: int) -> int:
-    if world == 1:
-        return num_bytes
-    value = torch.tensor([num_bytes], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value)
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return type(value)(tensor.item())
 
 
 def timed(run, device: torch.device, world: int, warmup: int, repeat: int) -> float:
@@ -106,7 +98,7 @@ def timed(run, device: torch.device, world: int, warmup: int, repeat: int) -> fl
         start = time.perf_counter()
         run()
         synchronize(device)
-        seconds = slowest(time.perf_counter() - start, world)
+        seconds = largest_over_ranks(time.perf_counter() - start, world)
         if index >= warmup:
             times.append(seconds)
     return statistics.median(times)
@@ -135,7 +127,7 @@ def head_case(args, device, world, rank, group, classes_per_rank: int, sample_ra
     if world > 1:
         dist.barrier()
     with silenced_stderr():  # the profiler's start/stop chatter
-        peak = largest(peak_bytes(step, device.type), world)
+        peak = largest_over_ranks(peak_bytes(step, device.type), world)
     return seconds, peak, int(head.last_sampled_classes.numel())
 
 

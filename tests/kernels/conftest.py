@@ -1,6 +1,5 @@
 # Shared helpers of the kernel tests: devices (CUDA skipped without a GPU), dtypes, tolerances, input makers.
-import json
-import tempfile
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,9 @@ import torch.nn.functional as F
 
 import toolkit.ops as ops
 from toolkit.heads.margin import Margin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from measure import peak_bytes  # noqa: E402  (the benchmarks' measurement, so tests and figures agree)
 
 
 def cuda_kernels_available() -> bool:
@@ -75,15 +77,5 @@ def row_weights(num_rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def allocator_peak_bytes(run_step) -> int:
-    """Peak of the CPU allocator's running total during run_step, from torch.profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_step()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(record["Total Allocated"] for record in memory) - start
+    """Peak of the CPU allocator's running total during run_step (benchmarks/measure.py: profiler memory events)."""
+    return peak_bytes(run_step, "cpu")
