@@ -30,6 +30,8 @@ def _op_cases(device):
     _, lse_negatives_B, lse_positives_B = facecl.unicon_loss(emb_ND, centers_CD, query_labels_B, key_labels_K,
                                                              own_key_B, 0.1, 0.2, 4)
     grad_N = torch.rand(4, device=device)
+    raw_centers_CD = centers_CD * torch.linspace(0.5, 3.0, 6, device=device)[:, None]  # not unit rows
+    stats = facecl.normalized_linear_margin_softmax_ce_stats(emb_ND, raw_centers_CD, target_N, *PARAMS, 4)
     with_grad = lambda tensor: tensor.clone().requires_grad_(True)  # noqa: E731
     unicon_args = (query_labels_B, key_labels_K, own_key_B)
     return {
@@ -39,6 +41,9 @@ def _op_cases(device):
         "linear_margin_softmax_ce_stats": (emb_ND, centers_CD, target_N, *PARAMS, 4),
         "linear_margin_softmax_ce": (with_grad(emb_ND), with_grad(centers_CD), target_N, *PARAMS, 4),
         "linear_margin_softmax_ce_backward": (grad_N, emb_ND, centers_CD, target_N, row_max_N, sum_exp_N, *PARAMS, 4),
+        "normalized_linear_margin_softmax_ce_stats": (emb_ND, raw_centers_CD, target_N, *PARAMS, 4),
+        "normalized_linear_margin_softmax_ce_backward_": (grad_N, emb_ND, raw_centers_CD, target_N, stats[0], stats[1],
+                                                          stats[3], stats[4].clone(), *PARAMS, 4),
         "unicon_loss": (with_grad(emb_ND), with_grad(centers_CD), *unicon_args, 0.1, 0.2, 4),
         "unicon_loss_backward": (grad_N, emb_ND, centers_CD, *unicon_args, lse_negatives_B, lse_positives_B, 0.1, 0.2,
                                  4, True),
@@ -47,6 +52,7 @@ def _op_cases(device):
 
 OP_NAMES = ["margin_softmax_ce_stats", "margin_softmax_ce", "margin_softmax_ce_backward_",
             "linear_margin_softmax_ce_stats", "linear_margin_softmax_ce", "linear_margin_softmax_ce_backward",
+            "normalized_linear_margin_softmax_ce_stats", "normalized_linear_margin_softmax_ce_backward_",
             "unicon_loss", "unicon_loss_backward"]
 
 
@@ -117,7 +123,14 @@ def test_torch_compile_fullgraph_of_the_protocol_ops():
                                                                  own_key_B, 0.1, 0.2, 4)
         unicon_grads = facecl.unicon_loss_backward(grad_N, emb, centers, query_labels_B, key_labels_K, own_key_B,
                                                    lse_negatives_B, lse_positives_B, 0.1, 0.2, 4, True)
-        return (row_max_N, sum_exp_N, target_logit_N, *linear_stats, grad_NC, *linear_grads, *unicon_grads)
+        raw_centers = centers * 2.5  # the normalised op's centers are raw
+        normalized_stats = facecl.normalized_linear_margin_softmax_ce_stats(emb, raw_centers, target_N, *PARAMS, 4)
+        workspace_CD = normalized_stats[4]
+        normalized_grad_emb = facecl.normalized_linear_margin_softmax_ce_backward_(
+            grad_N, emb, raw_centers, target_N, normalized_stats[0], normalized_stats[1], normalized_stats[3],
+            workspace_CD, *PARAMS, 4)  # workspace_CD now holds the centers' gradient
+        return (row_max_N, sum_exp_N, target_logit_N, *linear_stats, grad_NC, *linear_grads, *unicon_grads,
+                *normalized_stats[:4], normalized_grad_emb, workspace_CD)
 
     for got, want in zip(torch.compile(protocol, fullgraph=True)(emb_ND, centers_CD), protocol(emb_ND, centers_CD)):
         assert_close_relative(got, want, 1e-6, "compiled vs eager")
