@@ -177,6 +177,7 @@ def test_rerun_skips_finished_shards_and_rewrites_an_interrupted_one(tmp_path, m
                 progress=False, log=quiet)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_cli_converts_and_verifies(tmp_path):
     tree = {f"id{i}": [(f"{j}.jpg", face_jpeg(i, j)) for j in range(3)] for i in range(3)}
     write_folder_tree(tmp_path / "src", tree)

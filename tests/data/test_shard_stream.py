@@ -154,6 +154,7 @@ def test_state_from_another_setup_is_refused(even_shards):
     assert other.epoch == 0 and other.batch_in_epoch == 0  # 8 samples read = half a global batch of 16
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_trainer_runs_and_resumes_on_shards(even_shards, tiny_recipe, tmp_path):
     from toolkit.training.run_files import prepare_run_folder
     from toolkit.training.trainer import Trainer

@@ -128,6 +128,7 @@ def old_code_draws(cfg: ViewAugmentation, num_views: int) -> dict:
     return {name: (asked[name], torch.tensor(values)) for name, values in draws.items()}
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_parameter_distribution_is_the_one_the_old_code_specifies():
     cfg = DEFAULT
     params = draw_view_parameters(list(range(NUM_SAMPLES)), cfg, image_width=112)
@@ -220,6 +221,7 @@ def read_line(x_3HW: torch.Tensor, width: int = 112) -> dict:
     return {"flipped": flipped, "bc": float(excess.sum()) / (LINE - BACKGROUND), "taps": taps}
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_parameters_read_back_from_crafted_images_have_the_specified_distribution():
     num_samples = 8_000
     images_B3HW = crafted_images(num_samples)

@@ -53,6 +53,7 @@ def ddp_copy(runs_root, tmp_path):
     return target
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_truncated_single_process_checkpoint(single_copy, tmp_path):
     step_file = next((single_copy / "checkpoints").glob("step_*.pt"))
     step_file.write_bytes(step_file.read_bytes()[: step_file.stat().st_size // 2])
@@ -63,6 +64,7 @@ def test_truncated_single_process_checkpoint(single_copy, tmp_path):
     assert fingerprint(single_copy) == before
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_checkpoint_of_another_tool(tmp_path):
     foreign = tmp_path / "model.pt"        # e.g. an arcface_torch backbone: a bare state dict
     torch.save({"conv1.weight": torch.randn(4, 3, 3, 3)}, foreign)
@@ -74,6 +76,7 @@ def test_checkpoint_of_another_tool(tmp_path):
     assert_user_error(convert("inspect", folder), "not a FaceCL run")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_pickled_object_payload_never_runs(single_copy, tmp_path):
     marker = tmp_path / "marker"
     step_file = next((single_copy / "checkpoints").glob("step_*.pt"))
@@ -91,6 +94,7 @@ def test_pickled_object_payload_never_runs(single_copy, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_existing_output_is_refused_unless_overwrite(single_copy, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
@@ -101,6 +105,7 @@ def test_existing_output_is_refused_unless_overwrite(single_copy, tmp_path):
     assert_user_error(convert("export", single_copy, "--format", "onnx", "--out", out), "already exists")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_unwritable_output_folder(single_copy, tmp_path):
     if os.geteuid() == 0:      # root writes through permission bits: use a folder nobody can create files in
         out = Path("/proc/facecl_convert_test.safetensors")

@@ -8,6 +8,7 @@ from tests.export.test_bad_input import convert
 from toolkit.export import consolidate
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_inspect_table_and_json(single_run):
     table = convert("inspect", single_run.run_dir)
     assert table.returncode == 0, table.stderr
@@ -25,6 +26,7 @@ def test_inspect_table_and_json(single_run):
     assert info["bytes"]["center_shards"] == 2 * single_run.centers.numel() * 4
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_consolidate_and_export_say_where_and_how_big(single_run, tmp_path):
     out = tmp_path / "c.safetensors"
     proc = convert("consolidate", single_run.run_dir, "--out", out, "--with-head")

@@ -50,6 +50,7 @@ def faces_rgb_normalised(count: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(count, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_onnx_graph(onnx_file):
     proto = onnx.load(str(onnx_file))
     onnx.checker.check_model(proto, full_check=True)
@@ -62,6 +63,7 @@ def test_onnx_graph(onnx_file):
     assert props["input_normalisation"] == "rgb, (x - 127.5) / 127.5" and props["step"] == "7"
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_onnxruntime_equals_pytorch_on_64_faces(consolidated, onnx_file):
     model, _ = load_backbone(consolidated)
     faces = faces_rgb_normalised(FACES)

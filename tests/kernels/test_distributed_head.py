@@ -1,4 +1,5 @@
 # The production sharded head gives the same loss and gradients fused and unfused (1 process, 2 gloo ranks).
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -80,6 +81,7 @@ def _worker(rank, world, init_file, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_fused_head_equals_reference_head_on_two_ranks_with_uneven_shards(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)

@@ -61,6 +61,7 @@ def _probe(env_update: dict, prelude: str = "") -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_force_reference_env_var_gives_one_warning_and_reference_results():
     result = _probe({ops.FORCE_REFERENCE_ENV: "1"})
     assert result["available"] is False
@@ -70,6 +71,7 @@ def test_force_reference_env_var_gives_one_warning_and_reference_results():
     assert result["max_error"] < 1e-5
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_missing_extension_gives_one_warning_and_reference_results():
     # sys.modules[name] = None makes `from toolkit import _C` raise ImportError, as if it had never been built.
     result = _probe({ops.FORCE_REFERENCE_ENV: "0"}, prelude="import sys; sys.modules['toolkit._C'] = None")
@@ -80,6 +82,7 @@ def test_missing_extension_gives_one_warning_and_reference_results():
     assert result["max_error"] < 1e-5
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 @pytest.mark.skipif(os.environ.get(ops.FORCE_REFERENCE_ENV, "") not in ("", "0"),
                     reason="FACECL_FORCE_REFERENCE is set in this environment")
 def test_extension_is_built_and_loaded():
@@ -105,6 +108,7 @@ print(json.dumps(chosen))
 """
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_head_implementation_means_what_it_says_without_kernels():
     """'auto' falls back to the unfused path; 'fused' and 'fused_linear' refuse instead of falling back silently."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", ops.FORCE_REFERENCE_ENV: "1"}

@@ -56,6 +56,7 @@ def test_registry_lists_all_backbones_sorted():
     assert set(EXPECTED_PARAMETERS_MILLIONS) | {"mobilefacenet"} <= set(names)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 @pytest.mark.parametrize("name", [n for n in list_backbones() if n not in HEAVY_BACKBONES])
 def test_forward_backward_reaches_stem(name):
     torch.manual_seed(0)
@@ -71,6 +72,7 @@ def test_forward_backward_reaches_stem(name):
     assert stem_grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 @pytest.mark.parametrize("name", list_backbones())
 def test_parameter_count_at_112(name):
     with torch.device("meta"):  # no memory or init cost, even for iresnet200

@@ -84,6 +84,7 @@ folder.save(10, {"weights": torch.zeros(5)})
 """
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_a_started_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, tiny_recipe, capsys):
     import subprocess
     import sys

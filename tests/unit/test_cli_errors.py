@@ -107,6 +107,7 @@ def test_unknown_backbone(tmp_path):
                       "'iresnet51'", "'iresnet50'")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_unwritable_output_folder(tmp_path):
     # A folder under a regular file cannot be created, even by root.
     blocker = tmp_path / "a_regular_file"
@@ -119,11 +120,13 @@ def test_unwritable_output_folder(tmp_path):
 
 # ----- --resume errors -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_nonexistent_path(cheap_recipe, tmp_path):
     missing = tmp_path / "no_such_checkpoint.pt"
     assert_user_error(run_train("--recipe", cheap_recipe, "--resume", missing), str(missing), "does not exist")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_random_bytes(cheap_recipe, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(random.Random(0).randbytes(4096))
@@ -131,6 +134,7 @@ def test_resume_random_bytes(cheap_recipe, tmp_path):
                       "not a FaceCL checkpoint")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_folder_without_latest_pointer(cheap_recipe, tmp_path):
     folder = tmp_path / "some_folder"
     (folder / "checkpoints").mkdir(parents=True)
@@ -138,6 +142,7 @@ def test_resume_folder_without_latest_pointer(cheap_recipe, tmp_path):
     assert_user_error(run_train("--recipe", cheap_recipe, "--resume", folder), str(folder), "latest")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_latest_pointer_naming_garbage(cheap_recipe, tmp_path):
     folder = tmp_path / "run_with_bad_pointer" / "checkpoints"
     folder.mkdir(parents=True)
@@ -145,6 +150,7 @@ def test_resume_latest_pointer_naming_garbage(cheap_recipe, tmp_path):
     assert_user_error(run_train("--recipe", cheap_recipe, "--resume", folder.parent), "latest", "etc/passwd")
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_foreign_torch_file(cheap_recipe, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"a": torch.zeros(1)}, foreign)
@@ -198,6 +204,7 @@ def _unsafe_load(path: Path) -> None:
     (_SystemPayload, _write_torch_zip),
     (_OpenPayload, _write_torch_zip),
 ], ids=["os.system-raw-pickle", "open-raw-pickle", "os.system-torch-zip", "open-torch-zip"])
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_malicious_pickle_does_not_run_code(cheap_recipe, tmp_path, payload_cls, writer):
     # Control: the same kind of file really does run code when loaded unsafely, so the test can fail.
     control_marker = tmp_path / "control_marker"

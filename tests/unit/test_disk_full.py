@@ -31,6 +31,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
     args = ["--recipe", str(SMOKE_RECIPE)]
     for item in [*TINY, f"run.output_dir={small_disk}", "run.name=full"]:

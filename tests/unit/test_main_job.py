@@ -35,6 +35,7 @@ def test_smoke_recipe_reaches_the_accuracy_bar(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_cli_resume_continues_the_loss_curve_exactly(tmp_path):
     common = ["--recipe", str(SMOKE_RECIPE)]
     for item in [*TINY_OVERRIDES, f"run.output_dir={tmp_path}", "train.num_epochs=2", "data.num_workers=2",

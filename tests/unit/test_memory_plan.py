@@ -252,6 +252,7 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_plan_cli_prints_the_webface42m_plan():
     proc = run_plan("--recipe", str(WEBFACE_RECIPE), "--world-size", "8", "--num-classes", "2059906")
     assert proc.returncode == 0, proc.stderr
@@ -267,6 +268,7 @@ def test_plan_cli_prints_the_webface42m_plan():
     (["--world-size", "0"], "--world-size"),
     (["--world-size", "8", "--set", "parallel.zero_stage=5"], "zero_stage"),
 ])
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_plan_cli_user_errors_are_one_line(args, needle):
     proc = run_plan("--recipe", str(WEBFACE_RECIPE), "--num-classes", "2059906", *args)
     report = f"exit {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"

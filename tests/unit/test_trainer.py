@@ -17,6 +17,7 @@ def make_trainer(recipe):
     return Trainer(recipe, prepare_run_folder(recipe), verbose=False)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_reproduces_the_uninterrupted_losses(tiny_recipe):
     # 48 samples / batch 8 = 6 steps/epoch; 2 epochs = 12 steps; dropout and flips exercise the saved RNG
     # and the data position, and the resume point (step 5) is inside an epoch.

@@ -89,6 +89,7 @@ def make(recipe):
     return Trainer(recipe, prepare_run_folder(recipe), verbose=False)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_unlabeled_data_trains_as_moco(tiny_recipe):
     # No labels at all and no identity head: the own key is each query's only positive (plain MoCo).
     recipe = tiny_recipe(*UNIMOCO, "run.name=moco", "head.weight=0.0", "data.synthetic.labeled_fraction=0.0",
@@ -104,6 +105,7 @@ def test_unlabeled_data_trains_as_moco(tiny_recipe):
     assert int((trainer.unimoco.queue.labels_K >= 0).sum()) == 0  # nothing labeled ever entered the queue
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_resume_restores_the_queue_and_the_losses(tiny_recipe):
     overrides = [*UNIMOCO, "train.num_epochs=2", "checkpoint.every_steps=4", "checkpoint.keep_last=0"]
     full = make(tiny_recipe(*overrides, "run.name=u_full"))

@@ -103,6 +103,7 @@ def test_vit_parameter_counts_match_the_published_architectures(capsys):
         assert count == published_vit_parameters(embed, depth), name
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_mobilefacenet_large_and_iresnet2060_counts_match_the_published_architectures(capsys):
     with torch.device("meta"):
         mbf = create_backbone("mobilefacenet_large")
@@ -438,6 +439,7 @@ def test_activation_estimate_matches_memory_measured_on_cpu(name, checkpointing)
     assert footprint.bytes_per_sample(checkpointing=True) < footprint.bytes_per_sample(checkpointing=False)
 
 
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
 def test_plan_prints_activations_for_the_vit_l_recipe():
     """launch/plan.py on the WebFace42M vit_l recipe at 64 ranks: per-rank activations in both regimes."""
     import subprocess
