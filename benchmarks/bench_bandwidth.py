@@ -82,8 +82,8 @@ def main(argv=None) -> int:
             grad_N = torch.full((rows,), 1.0 / rows, device=device)
             stats_s = seconds(lambda: torch.ops.facecl.margin_softmax_ce_stats(cos_NC, target_N, *params),  # noqa: B023
                               device, args.repeat)
-            # The gradient kernel overwrites its buffer: run it on a scratch copy refilled outside the timing
-            # would double the traffic, so it runs on the same scratch each time (values do not matter for speed).
+            # The gradient kernel overwrites its buffer, so every timed run after the first works on gradients
+            # instead of cosines: the same bytes moved and the same arithmetic, so the same speed.
             scratch_NC = cos_NC.clone()
             grad_s = seconds(lambda: torch.ops.facecl.margin_softmax_ce_backward_(  # noqa: B023
                 scratch_NC, target_N, stats[0], stats[1], grad_N, *params), device, args.repeat)

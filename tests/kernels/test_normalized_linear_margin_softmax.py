@@ -74,7 +74,8 @@ def test_filter_and_degenerate_rows_match_the_plain_pytorch_formula(device, inte
     assert torch.isfinite(fused[2]).all()
 
 
-def test_gradient_takes_the_forward_workspace_and_a_second_backward_is_refused():
+def test_a_second_backward_is_refused():
+    """The forward's workspace became the centers' gradient in the first backward: a second one would read it."""
     emb_ND, centers_CD, local_target_N = raw_case(6, 50, 8, seed=3)
     centers = centers_CD.requires_grad_(True)
     loss = ops.distributed_normalized_linear_margin_softmax_ce(emb_ND, centers, local_target_N, Margin())

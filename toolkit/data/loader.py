@@ -87,6 +87,7 @@ class EpochStream:
     epoch: int = 0
     batch_in_epoch: int = 0
     batches_per_epoch: int
+    resumes_sample_exactly: bool = False  # set by load_state_dict: the same samples as the saved run from here on
     _iterator: Iterator | None = None
 
     def _start_epoch(self) -> Iterator:

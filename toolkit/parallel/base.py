@@ -310,16 +310,12 @@ class ParallelStrategy:
         """Files (name -> text) worth keeping in the run folder, e.g. the rendered engine config."""
         return {}
 
-    def checkpoint_identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed by this engine (beyond model and data)."""
+    def checkpoint_identity(self, resuming: Path | None = None) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this engine (beyond model and data): saved with each
+        checkpoint, and compared with the saved one when `resuming` that checkpoint (its folder or file)."""
         return {"engine_format": self.name if self.checkpoint_kind == "folder" else "file"}
 
-    def bound_to_world_size(self, folder: Path) -> bool:
-        """Whether the checkpoint `folder` can only resume at the world size that wrote it (its files hold
-        per-rank partitions). FSDP2's DCP files and the trainer file reshard: no."""
-        return False
-
-    # Said after "resuming needs the same world size" when bound_to_world_size refuses a checkpoint.
+    # Said after "resuming needs the same world size" when the identity's world_size refuses a checkpoint.
     world_size_change_hint = ""
 
     def state_for_file(self) -> dict[str, Any]:

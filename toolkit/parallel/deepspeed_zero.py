@@ -193,10 +193,13 @@ class DeepSpeedZero(ParallelStrategy):
     def run_files(self) -> dict[str, str]:
         return {"deepspeed_config.json": json.dumps(self.ds_config, indent=1)}
 
-    def checkpoint_identity(self) -> dict[str, Any]:
+    def checkpoint_identity(self, resuming: Path | None = None) -> dict[str, Any]:
         # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks, unless the
-        # checkpoint was converted to DeepSpeed's universal format (bound_to_world_size).
-        return {**super().checkpoint_identity(), "world_size": self.ctx.world_size}
+        # checkpoint was converted to DeepSpeed's universal format.
+        identity = super().checkpoint_identity(resuming)
+        if resuming is not None and self.is_universal(resuming):
+            return identity
+        return {**identity, "world_size": self.ctx.world_size}
 
     world_size_change_hint = (" (ZeRO files are partitioned by rank: convert the checkpoint with `python launch/"
                               "convert.py universal CHECKPOINT --out FOLDER`, then resume from FOLDER)")
@@ -205,9 +208,6 @@ class DeepSpeedZero(ParallelStrategy):
     def is_universal(folder: Path) -> bool:
         """DeepSpeed's universal format (toolkit/export/universal.py): one folder per parameter under zero/."""
         return (folder / "deepspeed" / "zero").is_dir()
-
-    def bound_to_world_size(self, folder: Path) -> bool:
-        return not self.is_universal(folder)
 
     def state_for_file(self) -> dict[str, Any]:
         return {}

@@ -97,14 +97,15 @@ class Trainer:
         self.nonfinite = NonfiniteSteps(recipe.train.max_nonfinite_steps, self._say)
 
     # ----- checkpoint state -------------------------------------------------------------------------
-    def _identity(self) -> dict:
+    def _identity(self, resuming: Path | None = None) -> dict:
         """What a checkpoint must match to be resumed by this run. The world size may change (the center
-        shards and FSDP2's DCP files reshard) unless the engine's identity says otherwise (ZeRO files)."""
+        shards and FSDP2's DCP files reshard) unless the engine's identity says otherwise (ZeRO files that
+        are not in the universal format)."""
         identity = {"backbone": self.recipe.model.backbone, "embedding_size": self.recipe.model.embedding_size,
                     "optimizer": self.recipe.optim.name,
                     "head_optimizer": self.head.optimizer.__class__.__name__ if self.head is not None else None,
                     "num_classes": self.num_classes, "image_size": self.recipe.data.image_size,
-                    "contrastive": self.contrastive_on, **self.backbone.checkpoint_identity()}
+                    "contrastive": self.contrastive_on, **self.backbone.checkpoint_identity(resuming)}
         return identity
 
     def _trainer_state(self) -> dict:
@@ -160,10 +161,7 @@ class Trainer:
         payload = load_checkpoint(path, map_location=self.device)
         source = payload["path"]
         saved = payload.get("run", {})
-        identity = self._identity()
-        if self.backbone.checkpoint_kind == "folder" and not self.backbone.bound_to_world_size(Path(source)):
-            identity.pop("world_size", None)  # e.g. a DeepSpeed universal checkpoint
-        for key, expected in identity.items():
+        for key, expected in self._identity(resuming=Path(source)).items():
             if saved.get(key) != expected:
                 hint = self.backbone.world_size_change_hint if key == "world_size" else ""
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
