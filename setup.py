@@ -27,7 +27,12 @@ CPU_SOURCES = [CSRC / "facecl_ops.cpp", CSRC / "cpu" / "kernels_cpu.cpp"]
 CUDA_SOURCES = [CSRC / "cuda" / "kernels_cuda.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]  # at::parallel_for is header-only OpenMP: without -fopenmp it runs serially
+# -fopenmp: at::parallel_for is header-only OpenMP, without it it runs serially. -fno-trapping-math: without
+# it GCC will not if-convert the clamps and selects of the CPU kernels' exp loops on AVX2 or SSE (a speculated
+# float op "could trap"), and those loops stay scalar (measured on AVX2: the statistics kernel took 7.7 ns per
+# element, vectorised 1.2 ns); no code here enables floating-point traps. No -march: the x86-64-v3/v4 clones
+# are picked at load time.
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--threads=2"]  # the 2-3 GPU targets in parallel
 
 

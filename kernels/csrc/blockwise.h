@@ -244,6 +244,10 @@ struct FusedOps {
   // overwrites cosines of blocks already done. So the N x C logits cost no memory beyond the gradient, and
   // the backward does two matrix products per block instead of three. Otherwise the backward recomputes
   // each block's cosines into a scratch block.
+  // The cache holds cosines, not the forward's exp(logit - max): caching those would spare the backward its
+  // exp per element, but the vectorised CPU exp costs ~1 ns per element (the backward's softmax pass is ~2%
+  // of the step at N = D = 512, C = 100k, of which a multiply would save at most ~1.5%), against a reference
+  // max per (row, block), an extra write pass in the forward and a second kernel pair per backend.
 
   // Columns per block for the normalised op: temporaries of N x block and block x D stay near 8 MB.
   static int64_t normalized_block_size(int64_t block_size, int64_t num_rows, int64_t num_classes, int64_t dims) {
@@ -275,13 +279,16 @@ struct FusedOps {
     // 1 / max(|w_c|, eps), eps = 1e-12 as F.normalize: C floats.
     const Tensor inv_norm_C =
         at::linalg_vector_norm(centers_CD, 2, at::IntArrayRef{1}, false, at::kFloat).clamp_min_(kNormalizeEps).reciprocal_();
-    // Becomes the gradient. Zeroed so that the op's output is defined where no cosines are cached (a memset,
-    // about 1% of the step at the benchmark's shape).
-    Tensor workspace_CD = at::zeros_like(centers_CD, at::MemoryFormat::Contiguous);
+    const bool cache = caches_cosines(emb_ND, centers_CD);
+    // Becomes the gradient. The op's output is defined everywhere: the loop below writes the cached cosines
+    // over the first C * N floats, and only the rest is zeroed (all of it when nothing is cached, none of it
+    // at N == D, where zeroing the whole C x D was a memset of about 1% of the step).
+    Tensor workspace_CD = at::empty_like(centers_CD, at::MemoryFormat::Contiguous);
+    const int64_t cached_floats = cache ? num_classes * num_rows : 0;
+    workspace_CD.view({-1}).narrow(0, cached_floats, workspace_CD.numel() - cached_floats).zero_();
     if (num_rows == 0 || num_classes == 0) {
       return {row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD};
     }
-    const bool cache = caches_cosines(emb_ND, centers_CD);
     const int64_t block = normalized_block_size(block_size, num_rows, num_classes, dims);
     const Tensor emb_float_ND = emb_ND.to(at::kFloat);
     const Tensor scratch =

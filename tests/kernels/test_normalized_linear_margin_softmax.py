@@ -74,6 +74,26 @@ def test_filter_and_degenerate_rows_match_the_plain_pytorch_formula(device, inte
     assert torch.isfinite(fused[2]).all()
 
 
+@pytest.mark.parametrize("num_rows", [12, 40], ids=["N<=D:cached", "N>D:recomputed"])
+def test_forward_workspace_is_defined_everywhere(num_rows):
+    """The workspace starts from uninitialised memory: cached, its first C x N floats are the cosines block by
+    block (block b at float offset start_b * N, N x width) and the rest is zero; not cached, it is all zero."""
+    num_classes, dim, block = 37, 16, 7
+    emb_ND, centers_CD, local_target_N = raw_case(num_rows, num_classes, dim, seed=8)
+    junk = [torch.full((num_classes * dim,), float("nan")) for _ in range(16)]
+    del junk  # freed blocks of the workspace's size, full of NaN: the allocator hands one out again
+    *_, workspace_CD = torch.ops.facecl.normalized_linear_margin_softmax_ce_stats(
+        emb_ND, centers_CD, local_target_N, 64.0, 1.0, 0.5, 0.0, 0.0, block)
+    flat = workspace_CD.view(-1)
+    cached_floats = num_classes * num_rows if num_rows <= dim else 0
+    assert (flat[cached_floats:] == 0).all()
+    cos_NC = emb_ND @ F.normalize(centers_CD, dim=1).t()
+    for start in range(0, num_classes if cached_floats else 0, block):
+        width = min(block, num_classes - start)
+        cached_NB = flat[start * num_rows:(start + width) * num_rows].view(num_rows, width)
+        assert_close_relative(cached_NB, cos_NC[:, start:start + width], 1e-5, f"cached cosines of block {start}")
+
+
 def test_a_second_backward_is_refused():
     """The forward's workspace became the centers' gradient in the first backward: a second one would read it."""
     emb_ND, centers_CD, local_target_N = raw_case(6, 50, 8, seed=3)
