@@ -84,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         result = to_universal(args.path, args.out, overwrite=args.overwrite)
         print(f"wrote {result.out} ({human_bytes(result.num_bytes)} in {result.num_files} files): universal "
               f"checkpoint of a ZeRO-{result.zero_stage} run on {result.world_size} ranks; resume it on any number of "
-              f"ranks with `--resume {result.out}`"
-              + (" (ZeRO-1/2 only: DeepSpeed 0.19.8 does not continue ZeRO-3 runs exactly from it)"
-                 if result.zero_stage == 3 else ""))
+              f"ranks with `--resume {result.out}`")
         return 0
     from toolkit.export.deploy import export_model
 

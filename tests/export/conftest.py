@@ -25,6 +25,10 @@ ADAMW = ["optim.name=adamw", "optim.lr=0.001"]
 ENGINES["zero2_adamw"] = [*ENGINES["zero2"], *ADAMW]
 ENGINES["zero3_adamw"] = [*ENGINES["zero3"], *ADAMW]
 ENGINES["fsdp_unimoco"] = [*ENGINES["fsdp"], *UNIMOCO]
+# Batch norm, a frozen key encoder, AdamW with a no-decay group; ZeRO-3 with DeepSpeed's default persistence.
+ENGINES["zero2_adamw_unimoco"] = [*ENGINES["zero2"], *ADAMW, *UNIMOCO, "optim.weight_decay=0.05"]
+ENGINES["zero3_adamw_unimoco"] = ["parallel.engine=deepspeed", "parallel.zero_stage=3", *ADAMW, *UNIMOCO,
+                                  "optim.weight_decay=0.05"]
 ENGINES["single_unimoco"] = UNIMOCO
 SAVE_STEP = 3
 

@@ -1,7 +1,9 @@
 # Test helper: train N steps on this job's engine, save a checkpoint, and write the full parameters and centers held then.
 """The reference for "the consolidated backbone equals what the trainer held at the save step": each
 parameter's full value gathered from the live engine right after `save()` (ZeRO-3 GatheredParameters,
-FSDP2 full_tensor, the module itself otherwise), plus the buffers, written by rank 0 as {name: tensor}."""
+FSDP2 full_tensor, the module itself otherwise), plus the buffers, written by rank 0 as {name: tensor}.
+With `--resume PATH --steps 0` it writes what the trainer holds right after resuming instead (nothing saved),
+plus, under ZeRO-3, how many of every rank's parameter partitions differ from their slice of the full value."""
 import argparse
 import os
 import sys
@@ -37,11 +39,28 @@ def full_named_state(trainer) -> dict:
     return state
 
 
+def zero3_partition_mismatches(trainer, state: dict) -> list[str]:
+    """ZeRO-3: names of parameters whose local partition (ds_tensor, what the optimizer and the EMA update)
+    is not this rank's slice of the gathered full value (zero padded at the end)."""
+    module = trainer.backbone.unwrapped()
+    rank, world = trainer.ctx.rank, trainer.ctx.world_size
+    wrong = []
+    for name, param in module.named_parameters():
+        if not hasattr(param, "ds_tensor"):
+            continue
+        size = param.ds_tensor.numel()
+        full = torch.nn.functional.pad(state[name].flatten(), (0, size * world - state[name].numel()))
+        if not torch.equal(param.ds_tensor.detach().float().cpu().flatten(), full[rank * size:(rank + 1) * size]):
+            wrong.append(name)
+    return wrong
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--recipe")
 parser.add_argument("--set", dest="overrides", action="append", default=[])
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--out")
+parser.add_argument("--resume")
 args = parser.parse_args()
 
 recipe = load_config(args.recipe, args.overrides)
@@ -50,15 +69,23 @@ run_dir = prepare_run_folder(recipe)
 trainer = Trainer(recipe, run_dir, ctx=ctx, verbose=False)
 if ctx.is_main:
     write_run_files(trainer.run_dir, recipe, trainer.backbone.run_files())
+if args.resume:
+    trainer.resume(args.resume)
 for _ in range(args.steps):
     trainer.train_step()
     trainer.step += 1
-trainer.save()
+if not args.resume:
+    trainer.save()
 state = full_named_state(trainer)
+# Every rank gathers the full values (GatheredParameters is collective), so each checks its own partitions.
+wrong = zero3_partition_mismatches(trainer, state) if hasattr(trainer.backbone, "par") and getattr(
+    trainer.backbone.par, "zero_stage", 0) == 3 else []
+wrong = sorted({name for names in ctx.all_gather_objects(wrong) for name in names})
 shards = ctx.all_gather_objects(trainer.head.shard_state()) if trainer.head is not None else []
 if ctx.is_main:
     centers = torch.cat([s["centers"] for s in sorted(shards, key=lambda s: s["class_start"])]) if shards else None
-    torch.save({"step": trainer.step, "state": state, "centers": centers}, args.out)
+    torch.save({"step": trainer.step, "state": state, "centers": centers, "partition_mismatches": wrong},
+               args.out)
 ctx.barrier()
 if ctx.is_distributed:
     torch.distributed.destroy_process_group()

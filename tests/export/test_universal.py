@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tests.export.conftest import probed_run
+from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+from tests.export.conftest import ENGINES, probed_run
 from tests.export.test_bad_input import assert_user_error, convert
 from toolkit.serialization import safe_torch_load
 
@@ -38,3 +39,32 @@ def test_universal_refuses_sgd_state_and_other_engines(runs_root, tmp_path):
     assert_user_error(convert("universal", probed_run("fsdp", runs_root).run_dir, "--out", tmp_path / "u"),
                       "written by the fsdp engine")
     assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2_adamw_unimoco", "zero3_adamw_unimoco"])
+def test_resuming_a_universal_checkpoint_on_4_ranks_restores_the_whole_module(engine, runs_root, tmp_path):
+    """DeepSpeed's universal loader restores only what the optimizer updates; batch-norm statistics and the
+    frozen key encoder come from the converter's module_extras.pt. Saved by 2 ranks x 8, resumed by 4 x 4 (the
+    UniMoCo queue needs a global batch that divides it): every parameter and buffer equals what the 2-rank
+    trainer held at the save step, and under ZeRO-3 every rank's partition is its slice of that value."""
+    run = probed_run(engine, runs_root)
+    out = tmp_path / "universal"
+    assert convert("universal", run.run_dir, "--out", out).returncode == 0
+    extras = safe_torch_load(out / "deepspeed" / "module_extras.pt")
+    assert any("running_mean" in name for name in extras) and any(name.startswith("key_") for name in extras)
+    port = free_port()
+    probe = tmp_path / "resumed.pt"
+    proc = run_job(torchrun(4, port), [*train_args(tmp_path, "resumed", *ENGINES[engine], "data.batch_size=4"),
+                                       "--resume", str(out),
+                                       "--steps", "0", "--out", str(probe)], port=port,
+                   script="tests/export/save_probe.py")
+    check_ok(proc)
+    resumed = torch.load(probe, weights_only=True)
+    assert sorted(resumed["state"]) == sorted(run.state)
+    differ = [name for name, value in run.state.items() if not torch.equal(resumed["state"][name], value)]
+    assert differ == []
+    assert resumed["partition_mismatches"] == []
+    # A fresh model's running variances are ones: the saved ones moved, so equality is not with a fresh start.
+    assert not any(torch.equal(value, torch.ones_like(value)) for name, value in run.state.items()
+                   if name.endswith("running_var"))

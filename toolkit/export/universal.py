@@ -3,7 +3,14 @@
 DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: one file per parameter and optimizer
 state, not per rank), next to byte-for-byte copies of `trainer.pt` and the center shards (which already
 reshard by class range). `--resume` on any number of ranks loads it (the DeepSpeed strategy turns on
-`"checkpoint": {"load_universal": true}` for that load; ZeRO-3 ones are refused, see toolkit/parallel/deepspeed_zero.py).
+`"checkpoint": {"load_universal": true}` for that load, then repairs what DeepSpeed 0.19.8 leaves out or gets
+wrong; see toolkit/parallel/deepspeed_zero.py).
+
+DeepSpeed's universal format holds only the parameters the optimizer updates, and its loader skips the module
+state dict: batch-norm running statistics and frozen parameters (the UniMoCo key encoder) would come back as
+freshly initialised. The converter therefore also writes `deepspeed/module_extras.pt`: every entry of the
+engine module's state dict without optimizer state under `zero/` (buffers and frozen parameters, full values,
+merged from the rank files by DeepSpeed's zero_to_fp32 read safely), which the strategy loads after DeepSpeed.
 
 Safety and limits:
 - ds_to_universal unpickles the input files freely, so every file of the tag folder is first read with
@@ -27,8 +34,11 @@ from pathlib import Path
 
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.export.checkpoints import DEEPSPEED_TAG, TRAINER_FILE, open_checkpoint
-from toolkit.export.engine_state import deepspeed_files, deepspeed_zero_stage
+from toolkit.export.engine_state import deepspeed_files, deepspeed_state, deepspeed_zero_stage
 from toolkit.serialization import safe_torch_load
+
+# Buffers and frozen parameters (full values), next to DeepSpeed's zero/ folder in the tag folder.
+MODULE_EXTRAS_FILE = "module_extras.pt"
 
 
 @dataclass
@@ -99,6 +109,7 @@ def to_universal(path: str | Path, out: str | Path, *, overwrite: bool = False) 
         for head in source.head_files():
             shutil.copy2(head, staging / head.name)
         _run_ds_to_universal(tag_dir, staging / DEEPSPEED_TAG)
+        _write_module_extras(source, staging / DEEPSPEED_TAG)
         if out.exists():
             trash = out.with_name(f".{out.name}.replaced")
             os.replace(out, trash)
@@ -112,6 +123,21 @@ def to_universal(path: str | Path, out: str | Path, *, overwrite: bool = False) 
     files = [p for p in out.rglob("*") if p.is_file()]
     return UniversalResult(out=out, num_bytes=sum(p.stat().st_size for p in files), zero_stage=stage,
                            world_size=source.world_size, num_files=len(files))
+
+
+def _write_module_extras(source, target_tag_dir: Path) -> None:
+    """The module state DeepSpeed's universal loader does not restore: entries without optimizer state under
+    `zero/<name>/` (ZeRO-1/2 folders also hold buffers and frozen parameters, as fp32.pt alone, never read)."""
+    import torch
+
+    optimized = {folder.name for folder in (target_tag_dir / "zero").iterdir() if (folder / "exp_avg.pt").is_file()}
+    state = deepspeed_state(source)
+    missing = sorted(optimized - set(state))
+    if missing:
+        raise CheckpointError(f"{source.entry}: DeepSpeed's universal folder names parameters the checkpoint's "
+                              f"module does not have ({', '.join(missing[:3])})")
+    extras = {name: value.contiguous() for name, value in state.items() if name not in optimized}
+    torch.save(extras, target_tag_dir / MODULE_EXTRAS_FILE)
 
 
 def _run_ds_to_universal(tag_dir: Path, target: Path) -> None:

@@ -233,12 +233,7 @@ class DeepSpeedZero(ParallelStrategy):
     def load_folder(self, folder: Path) -> None:
         self.check_files(folder)
         universal = self.is_universal(folder)
-        if universal and self.par.zero_stage == 3:
-            raise CheckpointError(
-                f"{folder} is a universal checkpoint and this run uses ZeRO-3: DeepSpeed 0.19.8's ZeRO-3 universal "
-                f"loader does not continue a run exactly (weights and optimizer state load equal, yet the first "
-                f"update after it differs: 2e-2 relative loss error 5 steps later, at any world size). Resume the "
-                f"original checkpoint at its own world size, or train with ZeRO-1/2 or FSDP2 (which reshard exactly)")
+        extras = self._universal_module_extras(folder) if universal else None
         # A universal checkpoint loads at any world size; DeepSpeed reads the choice from its config.
         config = self.module._config
         config.load_universal_checkpoint = universal
@@ -249,6 +244,72 @@ class DeepSpeedZero(ParallelStrategy):
             config.load_universal_checkpoint = False
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder / 'deepspeed'}")
+        if universal:
+            if self.par.zero_stage == 3:
+                self._repair_zero3_universal_optimizer(folder)
+            self._load_module_extras(extras, folder)
+
+    @staticmethod
+    def _universal_module_extras(folder: Path) -> dict[str, torch.Tensor]:
+        """Buffers and frozen parameters that `convert.py universal` stored beside DeepSpeed's zero/ folder."""
+        from toolkit.export.universal import MODULE_EXTRAS_FILE
+
+        path = folder / "deepspeed" / MODULE_EXTRAS_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is a universal checkpoint without deepspeed/{MODULE_EXTRAS_FILE} (its "
+                                  f"batch-norm statistics and frozen parameters): convert the original checkpoint "
+                                  f"again with `python launch/convert.py universal`")
+        return safe_torch_load(path)
+
+    def _repair_zero3_universal_optimizer(self, folder: Path) -> None:
+        """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader (stage3.py,
+        load_hp_checkpoint_state_from_checkpoint_dir_stage3), which made a resumed run drift from its first update:
+        - it puts one and the same `step` tensor into the state of every sub-group, and torch's Adam increments
+          it in place, so each sub-group's update advanced the others' bias correction too;
+        - it copies param group 0's hyperparameters into every group (weight decay on the no-decay group).
+        Each sub-group gets its own step, and every group its saved hyperparameters (lr, weight decay, betas)."""
+        optimizer = self.lr_optimizer
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        saved = safe_torch_load(folder / "deepspeed" / "zero" / "optimizer_state.pt")
+        saved_groups = saved.get("optimizer_state_dict", {}).get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(optimizer.param_groups):
+            raise CheckpointError(f"{folder}/deepspeed/zero/optimizer_state.pt holds "
+                                  f"{len(saved_groups) if isinstance(saved_groups, list) else 'no'} optimizer param "
+                                  f"groups; this run's optimizer has {len(optimizer.param_groups)}")
+        for group, saved_group in zip(optimizer.param_groups, saved_groups):
+            group.update({key: value for key, value in saved_group.items() if key != "params"})
+
+    def _load_module_extras(self, extras: dict[str, torch.Tensor], folder: Path) -> None:
+        """Copy the buffers and frozen parameters (the key encoder) into the module; ZeRO-3's frozen parameters
+        are partitioned, so they are gathered, written on rank 0 and re-partitioned."""
+        module = self.unwrapped()
+        buffers = dict(module.named_buffers())
+        frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        expected = set(buffers) | set(frozen)
+        unknown, missing = sorted(set(extras) - expected), sorted(expected - set(extras))
+        if unknown or missing:
+            raise CheckpointError(f"{folder}/deepspeed: the module's buffers and frozen parameters do not match "
+                                  f"this run's (" + "; ".join(
+                                      part for part in (f"unknown: {', '.join(unknown[:3])}" if unknown else "",
+                                                        f"missing: {', '.join(missing[:3])}" if missing else "")
+                                      if part) + ")")
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                buffer.copy_(extras[name])
+            if not frozen:
+                return
+            import contextlib
+
+            gathered = contextlib.nullcontext()
+            if self.par.zero_stage == 3:
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0)
+            with gathered:
+                for name, param in frozen.items():
+                    param.data.copy_(extras[name].reshape(param.shape))
 
     def _gathered(self, modifier_rank=None):
         """All parameters whole for the duration of the block (ZeRO-3); nothing to do at stages 0-2."""
