@@ -15,7 +15,9 @@ Bare matrix products, timed in the same run on the same ranks: the three product
 nothing else: logits = E W^T (N x S), dE = G W (N x D), dW = G^T E (S x D), with S = the sampled columns,
 into preallocated outputs. Their time is the floor a head can approach.
 
-Time: median over --repeat steps after --warmup, the slowest rank's time of each step. Peak memory (per rank,
+Time: the head's step and the bare products alternate, --repeat pairs after --warmup; each is the slowest
+rank's time of that step. Reported: the median of each, and the ratio as the median of the per-pair ratios
+(so a change in the machine's load between the two sides does not enter the ratio). Peak memory (per rank,
 the largest): on CPU the allocator's running total from torch.profiler memory events above the starting
 point (benchmarks/measure.py), on CUDA torch.cuda.max_memory_allocated above the starting point.
 """
@@ -88,24 +90,32 @@ def largest_over_ranks(value, world: int):
     return type(value)(tensor.item())
 
 
-def timed(run, device: torch.device, world: int, warmup: int, repeat: int) -> float:
-    """Median over `repeat` runs (after `warmup`) of the slowest rank's seconds."""
-    times = []
+def timed_once(run, device: torch.device, world: int) -> float:
+    """Seconds of one run, the slowest rank's (every rank waits for it at the next collective)."""
+    if world > 1:
+        dist.barrier()
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return largest_over_ranks(time.perf_counter() - start, world)
+
+
+def timed_pairs(head_step, bare_step, device: torch.device, world: int, warmup: int, repeat: int):
+    """(median head seconds, median bare seconds, median per-pair ratio) over `repeat` alternating pairs."""
+    head_times, bare_times = [], []
     for index in range(warmup + repeat):
-        if world > 1:
-            dist.barrier()
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        seconds = largest_over_ranks(time.perf_counter() - start, world)
+        head_seconds = timed_once(head_step, device, world)
+        bare_seconds = timed_once(bare_step, device, world)
         if index >= warmup:
-            times.append(seconds)
-    return statistics.median(times)
+            head_times.append(head_seconds)
+            bare_times.append(bare_seconds)
+    ratios = [h / b for h, b in zip(head_times, bare_times)]
+    return statistics.median(head_times), statistics.median(bare_times), statistics.median(ratios)
 
 
 def head_case(args, device, world, rank, group, classes_per_rank: int, sample_rate: float, implementation: str):
-    """(seconds, peak bytes, sampled columns) of one forward+backward of the production head."""
+    """(one forward+backward step of the production head, the number of columns it samples)."""
     from toolkit.heads import ShardedIdentityCenterHead
     from toolkit.ops.margins import Margin
 
@@ -121,18 +131,14 @@ def head_case(args, device, world, rank, group, classes_per_rank: int, sample_ra
         emb_BD.grad = None
         head(emb_BD, labels_B).backward()
 
-    seconds = timed(step, device, world, args.warmup, args.repeat)
+    step()  # the sampled column count is fixed by the shapes: known after one step
     head.centers_CD.grad = None
     emb_BD.grad = None
-    if world > 1:
-        dist.barrier()
-    with silenced_stderr():  # the profiler's start/stop chatter
-        peak = largest_over_ranks(peak_bytes(step, device.type), world)
-    return seconds, peak, int(head.last_sampled_classes.numel())
+    return step, int(head.last_sampled_classes.numel())
 
 
-def bare_case(args, device, world, columns: int) -> float:
-    """Seconds of the three matrix products of the head's shape (N x D embeddings, S x D centers)."""
+def bare_case(args, device, columns: int):
+    """The three matrix products of the head's shape (N x D embeddings, S x D centers), into preallocated outputs."""
     gen = torch.Generator(device=device).manual_seed(0)
     emb_ND = torch.randn(args.rows, args.dim, device=device, generator=gen)
     centers_SD = torch.randn(columns, args.dim, device=device, generator=gen)
@@ -145,7 +151,20 @@ def bare_case(args, device, world, columns: int) -> float:
         torch.mm(grad_NS, centers_SD, out=grad_emb_ND)
         torch.mm(grad_NS.t(), emb_ND, out=grad_centers_SD)
 
-    return timed(products, device, world, args.warmup, args.repeat)
+    return products
+
+
+def measure_case(args, device, world, rank, group, classes: int, rate: float, implementation: str):
+    """(head seconds, bare seconds, ratio, head peak bytes, sampled columns) of one case."""
+    step, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
+    products = bare_case(args, device, columns)
+    head_seconds, bare_seconds, ratio = timed_pairs(step, products, device, world, args.warmup, args.repeat)
+    del products  # its N x S buffers must not count in the head's peak
+    if world > 1:
+        dist.barrier()
+    with silenced_stderr():  # the profiler's start/stop chatter
+        peak = largest_over_ranks(peak_bytes(step, device.type), world)
+    return head_seconds, bare_seconds, ratio, peak, columns
 
 
 def run_rank(rank: int, args, port: int, queue) -> None:
@@ -163,16 +182,14 @@ def run_rank(rank: int, args, port: int, queue) -> None:
     records = []
     for classes in args.classes_per_rank:
         for rate in args.sample_rates:
-            bare_seconds = {}
             for implementation in args.implementations:
-                seconds, peak, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
-                if columns not in bare_seconds:
-                    bare_seconds[columns] = bare_case(args, device, world, columns)
+                seconds, bare_seconds, ratio, peak, columns = measure_case(args, device, world, rank, group, classes,
+                                                                           rate, implementation)
                 grad_bytes = classes * args.dim * 4
                 record = {"classes_per_rank": classes, "sample_rate": rate, "implementation": implementation,
                           "sampled_columns": columns, "ms": 1000 * seconds,
-                          "bare_matmuls_ms": 1000 * bare_seconds[columns],
-                          "time_vs_bare_matmuls": seconds / bare_seconds[columns],
+                          "bare_matmuls_ms": 1000 * bare_seconds,
+                          "time_vs_bare_matmuls": ratio,
                           "peak_increase_mib": peak / MIB, "center_grad_mib": grad_bytes / MIB,
                           "peak_vs_center_grad": peak / grad_bytes}
                 records.append(record)
