@@ -35,10 +35,8 @@ from pathlib import Path
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.export.checkpoints import DEEPSPEED_TAG, TRAINER_FILE, open_checkpoint
 from toolkit.export.engine_state import deepspeed_files, deepspeed_state, deepspeed_zero_stage
+from toolkit.parallel.deepspeed_zero import MODULE_EXTRAS_FILE
 from toolkit.serialization import safe_torch_load
-
-# Buffers and frozen parameters (full values), next to DeepSpeed's zero/ folder in the tag folder.
-MODULE_EXTRAS_FILE = "module_extras.pt"
 
 
 @dataclass

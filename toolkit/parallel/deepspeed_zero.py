@@ -27,6 +27,11 @@ from toolkit.parallel.deepspeed_config import build_deepspeed_config
 from toolkit.serialization import safe_torch_load
 
 
+# Written by `convert.py universal` (toolkit/export/universal.py) into a universal checkpoint's tag folder:
+# the buffers and frozen parameters (full values) that DeepSpeed's universal loader does not restore.
+MODULE_EXTRAS_FILE = "module_extras.pt"
+
+
 def shared_memory_buffer_path(launch: LaunchEnvironment) -> Path:
     """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp:
     deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, 2 x 33 MB)."""
@@ -252,8 +257,6 @@ class DeepSpeedZero(ParallelStrategy):
     @staticmethod
     def _universal_module_extras(folder: Path) -> dict[str, torch.Tensor]:
         """Buffers and frozen parameters that `convert.py universal` stored beside DeepSpeed's zero/ folder."""
-        from toolkit.export.universal import MODULE_EXTRAS_FILE
-
         path = folder / "deepspeed" / MODULE_EXTRAS_FILE
         if not path.is_file():
             raise CheckpointError(f"{folder} is a universal checkpoint without deepspeed/{MODULE_EXTRAS_FILE} (its "
