@@ -159,7 +159,7 @@ def measure_case(args, device, world, rank, group, classes: int, rate: float, im
     step, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
     products = bare_case(args, device, columns)
     head_seconds, bare_seconds, ratio = timed_pairs(step, products, device, world, args.warmup, args.repeat)
-    del products  # its N x S buffers must not count in the head's peak
+    del products  # free its N x S buffers before the head's peak is measured
     if world > 1:
         dist.barrier()
     with silenced_stderr():  # the profiler's start/stop chatter

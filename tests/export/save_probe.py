@@ -78,8 +78,8 @@ if not args.resume:
     trainer.save()
 state = full_named_state(trainer)
 # Every rank gathers the full values (GatheredParameters is collective), so each checks its own partitions.
-wrong = zero3_partition_mismatches(trainer, state) if hasattr(trainer.backbone, "par") and getattr(
-    trainer.backbone.par, "zero_stage", 0) == 3 else []
+zero3 = trainer.recipe.parallel.engine == "deepspeed" and trainer.recipe.parallel.zero_stage == 3
+wrong = zero3_partition_mismatches(trainer, state) if zero3 else []
 wrong = sorted({name for names in ctx.all_gather_objects(wrong) for name in names})
 shards = ctx.all_gather_objects(trainer.head.shard_state()) if trainer.head is not None else []
 if ctx.is_main:

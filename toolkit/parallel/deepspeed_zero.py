@@ -293,36 +293,27 @@ class DeepSpeedZero(ParallelStrategy):
         expected = set(buffers) | set(frozen)
         unknown, missing = sorted(set(extras) - expected), sorted(expected - set(extras))
         if unknown or missing:
-            raise CheckpointError(f"{folder}/deepspeed: the module's buffers and frozen parameters do not match "
-                                  f"this run's (" + "; ".join(
-                                      part for part in (f"unknown: {', '.join(unknown[:3])}" if unknown else "",
-                                                        f"missing: {', '.join(missing[:3])}" if missing else "")
-                                      if part) + ")")
+            raise CheckpointError(f"{folder}/deepspeed: the saved buffers and frozen parameters do not match this "
+                                  f"run's (unknown: {', '.join(unknown[:3]) or 'none'}; missing: "
+                                  f"{', '.join(missing[:3]) or 'none'})")
         with torch.no_grad():
             for name, buffer in buffers.items():
                 buffer.copy_(extras[name])
-            if not frozen:
-                return
-            import contextlib
-
-            gathered = contextlib.nullcontext()
-            if self.par.zero_stage == 3:
-                import deepspeed
-
-                gathered = deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0)
-            with gathered:
+            with self._gathered(modifier_rank=0, params=list(frozen.values())):
                 for name, param in frozen.items():
                     param.data.copy_(extras[name].reshape(param.shape))
 
-    def _gathered(self, modifier_rank=None):
-        """All parameters whole for the duration of the block (ZeRO-3); nothing to do at stages 0-2."""
+    def _gathered(self, modifier_rank=None, params: list[nn.Parameter] | None = None):
+        """`params` (default: all parameters) whole for the duration of the block (ZeRO-3); with `modifier_rank`,
+        that rank's writes are broadcast and re-partitioned on exit. Nothing to do at stages 0-2."""
         import contextlib
 
-        if getattr(self.par, "zero_stage", 0) < 3:
+        if getattr(self.par, "zero_stage", 0) < 3 or params == []:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.unwrapped().parameters()), modifier_rank=modifier_rank)
+        params = list(self.unwrapped().parameters()) if params is None else params
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
     def count_parameters(self, module: nn.Module | None = None) -> int:
         # ZeRO-3 empties param.data on every rank; ds_numel keeps the full size.
