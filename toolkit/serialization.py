@@ -18,19 +18,26 @@ Both raise `CheckpointError` with one line in plain words naming the file and wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
 import pickle
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from toolkit.errors import CheckpointError
+
+# torch.load as imported: `restricted_torch_load` replaces the module attribute for the duration of a library
+# call, and the safe loaders below must keep calling the real one.
+_TORCH_LOAD = torch.load
+_ROUTING = threading.Lock()
 
 # Classes (by "module.qualname") that DeepSpeed 0.19 writes into its checkpoint files, beyond what
 # weights_only admits by itself. Each is data only: instances are rebuilt from their attribute dict
@@ -135,7 +142,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # foreign pickle protocols warn before being refused
             with torch.serialization.safe_globals(resolved):
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+                return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
     except CheckpointError:
         raise
     except Exception as exc:  # torch raises many types for foreign or damaged files
@@ -159,6 +166,55 @@ def _short_reason(text: str) -> str:
         if re.search(pattern, text):
             return reason
     return ""
+
+
+def _safe_load_stream(handle, map_location, extra_allowed: Iterable[str]) -> Any:
+    """weights_only load of an open file object (its globals cannot be listed beforehand: plain types only)."""
+    resolved = [(obj, name) for name in sorted(_allowed_names(extra_allowed)) if (obj := _resolve(name)) is not None]
+    name = getattr(handle, "name", "an in-memory torch file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.serialization.safe_globals(resolved):
+                return _TORCH_LOAD(handle, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or damaged data
+        type_name = _unsupported_global(str(exc))
+        if type_name is not None:
+            raise CheckpointError(pickled_object_message(Path(str(name)), type_name)) from None
+        raise CheckpointError(truncated_message(Path(str(name)), _short_reason(str(exc)))) from None
+
+
+@contextlib.contextmanager
+def restricted_torch_load(extra_allowed: Iterable[str] = (),
+                          transform: Callable[[Path | None, Any], Any] | None = None) -> Iterator[None]:
+    """Inside the block, every `torch.load` (by a library reading checkpoint files for us, e.g. DeepSpeed's
+    converter and loaders, which pass weights_only=False) is `safe_torch_load`: whatever file the library
+    decides to open, by name pattern or directory walk, is read as tensors and plain containers only.
+
+    `transform(path, loaded)` may adapt what the library receives (the path is None for file objects). The
+    replacement is process-wide while the block runs; one block at a time (a lock), and nested blocks
+    keep the outer one's loader.
+    """
+    allowed = tuple(extra_allowed)
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **_ignored):
+        if isinstance(f, (str, os.PathLike)):
+            loaded = safe_torch_load(f, map_location=map_location, extra_allowed=allowed, mmap=bool(mmap))
+            path = Path(f)
+        else:
+            loaded, path = _safe_load_stream(f, map_location, allowed), None
+        return transform(path, loaded) if transform is not None else loaded
+
+    if getattr(torch.load, "facecl_restricted", False):   # already routed by an outer block
+        yield
+        return
+    load.facecl_restricted = True
+    with _ROUTING:
+        previous, torch.load = torch.load, load
+        try:
+            yield
+        finally:
+            torch.load = previous
 
 
 # ----- DCP .metadata -------------------------------------------------------------------------------------

@@ -128,3 +128,24 @@ def test_a_non_tensor_dcp_entry_is_loaded_with_weights_only(tmp_path):
     state = {"weight": torch.zeros(3), "extra": None}
     load_dcp_safely(state, tmp_path / "ok", no_dist=True)
     assert torch.equal(state["weight"], torch.ones(3)) and state["extra"] == "sgd"
+
+
+def test_a_planted_file_deepspeed_would_find_is_refused_on_resume(checkpoints, tmp_path):
+    """Not a file the engine writes: a raw pickle one folder down whose name DeepSpeed's converter would load
+    (and a resume of a universal folder would walk). Every file under the tag folder is checked first."""
+    import pickle
+
+    source = checkpoints("zero2")
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy)
+    target = copy / "deepspeed" / "a" / "mp_rank_00_model_states.pt"
+    target.parent.mkdir()
+    marker = tmp_path / "marker"
+    target.write_bytes(pickle.dumps(_SystemPayload(marker)))
+    nproc, overrides = ENGINES["zero2"]
+    port = free_port()
+    proc = run_job(launcher(nproc, port), [*train_args(tmp_path, "resumed", *overrides, *STEPS), "--resume", str(copy)],
+                   port=port, timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1 and str(target) in errors[0], proc.stderr[-2000:]
+    assert not marker.exists(), "the payload ran"

@@ -3,8 +3,8 @@
 
 - single / DDP: the backbone state dict stored in the trainer file (rank 0 saved the unwrapped module).
 - DeepSpeed ZeRO-1/2/3: DeepSpeed's own `zero_to_fp32` merges the fp32 master partitions of every rank.
-  It unpickles its files freely (`torch.load(weights_only=False)`), so it runs with its module-level
-  `torch` replaced by a proxy whose `load` is `safe_torch_load`: every file it opens is read safely.
+  It unpickles its files freely (`torch.load(weights_only=False)`), so every file of the tag folder is
+  checked first and it runs inside `restricted_torch_load`: every file it opens is read safely.
   ZeRO-0 has no partitions: the model-states file holds the full module.
 - FSDP2: torch.distributed.checkpoint (DCP) files, read with a FileSystemReader whose `.metadata` is
   parsed by `safe_dcp_metadata`; only tensor entries under `model.` are requested (DCP would unpickle
@@ -27,8 +27,9 @@ import torch
 
 from toolkit.errors import CheckpointError
 from toolkit.export.checkpoints import DEEPSPEED_TAG, FSDP_FOLDER, CheckpointSource
+from toolkit.parallel.deepspeed_zero import DeepSpeedZero
 from toolkit.parallel.fsdp2 import safe_dcp_reader
-from toolkit.serialization import safe_dcp_metadata, safe_torch_load
+from toolkit.serialization import restricted_torch_load, safe_dcp_metadata, safe_torch_load
 
 ENCODER_PARTS = ("backbone", "projection", "key_backbone", "key_projection")
 _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
@@ -59,29 +60,13 @@ def split_parts(state: dict[str, torch.Tensor], contrastive: bool) -> dict[str, 
 
 # ----- DeepSpeed ------------------------------------------------------------------------------------------
 
-class _SafeTorch:
-    """Stands in for the `torch` module inside DeepSpeed's zero_to_fp32: `load` is safe_torch_load."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, mmap=None, weights_only=None, **_ignored):
-        return safe_torch_load(f, map_location=map_location or "cpu", mmap=bool(mmap))
-
-
 @contextlib.contextmanager
 def _deepspeed_reads_safely():
+    """DeepSpeed's zero_to_fp32 with every torch.load it makes routed through the safe loader."""
     from deepspeed.utils import zero_to_fp32
 
-    if getattr(zero_to_fp32, "torch", None) is not torch:
-        raise RuntimeError("deepspeed.utils.zero_to_fp32 no longer imports torch as a module global; "
-                           "the safe-loading proxy must be revisited for this DeepSpeed version")
-    zero_to_fp32.torch = _SafeTorch()
-    try:
+    with restricted_torch_load():
         yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = torch
 
 
 def deepspeed_files(tag_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -106,8 +91,7 @@ def deepspeed_state(source: CheckpointSource) -> dict[str, torch.Tensor]:
     model_files, optim_files = deepspeed_files(tag_dir)
     if not model_files:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states (*_model_states.pt)")
-    for file in [*model_files, *optim_files]:   # name a bad file before DeepSpeed gets to it
-        safe_torch_load(file, mmap=True)
+    DeepSpeedZero.check_files(source.entry)   # name a bad or foreign file before DeepSpeed gets to it
     stage = deepspeed_zero_stage(source)
     if stage == 0 or not optim_files:
         states = safe_torch_load(model_files[0])

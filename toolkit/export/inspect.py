@@ -24,6 +24,7 @@ from toolkit.export.checkpoints import (DEEPSPEED_TAG, FSDP_FOLDER, TRAINER_FILE
 from toolkit.export.consolidate import EXTRA_PREFIX, HEAD_KEY, check_shards
 from toolkit.export.engine_state import dcp_storage_problems, deepspeed_files, deepspeed_zero_stage
 from toolkit.export.files import human_bytes
+from toolkit.parallel.deepspeed_zero import deepspeed_folder_files, unexpected_deepspeed_files, unexpected_files_message
 from toolkit.serialization import safe_dcp_metadata, safe_torch_load
 
 
@@ -116,8 +117,11 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
             problems.append(f"{tag_dir}: {len(model_files)} ZeRO-3 model-state files for {world} ranks")
         if not model_files:
             problems.append(f"{tag_dir}: no model-state file")
-        for file in [*model_files, *optim_files]:
+        for file in deepspeed_folder_files(tag_dir):   # every file DeepSpeed's readers might open
             _try(problems, lambda f: safe_torch_load(f, mmap=True), file)
+        unexpected = unexpected_deepspeed_files(tag_dir)
+        if unexpected:
+            problems.append(unexpected_files_message(tag_dir, unexpected))
     elif source.engine == "fsdp":
         folder = source.entry / FSDP_FOLDER
         metadata = _try(problems, safe_dcp_metadata, folder / ".metadata")

@@ -13,8 +13,11 @@ engine module's state dict without optimizer state under `zero/` (buffers and fr
 merged from the rank files by DeepSpeed's zero_to_fp32 read safely), which the strategy loads after DeepSpeed.
 
 Safety and limits:
-- ds_to_universal unpickles the input files freely, so every file of the tag folder is first read with
-  safe_torch_load (tensors only); its own intermediate files are written and read inside the new output.
+- ds_to_universal unpickles freely every file it finds under the tag folder, at any depth, whose name starts
+  with mp_rank_, zero_pp_rank_ or layer_ (and globs *_optim_states.pt / *model_states.pt). So every file
+  under the tag folder is first read with safe_torch_load (tensors only) and files FaceCL does not write
+  there are refused (DeepSpeedZero.check_files); then the converter runs with every torch.load routed
+  through the safe loader (`restricted_torch_load`), its own intermediate files included.
 - DeepSpeed 0.19.8's converter only knows Adam-family state (`exp_avg`, `exp_avg_sq`): a checkpoint of
   an SGD run (`momentum_buffer`) is refused with that reason rather than DeepSpeed's KeyError.
 - ZeRO-0 writes full weights and optimizer state per model, not partitions: nothing to convert.
@@ -33,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import CheckpointError, FaceCLError
-from toolkit.export.checkpoints import DEEPSPEED_TAG, TRAINER_FILE, open_checkpoint
+from toolkit.export.checkpoints import DEEPSPEED_TAG, TRAINER_FILE, open_checkpoint, read_training_payload
 from toolkit.export.engine_state import deepspeed_files, deepspeed_state, deepspeed_zero_stage
-from toolkit.parallel.deepspeed_zero import MODULE_EXTRAS_FILE
-from toolkit.serialization import safe_torch_load
+from toolkit.parallel.deepspeed_zero import MODULE_EXTRAS_FILE, DeepSpeedZero
+from toolkit.serialization import restricted_torch_load, safe_torch_load
 
 
 @dataclass
@@ -84,15 +87,15 @@ def to_universal(path: str | Path, out: str | Path, *, overwrite: bool = False) 
         raise FaceCLError(f"{source.entry} is a ZeRO-0 checkpoint: it holds full weights and optimizer state, "
                           f"nothing is partitioned by rank, so there is nothing to convert")
     tag_dir = source.entry / DEEPSPEED_TAG
+    DeepSpeedZero.check_files(source.entry)   # every file DeepSpeed's converter may open, before it runs
     model_files, optim_files = deepspeed_files(tag_dir)
     if len(optim_files) != source.world_size:
         raise CheckpointError(f"{tag_dir} is incomplete: {len(optim_files)} ZeRO optimizer files for "
                               f"{source.world_size} ranks")
     keys: set = set()
-    for file in [*model_files, *optim_files]:
+    for file in optim_files:
         payload = safe_torch_load(file, mmap=True)
-        if file in optim_files:
-            _string_keys(payload.get("optimizer_state_dict", {}), found=keys)
+        _string_keys(payload.get("optimizer_state_dict", {}), found=keys)
     if "exp_avg" not in keys:
         named = sorted(k for k in keys if k in ("momentum_buffer", "square_avg", "sum", "exp_avg_sq")) or ["none"]
         raise FaceCLError(f"{source.entry}: DeepSpeed's universal converter handles Adam-family optimizer state "
@@ -105,6 +108,7 @@ def to_universal(path: str | Path, out: str | Path, *, overwrite: bool = False) 
     try:
         shutil.copy2(source.entry / TRAINER_FILE, staging / TRAINER_FILE)
         for head in source.head_files():
+            read_training_payload(head)   # checked before it is copied (a resume would refuse it only later)
             shutil.copy2(head, staging / head.name)
         _run_ds_to_universal(tag_dir, staging / DEEPSPEED_TAG)
         _write_module_extras(source, staging / DEEPSPEED_TAG)
@@ -146,7 +150,7 @@ def _run_ds_to_universal(tag_dir: Path, target: Path) -> None:
                               inject_missing_state=True)   # FaceCL does not record DeepSpeed's client state
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), restricted_torch_load():
             ds_to_universal.main(args)
     except (AssertionError, KeyError, ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"{tag_dir}: DeepSpeed's universal converter failed ({type(exc).__name__}: "

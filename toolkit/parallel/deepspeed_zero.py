@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,25 @@ from torch import nn
 from toolkit.errors import CheckpointError, ConfigError
 from toolkit.parallel.base import LaunchEnvironment, ModelStateLayout, ParallelStrategy, register_strategy
 from toolkit.parallel.deepspeed_config import build_deepspeed_config
-from toolkit.serialization import safe_torch_load
+from toolkit.serialization import restricted_torch_load, safe_torch_load
 
 
 # Written by `convert.py universal` (toolkit/export/universal.py) into a universal checkpoint's tag folder:
 # the buffers and frozen parameters (full values) that DeepSpeed's universal loader does not restore.
 MODULE_EXTRAS_FILE = "module_extras.pt"
+
+# What DeepSpeed 0.19.8 opens under a tag folder, always with an unrestricted torch.load:
+# - the engine's loader: the names it builds (mp_rank_XX_model_states.pt, zero_pp_rank_R_mp_rank_XX_*_states.pt)
+#   and, for a universal folder, zero/optimizer_state.pt and every "*.pt" of zero/<parameter>/;
+# - zero_to_fp32: "*_model_states.pt" and "*_optim_states.pt" at the top (glob);
+# - ds_to_universal: its DeepSpeedCheckpoint walks every file at ANY depth (os.walk) and loads each whose name
+#   starts with "mp_rank_", "zero_pp_rank_", "bf16_zero_pp_rank_", "fp16_zero_pp_rank_" or "layer_", whatever
+#   the suffix; it also globs "*_optim_states.pt" and "*model_states.pt" at the top.
+# So every file at any depth is read safely before the library runs (and the library's own reads are routed
+# through the safe loader while it runs), and a file outside the names that FaceCL's engine and converter
+# write is refused: the library may open it and build on it.
+_TAG_FILE = re.compile(r"^(mp_rank_\d\d_model_states|(bf16_|fp16_)?zero_pp_rank_\d+_mp_rank_\d\d_(model|optim)_states)\.pt$")
+_UNIVERSAL_STATE_FILE = re.compile(r"^(fp32|exp_avg|exp_avg_sq|momentum_buffer|step)\.pt$")
 
 
 def shared_memory_buffer_path(launch: LaunchEnvironment) -> Path:
@@ -50,6 +64,34 @@ def remove_shared_memory_buffer(launch: LaunchEnvironment) -> None:
     """
     torch.distributed.barrier()
     shared_memory_buffer_path(launch).unlink(missing_ok=True)
+
+
+def deepspeed_folder_files(tag_dir: Path) -> list[Path]:
+    """Every non-folder entry under `tag_dir`, at any depth, as DeepSpeed's converter lists them (os.walk)."""
+    found = []
+    for root, _, names in os.walk(tag_dir):
+        found += [Path(root) / name for name in names]
+    return sorted(found)
+
+
+def unexpected_deepspeed_files(tag_dir: Path) -> list[Path]:
+    """Files under a DeepSpeed tag folder that neither FaceCL's engine nor its universal converter writes."""
+    unexpected = []
+    for path in deepspeed_folder_files(tag_dir):
+        parts = path.relative_to(tag_dir).parts
+        if len(parts) == 1 and (_TAG_FILE.match(parts[0]) or parts[0] == MODULE_EXTRAS_FILE):
+            continue
+        if parts[0] == "zero" and (parts[1:] == ("optimizer_state.pt",)
+                                   or (len(parts) == 3 and _UNIVERSAL_STATE_FILE.match(parts[2]))):
+            continue
+        unexpected.append(path)
+    return unexpected
+
+
+def unexpected_files_message(tag_dir: Path, unexpected: list[Path]) -> str:
+    names = ", ".join(str(p.relative_to(tag_dir)) for p in unexpected[:4]) + (" ..." if len(unexpected) > 4 else "")
+    return (f"{tag_dir} holds {len(unexpected)} file(s) that FaceCL's DeepSpeed engine does not write ({names}); "
+            f"DeepSpeed's readers would open them: remove them or restore the folder from a clean copy")
 
 
 @register_strategy("deepspeed")
@@ -225,15 +267,19 @@ class DeepSpeedZero(ParallelStrategy):
 
     @staticmethod
     def check_files(folder: Path) -> None:
-        """Load every file of the `deepspeed/` tag folder safely (tensors, plain containers and the few data
-        classes DeepSpeed writes) before DeepSpeed reads them with its own, unrestricted torch.load: a file
-        holding any other pickled object is refused with a one-line CheckpointError naming it."""
+        """Load every file under the `deepspeed/` tag folder safely, at any depth and whatever its name
+        (tensors, plain containers and the few data classes DeepSpeed writes), before DeepSpeed reads them with
+        its own, unrestricted torch.load; then refuse files that FaceCL does not write there. Either is a
+        one-line CheckpointError naming the file."""
         tag_dir = folder / "deepspeed"
-        files = sorted(tag_dir.rglob("*.pt"))  # a universal checkpoint's are one folder per parameter deeper
+        files = deepspeed_folder_files(tag_dir)
         if not files:
             raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files")
         for file in files:
             safe_torch_load(file, mmap=True)
+        unexpected = unexpected_deepspeed_files(tag_dir)
+        if unexpected:
+            raise CheckpointError(unexpected_files_message(tag_dir, unexpected))
 
     def load_folder(self, folder: Path) -> None:
         self.check_files(folder)
@@ -243,8 +289,9 @@ class DeepSpeedZero(ParallelStrategy):
         config = self.module._config
         config.load_universal_checkpoint = universal
         try:
-            load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+            with restricted_torch_load():
+                load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                                           load_lr_scheduler_states=False)
         finally:
             config.load_universal_checkpoint = False
         if load_path is None:
