@@ -79,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
               f"{result.metadata['world_size']} rank(s)")
         return 0
     if args.command == "universal":
-        from toolkit.export.universal import to_universal
+        from toolkit.export.resize import resize_checkpoint
 
-        result = to_universal(args.path, args.out, overwrite=args.overwrite)
+        result = resize_checkpoint(args.path, args.out, overwrite=args.overwrite)
         print(f"wrote {result.out} ({human_bytes(result.num_bytes)} in {result.num_files} files): universal "
-              f"checkpoint of a ZeRO-{result.zero_stage} run on {result.world_size} ranks; resume it on any number of "
-              f"ranks with `--resume {result.out}`")
+              f"checkpoint of a ZeRO-{result.zero_stage} run on {result.world_size} ranks ({', '.join(result.optimizer_state)} "
+              f"state); resume it on any number of ranks with `--resume {result.out}`")
         return 0
     from toolkit.export.deploy import export_model
 

@@ -3,11 +3,11 @@
 
 A torch file (torch.save) and DCP's `.metadata` are pickles, and unpickling a pickle can run arbitrary
 code (`__reduce__`). `safe_torch_load` loads torch files with `torch.load(weights_only=True)`, which only
-rebuilds tensors, plain containers and an explicit allowlist of classes. The allowlist here adds the few
-classes that DeepSpeed's own checkpoint files really hold (found by saving ZeRO-0/1/2/3 checkpoints and
-listing them with `torch.serialization.get_unsafe_globals_in_checkpoint`): they are plain data holders
-(an enum of ZeRO stages, the fp16 loss scaler's attributes) and are imported lazily, by name, only when a
-file names them, so this module needs neither DeepSpeed nor any other part of the toolkit.
+rebuilds tensors, plain containers and an explicit allowlist of classes. The allowlist holds a few plain
+Python types; a caller that reads another library's files adds the data classes that library writes
+(`extra_allowed`: the DeepSpeed checkpoint format passes DeepSpeed's). Allowed classes are imported lazily, by
+name, only when a file names them, so this module needs neither DeepSpeed nor any other part of the toolkit.
+`restricted_torch_load` routes a library's own torch.load calls through the same loader while it runs.
 
 `safe_dcp_metadata` reads torch.distributed.checkpoint's `.metadata` with an unpickler that admits only
 DCP's metadata dataclasses and what they are built from (torch.Size, dtypes, layouts, memory formats).
@@ -39,16 +39,6 @@ from toolkit.errors import CheckpointError
 _TORCH_LOAD = torch.load
 _ROUTING = threading.Lock()
 
-# Classes (by "module.qualname") that DeepSpeed 0.19 writes into its checkpoint files, beyond what
-# weights_only admits by itself. Each is data only: instances are rebuilt from their attribute dict
-# (or an enum value), no method of theirs runs while loading.
-DEEPSPEED_GLOBALS = (
-    "deepspeed.runtime.zero.config.ZeroStageEnum",            # optim states: the ZeRO stage
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",          # optim states: static loss scaler attributes
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",   # optim states: dynamic loss scaler attributes
-    "deepspeed.utils.tensor_fragment.fragment_address",       # ZeRO-1/2 param slice mappings
-    "deepspeed.checkpoint.constants.ZeroStageEnum",           # older spelling of the stage enum
-)
 # Plain Python types some writers put into torch files (argparse namespaces of other tools are NOT here).
 _PLAIN_GLOBALS = ("builtins.set", "builtins.frozenset", "collections.OrderedDict", "collections.defaultdict",
                   "builtins.slice", "torch.torch_version.TorchVersion")
@@ -72,7 +62,7 @@ def _resolve(dotted: str):
 
 
 def _allowed_names(extra_allowed: Iterable[str]) -> set[str]:
-    return {*DEEPSPEED_GLOBALS, *_PLAIN_GLOBALS, *extra_allowed}
+    return {*_PLAIN_GLOBALS, *extra_allowed}
 
 
 def _check_exists(path: Path) -> None:

@@ -112,7 +112,7 @@ def test_a_non_tensor_dcp_entry_is_loaded_with_weights_only(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from toolkit.errors import CheckpointError
-    from toolkit.parallel.fsdp2 import load_dcp_safely
+    from toolkit.parallel.dcp_checkpoint import load_dcp_safely
 
     marker = tmp_path / "marker"
     folder = tmp_path / "dcp"

@@ -21,12 +21,13 @@ DIVERGING = ["optim.lr=1e6", "schedule.warmup_steps=0", "checkpoint.every_steps=
 
 
 def _all_finite(path) -> bool:
+    from toolkit.parallel.deepspeed_checkpoint import DEEPSPEED_GLOBALS
     from toolkit.serialization import safe_torch_load
 
     files = [path] if path.is_file() else sorted(path.rglob("*.pt"))
     tensors = []
     for file in files:
-        stack = [safe_torch_load(file)]
+        stack = [safe_torch_load(file, extra_allowed=DEEPSPEED_GLOBALS)]
         while stack:
             item = stack.pop()
             if torch.is_tensor(item):

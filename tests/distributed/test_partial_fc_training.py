@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import SMOKE_RECIPE
 from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
-from toolkit.training.checkpoint import read_payload
+from toolkit.checkpoint import read_payload
 from toolkit.heads.shard_checkpoint import gather_full_centers
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)

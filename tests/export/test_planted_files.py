@@ -61,7 +61,7 @@ def zero2_run(runs_root):
 def test_a_planted_file_is_refused_by_every_reader_and_never_runs(name, zero2_run, tmp_path):
     from toolkit.export.consolidate import consolidate
     from toolkit.export.inspect import inspect_path
-    from toolkit.export.universal import to_universal
+    from toolkit.export.resize import resize_checkpoint as to_universal
 
     copy, target, marker = planted_copy(zero2_run, tmp_path, name)
     with pytest.raises(CheckpointError) as info:
@@ -92,7 +92,7 @@ def test_a_clean_but_foreign_file_is_refused_and_reported(zero2_run, tmp_path):
     """A tensors-only file that FaceCL does not write is safe to read, but DeepSpeed's converter would count it
     as a model-state file of another rank: refused by the converter, reported by inspect."""
     from toolkit.export.inspect import inspect_path
-    from toolkit.export.universal import to_universal
+    from toolkit.export.resize import resize_checkpoint as to_universal
 
     copy = tmp_path / zero2_run.checkpoint.name
     shutil.copytree(zero2_run.checkpoint, copy)

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 LAYERS = {
     "errors": 0,
     "_C": 1, "distributed": 1, "serialization": 1,
-    "ops": 2,
+    "ops": 2, "checkpoint": 2,
     "models": 3, "data": 3, "heads": 3, "contrastive": 3,
     "parallel": 4,
     "export": 5,

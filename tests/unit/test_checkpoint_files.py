@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from toolkit.training import checkpoint as ckpt
+import toolkit.checkpoint as ckpt
 from toolkit.errors import CheckpointError
 
 
@@ -18,10 +18,10 @@ def test_crash_during_save_keeps_previous_checkpoint_and_pointer(tmp_path, monke
         handle.write(b"half")
         raise OSError("disk full")  # the process dies in the middle of the write
 
-    monkeypatch.setattr(ckpt.torch, "save", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         folder.save(20, {"weights": torch.zeros(5)})
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "latest").read_text().strip() == "step_00000010.pt"
     assert not (tmp_path / "step_00000020.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000010.pt"]  # no temp files left
@@ -72,7 +72,7 @@ def test_rng_state_round_trip_restores_all_generators():
 
 KILLED_SAVE = r"""
 import os, sys, torch
-from toolkit.training import checkpoint as ckpt
+import toolkit.checkpoint as ckpt
 folder = ckpt.CheckpointFolder(sys.argv[1])
 folder.save(5, {"weights": torch.arange(5.0)})
 def dying_save(obj, handle):

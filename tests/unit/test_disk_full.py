@@ -46,6 +46,6 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(s
     assert "warning: checkpoint step 2 needs about" in proc.stdout   # said before the save started
     checkpoints = Path(small_disk) / "full" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001.pt"]   # nothing half-written
-    from toolkit.training.checkpoint import load_checkpoint
+    from toolkit.checkpoint import load_checkpoint
 
     assert load_checkpoint(checkpoints)["step"] == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from toolkit.config.schema import ScheduleConfig
-from toolkit.training.checkpoint import load_checkpoint
+from toolkit.checkpoint import load_checkpoint
 from toolkit.training.optim import lr_factor, split_decay_groups
 from toolkit.training.run_files import prepare_run_folder
 from toolkit.training.trainer import Trainer

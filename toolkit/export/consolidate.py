@@ -25,8 +25,9 @@ from typing import Any, Iterator
 import torch
 
 from toolkit.errors import CheckpointError, FaceCLError
-from toolkit.export.checkpoints import INPUT_NORMALISATION, CheckpointSource, open_checkpoint
-from toolkit.export.engine_state import deepspeed_zero_stage, encoder_parts
+from toolkit.checkpoint import INPUT_NORMALISATION, CheckpointSource, open_checkpoint
+from toolkit.export.engine_state import encoder_parts
+from toolkit.parallel import format_of
 from toolkit.export.files import (Progress, TensorEntry, atomic_output, check_output_path, row_chunks,
                                   tensor_entry, write_safetensors)
 
@@ -113,13 +114,12 @@ def merged_centers_entry(name: str, shards: list[dict[str, Any]], num_classes: i
 
 def source_metadata(source: CheckpointSource) -> dict[str, str]:
     config = source.model_config
+    fmt = format_of(source)
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "backbone": config["backbone"],
             "embedding_size": str(config["embedding_size"]), "image_size": str(config["image_size"]),
             "input_normalisation": INPUT_NORMALISATION, "step": str(source.step),
             "recipe_sha256": source.recipe_sha256 or "", "num_classes": str(source.num_classes or ""),
-            "engine": source.engine, "world_size": str(source.world_size)}
-    if source.engine == "deepspeed":
-        meta["zero_stage"] = str(deepspeed_zero_stage(source))
+            "engine": fmt.engine(source), "world_size": str(source.world_size), **fmt.metadata(source)}
     if config.get("options"):
         meta["backbone_options"] = json.dumps(config["options"], sort_keys=True)
     return meta

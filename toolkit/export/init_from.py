@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import torch
 
 from toolkit.errors import CheckpointError
-from toolkit.export.consolidate import EXTRA_PREFIX, HEAD_KEY, build_registry_backbone, check_backbone_keys
+from toolkit.export.consolidate import HEAD_KEY, build_registry_backbone, check_backbone_keys, check_shards
 from toolkit.serialization import safe_torch_load
 
 SOFTMAX_FILE = re.compile(r"^(?:rank[_:](?P<a>\d+)_softmax_weight|softmax_fc_gpu_(?P<b>\d+)|checkpoint_gpu_(?P<c>\d+))\.pt$")
@@ -134,25 +134,32 @@ def load_init_state(path: str | Path, *, backbone: str | None = None, embedding_
     """(backbone state dict with registry keys, centers C x D or None) to initialise a run from.
 
     `backbone` / `embedding_size` / `image_size` are the run's; they are checked against a FaceCL file's
-    metadata and needed to map an arcface_torch file (which does not record its architecture).
+    metadata and needed to map an arcface_torch file (which does not record its architecture). The file is
+    opened once: its kind is told from what that one read finds (read_weights).
     """
-    from toolkit.export.load import _is_consolidated_file
+    from toolkit.export.load import CHECKPOINT, CONSOLIDATED, backbone_state_and_metadata, read_weights
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"init-from file {path} does not exist")
-    if path.is_dir() or _is_consolidated_file(path) or _is_facecl_checkpoint(path):
-        state, centers, metadata = _facecl_state(path)
+    weights = read_weights(path)
+    if weights.kind in (CONSOLIDATED, CHECKPOINT):
+        state, metadata = backbone_state_and_metadata(weights)
         for key, wanted in (("backbone", backbone), ("embedding_size", embedding_size), ("image_size", image_size)):
             if wanted is not None and str(metadata.get(key)) != str(wanted):
                 raise CheckpointError(f"{path} holds a {key}={metadata.get(key)} model; this run has {key}={wanted}")
         if softmax is not None:
             centers = merge_arcface_softmax(softmax)
+        elif weights.kind == CONSOLIDATED:
+            centers = weights.tensors.get(HEAD_KEY)
+        else:
+            shards, _, _ = check_shards(weights.source.head_shards(), str(weights.source.entry))
+            centers = torch.cat([s["centers"].float() for s in shards])
         return state, centers
     if backbone is None:
         raise CheckpointError(f"{path} is not a FaceCL file; to read it as an arcface_torch backbone, name the "
                               f"backbone (model.backbone)")
-    payload = safe_torch_load(path, mmap=True)
+    payload = weights.payload
     if isinstance(payload, dict) and "state_dict_backbone" in payload:
         payload = payload["state_dict_backbone"]
     if not isinstance(payload, dict) or not all(torch.is_tensor(v) for v in payload.values()):
@@ -163,27 +170,3 @@ def load_init_state(path: str | Path, *, backbone: str | None = None, embedding_
     if centers is not None and embedding_size is not None and centers.shape[1] != embedding_size:
         raise CheckpointError(f"softmax weights are {centers.shape[1]} wide; this run's embedding size is {embedding_size}")
     return state, centers
-
-
-def _is_facecl_checkpoint(path: Path) -> bool:
-    if path.suffix != ".pt":
-        return False
-    payload = safe_torch_load(path, mmap=True)
-    return isinstance(payload, dict) and payload.get("format") == "facecl-checkpoint"
-
-
-def _facecl_state(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, str]]:
-    from toolkit.export.load import _is_consolidated_file, backbone_state_and_metadata, read_consolidated
-
-    if path.is_file() and _is_consolidated_file(path):
-        metadata, tensors = read_consolidated(path)
-        state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-        return state, tensors.get(HEAD_KEY), metadata
-    from toolkit.export.checkpoints import open_checkpoint
-    from toolkit.export.consolidate import check_shards
-
-    state, metadata = backbone_state_and_metadata(path)
-    source = open_checkpoint(path)
-    shards, _, _ = check_shards(source.head_shards(), str(source.entry))
-    centers = torch.cat([s["centers"].float() for s in shards])
-    return state, centers, metadata

@@ -16,27 +16,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from toolkit.errors import FaceCLError
-from toolkit.export.checkpoints import (DEEPSPEED_TAG, FSDP_FOLDER, TRAINER_FILE, CheckpointSource, open_checkpoint,
-                                        read_training_payload)
+from toolkit.checkpoint import TRAINER_FILE, CheckpointSource, open_checkpoint, read_training_payload
+from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.export.consolidate import EXTRA_PREFIX, HEAD_KEY, check_shards
-from toolkit.export.engine_state import dcp_storage_problems, deepspeed_files, deepspeed_zero_stage
 from toolkit.export.files import human_bytes
-from toolkit.parallel.deepspeed_zero import deepspeed_folder_files, unexpected_deepspeed_files, unexpected_files_message
-from toolkit.serialization import safe_dcp_metadata, safe_torch_load
-
-
-def tensor_bytes(tree: Any) -> int:
-    """Bytes of all tensors inside nested dicts / lists (memory-mapped tensors are not read)."""
-    if torch.is_tensor(tree):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(tensor_bytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(tensor_bytes(v) for v in tree)
-    return 0
+from toolkit.parallel import format_of
+from toolkit.parallel.checkpoint_format import tensor_bytes
 
 
 def _zip_crc_problems(files: list[Path]) -> list[str]:
@@ -61,23 +47,23 @@ def _try(problems: list[str], action, *args):
 
 
 def inspect_path(path: str | Path, *, checksums: bool = False) -> dict[str, Any]:
+    from toolkit.export.load import CONSOLIDATED, OTHER, read_weights
+
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        return _inspect_consolidated(path)
-    if path.is_file() and path.suffix == ".pt":
-        payload = safe_torch_load(path, mmap=True)
-        if isinstance(payload, dict) and payload.get("format") == "facecl-consolidated":
-            return _inspect_consolidated(path)
-    return _inspect_checkpoint(open_checkpoint(path), checksums)
+    if path.is_dir():   # a run, checkpoints folder or step folder (read_weights would read it whole)
+        return _inspect_checkpoint(open_checkpoint(path), checksums)
+    weights = read_weights(path)
+    if weights.kind == CONSOLIDATED:
+        return _inspect_consolidated(path, weights.metadata, weights.tensors)
+    if weights.kind == OTHER:
+        raise CheckpointError(f"{path} is not a FaceCL checkpoint or consolidated file (no FaceCL format tag; a file "
+                              f"of another tool?)")
+    return _inspect_checkpoint(weights.source, checksums)
 
 
-def _inspect_consolidated(path: Path) -> dict[str, Any]:
-    from toolkit.export.load import read_consolidated
-
-    metadata, tensors = read_consolidated(path)
+def _inspect_consolidated(path: Path, metadata: dict[str, str], tensors: dict) -> dict[str, Any]:
     backbone = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
     return {"path": str(path), "kind": "consolidated", "engine": metadata.get("engine"),
-            "zero_stage": int(metadata["zero_stage"]) if metadata.get("zero_stage") else None,
             "world_size": int(metadata["world_size"]) if metadata.get("world_size", "").isdigit() else None,
             "step": int(metadata["step"]) if metadata.get("step", "").lstrip("-").isdigit() else None,
             "backbone": metadata.get("backbone"), "embedding_size": int(metadata["embedding_size"]),
@@ -95,44 +81,14 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
     problems: list[str] = []
     world = source.world_size
     config = source.model_config
-    trainer = source.trainer
-    engine_section = trainer.get("engine") or {}
+    fmt = _try(problems, format_of, source)
     torch_files: list[Path] = [source.entry / TRAINER_FILE if source.is_folder else source.entry]
-    parts = {"backbone": tensor_bytes(engine_section.get("backbone")),
-             "optimizer_state": tensor_bytes(engine_section.get("optimizer")),
-             "center_shards": 0, "trainer_state": 0}
+    parts = {"backbone": 0, "optimizer_state": 0, "center_shards": 0, "trainer_state": 0}
+    if fmt is not None:
+        problems += fmt.problems(source)
+        parts.update(fmt.part_bytes(source, problems))
+        torch_files += fmt.files(source)
     trainer_file_bytes = torch_files[0].stat().st_size
-    zero_stage = None
-    if source.engine == "deepspeed":
-        tag_dir = source.entry / DEEPSPEED_TAG
-        model_files, optim_files = deepspeed_files(tag_dir)
-        zero_stage = deepspeed_zero_stage(source)
-        torch_files += [*model_files, *optim_files]
-        parts["backbone"] = _deepspeed_model_bytes(model_files[0], problems) if model_files else 0
-        parts["optimizer_state"] = sum(p.stat().st_size for p in optim_files)
-        expected_optim = world if zero_stage >= 1 else 0
-        if len(optim_files) != expected_optim:
-            problems.append(f"{tag_dir}: {len(optim_files)} ZeRO optimizer files for {world} ranks")
-        if zero_stage == 3 and len(model_files) != world:
-            problems.append(f"{tag_dir}: {len(model_files)} ZeRO-3 model-state files for {world} ranks")
-        if not model_files:
-            problems.append(f"{tag_dir}: no model-state file")
-        for file in deepspeed_folder_files(tag_dir):   # every file DeepSpeed's readers might open
-            _try(problems, lambda f: safe_torch_load(f, mmap=True), file)
-        unexpected = unexpected_deepspeed_files(tag_dir)
-        if unexpected:
-            problems.append(unexpected_files_message(tag_dir, unexpected))
-    elif source.engine == "fsdp":
-        folder = source.entry / FSDP_FOLDER
-        metadata = _try(problems, safe_dcp_metadata, folder / ".metadata")
-        if metadata is not None:
-            problems += [f"{folder}: {p}" for p in dcp_storage_problems(folder, metadata)]
-            for info_key, info in metadata.storage_data.items():
-                part = "backbone" if info_key.fqn.startswith("model.") else "optimizer_state"
-                parts[part] += int(info.length)
-        missing = [f"__{r}_0.distcp" for r in range(world) if not (folder / f"__{r}_0.distcp").is_file()]
-        if missing:
-            problems.append(f"{folder}: rank file(s) missing: {', '.join(missing[:4])}")
     # center shards
     if not source.has_head:
         shards = []
@@ -149,10 +105,8 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
         shards = [s for s in (_try(problems, read_training_payload, p) for p in head_files if p.is_file()) if s]
         parts["center_shards"] = sum(p.stat().st_size for p in head_files if p.is_file())
     else:
-        shards = list(trainer.get("head_shards") or [])
+        shards = list(source.trainer.get("head_shards") or [])
         parts["center_shards"] = tensor_bytes(shards)
-    if not source.has_head:
-        parts["center_shards"] = 0
     if shards and not missing_any(problems):
         checked = _try(problems, check_shards, shards, str(source.entry))
         if checked is not None:
@@ -161,47 +115,36 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
                 problems.append(f"center shards hold {num_classes} classes, the trainer file says {source.num_classes}")
             if dim != config["embedding_size"]:
                 problems.append(f"center shards are {dim} wide, the embedding size is {config['embedding_size']}")
-    inside_trainer = parts["backbone"] + parts["optimizer_state"] if source.engine in ("single", "ddp") else 0
+    inside_trainer = fmt.bytes_in_trainer_file(source, parts) if fmt is not None else 0
     inside_trainer += parts["center_shards"] if not source.is_folder else 0
     parts["trainer_state"] = max(0, trainer_file_bytes - inside_trainer)
     if checksums:
-        problems += _zip_crc_problems([f for f in torch_files if f.is_file()])
+        checked_files = [f for f in torch_files if f.is_file()]
+        problems += _zip_crc_problems(checked_files)
     total = sum(p.stat().st_size for p in source.entry.rglob("*") if p.is_file()) if source.is_folder \
         else source.entry.stat().st_size
-    return {"path": str(source.entry), "kind": "checkpoint", "engine": source.engine, "zero_stage": zero_stage,
-            "sharding": _sharding(source.engine, zero_stage), "world_size": world, "step": source.step,
+    details = fmt.details(source) if fmt is not None else {}
+    return {"path": str(source.entry), "kind": "checkpoint", "engine": fmt.engine(source) if fmt else "unknown",
+            **details, "sharding": fmt.describe(source) if fmt else "unknown",
+            "world_size": world, "step": source.step,
             "backbone": config["backbone"], "embedding_size": config["embedding_size"],
             "image_size": config["image_size"], "num_classes": source.num_classes,
             "precision": source.parallel.get("precision", "unknown"), "contrastive": source.contrastive,
             "bytes": parts, "file_bytes": total, "recipe_sha256": source.recipe_sha256,
+            "unexpected_files": [str(p) for p in _unexpected_entries(source, fmt)],
             "complete": not problems, "problems": problems}
 
 
-def _deepspeed_model_bytes(model_file: Path, problems: list[str]) -> int:
-    """fp32 bytes of the model's parameters (DeepSpeed's param_shapes, frozen ones too) and its buffers.
-
-    The model-state files themselves say little: ZeRO-3 keeps only placeholders there, the fp32 values
-    live in the optimizer partitions."""
-    states = _try(problems, lambda f: safe_torch_load(f, mmap=True), model_file)
-    if not isinstance(states, dict):
-        return 0
-    numel = 0
-    for group in states.get("param_shapes") or []:
-        numel += sum(int(torch.Size(shape).numel()) for shape in group.values())
-    numel += sum(int(torch.Size(shape).numel()) for shape in (states.get("frozen_param_shapes") or {}).values())
-    buffers = set(states.get("buffer_names") or [])
-    module = states.get("module") or {}
-    return numel * 4 + tensor_bytes({k: v for k, v in module.items() if k in buffers})
+def _unexpected_entries(source: CheckpointSource, fmt) -> list[Path]:
+    """Files and folders at the top of a step folder that no FaceCL writer puts there (nothing reads them)."""
+    if not source.is_folder:
+        return []
+    known = {TRAINER_FILE, *(p.name for p in source.head_files()), *([fmt.folder] if fmt and fmt.folder else [])}
+    return sorted(p for p in source.entry.iterdir() if p.name not in known)
 
 
 def missing_any(problems: list[str]) -> bool:
     return any("missing" in p for p in problems)
-
-
-def _sharding(engine: str, zero_stage: int | None) -> str:
-    if engine == "deepspeed":
-        return f"DeepSpeed ZeRO-{zero_stage}"
-    return {"fsdp": "FSDP2 (DCP)", "ddp": "DDP (replicated backbone)", "single": "none (one process)"}[engine]
 
 
 def format_report(info: dict[str, Any]) -> str:
@@ -217,6 +160,8 @@ def format_report(info: dict[str, Any]) -> str:
     for part, size in info["bytes"].items():
         rows.append((f"bytes: {part.replace('_', ' ')}", f"{human_bytes(size)} ({size})"))
     rows.append(("bytes: total on disk", f"{human_bytes(info['file_bytes'])} ({info['file_bytes']})"))
+    if info.get("unexpected_files"):
+        rows.append(("not FaceCL's (ignored)", ", ".join(Path(p).name for p in info["unexpected_files"][:6])))
     rows.append(("complete", "yes" if info["complete"] else "NO"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{key:<{width}}  {value}" for key, value in rows]

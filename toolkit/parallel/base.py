@@ -14,8 +14,10 @@ optimizer step:
 (toolkit/training/parts.py); it is never wrapped by an engine: its shards must not be averaged.
 
 Each strategy registers itself under its recipe name (`parallel.engine`) with `@register_strategy`; the
-builders find it with `get_strategy(name)`. Adding an engine is one module in this package plus its name
-in the schema's Literal.
+builders find it with `get_strategy(name)`. Its `checkpoint_format` (toolkit/parallel/checkpoint_format.py) owns
+its checkpoint files offline: checks, safe reads, sizes, the merged state for export. Adding an engine is one
+module in this package (the strategy, and its format if it writes its own folder, registered with
+`@register_checkpoint_format`), its import in this package's __init__, and its name in the schema's Literal.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from toolkit.distributed import DistributedContext
 from toolkit.errors import ConfigError
+from toolkit.parallel.checkpoint_format import CheckpointFormat
 
 if TYPE_CHECKING:
     from toolkit.config.schema import ParallelConfig
@@ -120,7 +123,9 @@ class ParallelStrategy:
     """Single-process behaviour; each engine overrides what it does differently."""
 
     name: ClassVar[str] = "base"
-    checkpoint_kind: ClassVar[str] = "file"   # "file": state travels inside the trainer file; "folder": own files
+    # Its checkpoint files, read offline (toolkit/parallel/checkpoint_format.py); with a `folder`, the strategy
+    # writes and loads that folder itself (save_folder / load_folder), else its state travels in trainer.pt.
+    checkpoint_format: ClassVar[type[CheckpointFormat]] = CheckpointFormat
     multi_rank: ClassVar[bool] = True         # False: the engine runs one process only
 
     # ----- before the model exists: recipe checks, process group, memory rule --------------------------
@@ -310,10 +315,15 @@ class ParallelStrategy:
         """Files (name -> text) worth keeping in the run folder, e.g. the rendered engine config."""
         return {}
 
+    @property
+    def writes_folder(self) -> bool:
+        """Whether this engine writes its own folder in a step folder (else its state goes in trainer.pt)."""
+        return self.checkpoint_format.folder is not None
+
     def checkpoint_identity(self, resuming: Path | None = None) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this engine (beyond model and data): saved with each
         checkpoint, and compared with the saved one when `resuming` that checkpoint (its folder or file)."""
-        return {"engine_format": self.name if self.checkpoint_kind == "folder" else "file"}
+        return {"engine_format": self.checkpoint_format.name}
 
     # Said after "resuming needs the same world size" when the identity's world_size refuses a checkpoint.
     world_size_change_hint = ""
@@ -329,9 +339,11 @@ class ParallelStrategy:
         self.scaler.load_state_dict(state["scaler"])
 
     def save_folder(self, folder: Path) -> None:
+        """Write the engine's files into `folder / checkpoint_format.folder` (every rank; collective)."""
         raise NotImplementedError(f"engine {self.name!r} keeps its state in the trainer file")
 
     def load_folder(self, folder: Path) -> None:
+        """Load what save_folder wrote in the step folder `folder` (every rank; collective)."""
         raise NotImplementedError(f"engine {self.name!r} keeps its state in the trainer file")
 
     def count_parameters(self, module: nn.Module | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,10 @@ from torch import nn
 
 from toolkit.errors import CheckpointError, ConfigError
 from toolkit.parallel.base import LaunchEnvironment, ModelStateLayout, ParallelStrategy, register_strategy
+from toolkit.parallel.deepspeed_checkpoint import (TAG, DeepSpeedCheckpointFormat, check_tag_folder,
+                                                   is_universal, library_reads_safely, read_module_extras,
+                                                   safe_load)
 from toolkit.parallel.deepspeed_config import build_deepspeed_config
-from toolkit.serialization import restricted_torch_load, safe_torch_load
-
-
-# Written by `convert.py universal` (toolkit/export/universal.py) into a universal checkpoint's tag folder:
-# the buffers and frozen parameters (full values) that DeepSpeed's universal loader does not restore.
-MODULE_EXTRAS_FILE = "module_extras.pt"
-
-# What DeepSpeed 0.19.8 opens under a tag folder, always with an unrestricted torch.load:
-# - the engine's loader: the names it builds (mp_rank_XX_model_states.pt, zero_pp_rank_R_mp_rank_XX_*_states.pt)
-#   and, for a universal folder, zero/optimizer_state.pt and every "*.pt" of zero/<parameter>/;
-# - zero_to_fp32: "*_model_states.pt" and "*_optim_states.pt" at the top (glob);
-# - ds_to_universal: its DeepSpeedCheckpoint walks every file at ANY depth (os.walk) and loads each whose name
-#   starts with "mp_rank_", "zero_pp_rank_", "bf16_zero_pp_rank_", "fp16_zero_pp_rank_" or "layer_", whatever
-#   the suffix; it also globs "*_optim_states.pt" and "*model_states.pt" at the top.
-# So every file at any depth is read safely before the library runs (and the library's own reads are routed
-# through the safe loader while it runs), and a file outside the names that FaceCL's engine and converter
-# write is refused: the library may open it and build on it.
-_TAG_FILE = re.compile(r"^(mp_rank_\d\d_model_states|(bf16_|fp16_)?zero_pp_rank_\d+_mp_rank_\d\d_(model|optim)_states)\.pt$")
-_UNIVERSAL_STATE_FILE = re.compile(r"^(fp32|exp_avg|exp_avg_sq|momentum_buffer|step)\.pt$")
 
 
 def shared_memory_buffer_path(launch: LaunchEnvironment) -> Path:
@@ -66,39 +49,11 @@ def remove_shared_memory_buffer(launch: LaunchEnvironment) -> None:
     shared_memory_buffer_path(launch).unlink(missing_ok=True)
 
 
-def deepspeed_folder_files(tag_dir: Path) -> list[Path]:
-    """Every non-folder entry under `tag_dir`, at any depth, as DeepSpeed's converter lists them (os.walk)."""
-    found = []
-    for root, _, names in os.walk(tag_dir):
-        found += [Path(root) / name for name in names]
-    return sorted(found)
-
-
-def unexpected_deepspeed_files(tag_dir: Path) -> list[Path]:
-    """Files under a DeepSpeed tag folder that neither FaceCL's engine nor its universal converter writes."""
-    unexpected = []
-    for path in deepspeed_folder_files(tag_dir):
-        parts = path.relative_to(tag_dir).parts
-        if len(parts) == 1 and (_TAG_FILE.match(parts[0]) or parts[0] == MODULE_EXTRAS_FILE):
-            continue
-        if parts[0] == "zero" and (parts[1:] == ("optimizer_state.pt",)
-                                   or (len(parts) == 3 and _UNIVERSAL_STATE_FILE.match(parts[2]))):
-            continue
-        unexpected.append(path)
-    return unexpected
-
-
-def unexpected_files_message(tag_dir: Path, unexpected: list[Path]) -> str:
-    names = ", ".join(str(p.relative_to(tag_dir)) for p in unexpected[:4]) + (" ..." if len(unexpected) > 4 else "")
-    return (f"{tag_dir} holds {len(unexpected)} file(s) that FaceCL's DeepSpeed engine does not write ({names}); "
-            f"DeepSpeed's readers would open them: remove them or restore the folder from a clean copy")
-
-
 @register_strategy("deepspeed")
 class DeepSpeedZero(ParallelStrategy):
     """deepspeed.initialize over the model and a torch optimizer; `deepspeed/` tag folder in each checkpoint."""
 
-    checkpoint_kind = "folder"
+    checkpoint_format = DeepSpeedCheckpointFormat
 
     @classmethod
     def check_settings(cls, par) -> None:
@@ -244,17 +199,12 @@ class DeepSpeedZero(ParallelStrategy):
         # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks, unless the
         # checkpoint was converted to DeepSpeed's universal format.
         identity = super().checkpoint_identity(resuming)
-        if resuming is not None and self.is_universal(resuming):
+        if resuming is not None and is_universal(resuming):
             return identity
         return {**identity, "world_size": self.ctx.world_size}
 
     world_size_change_hint = (" (ZeRO files are partitioned by rank: convert the checkpoint with `python launch/"
                               "convert.py universal CHECKPOINT --out FOLDER`, then resume from FOLDER)")
-
-    @staticmethod
-    def is_universal(folder: Path) -> bool:
-        """DeepSpeed's universal format (toolkit/export/universal.py): one folder per parameter under zero/."""
-        return (folder / "deepspeed" / "zero").is_dir()
 
     def state_for_file(self) -> dict[str, Any]:
         return {}
@@ -263,53 +213,27 @@ class DeepSpeedZero(ParallelStrategy):
         pass
 
     def save_folder(self, folder: Path) -> None:
-        self.module.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
-
-    @staticmethod
-    def check_files(folder: Path) -> None:
-        """Load every file under the `deepspeed/` tag folder safely, at any depth and whatever its name
-        (tensors, plain containers and the few data classes DeepSpeed writes), before DeepSpeed reads them with
-        its own, unrestricted torch.load; then refuse files that FaceCL does not write there. Either is a
-        one-line CheckpointError naming the file."""
-        tag_dir = folder / "deepspeed"
-        files = deepspeed_folder_files(tag_dir)
-        if not files:
-            raise CheckpointError(f"{tag_dir} holds no DeepSpeed checkpoint files")
-        for file in files:
-            safe_torch_load(file, mmap=True)
-        unexpected = unexpected_deepspeed_files(tag_dir)
-        if unexpected:
-            raise CheckpointError(unexpected_files_message(tag_dir, unexpected))
+        self.module.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load_folder(self, folder: Path) -> None:
-        self.check_files(folder)
-        universal = self.is_universal(folder)
-        extras = self._universal_module_extras(folder) if universal else None
+        check_tag_folder(folder / TAG)   # every file DeepSpeed's loader may open, read safely first
+        universal = is_universal(folder)
+        extras = read_module_extras(folder) if universal else None
         # A universal checkpoint loads at any world size; DeepSpeed reads the choice from its config.
         config = self.module._config
         config.load_universal_checkpoint = universal
         try:
-            with restricted_torch_load():
-                load_path, _ = self.module.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+            with library_reads_safely():
+                load_path, _ = self.module.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                                            load_lr_scheduler_states=False)
         finally:
             config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder / 'deepspeed'}")
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {folder / TAG}")
         if universal:
             if self.par.zero_stage == 3:
                 self._repair_zero3_universal_optimizer(folder)
             self._load_module_extras(extras, folder)
-
-    @staticmethod
-    def _universal_module_extras(folder: Path) -> dict[str, torch.Tensor]:
-        """Buffers and frozen parameters that `convert.py universal` stored beside DeepSpeed's zero/ folder."""
-        path = folder / "deepspeed" / MODULE_EXTRAS_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{folder} is a universal checkpoint without deepspeed/{MODULE_EXTRAS_FILE} (its "
-                                  f"batch-norm statistics and frozen parameters): convert the original checkpoint "
-                                  f"again with `python launch/convert.py universal`")
-        return safe_torch_load(path)
 
     def _repair_zero3_universal_optimizer(self, folder: Path) -> None:
         """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader (stage3.py,
@@ -322,10 +246,10 @@ class DeepSpeedZero(ParallelStrategy):
         for state in optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-        saved = safe_torch_load(folder / "deepspeed" / "zero" / "optimizer_state.pt")
+        saved = safe_load(folder / TAG / "zero" / "optimizer_state.pt")
         saved_groups = saved.get("optimizer_state_dict", {}).get("param_groups") if isinstance(saved, dict) else None
         if not isinstance(saved_groups, list) or len(saved_groups) != len(optimizer.param_groups):
-            raise CheckpointError(f"{folder}/deepspeed/zero/optimizer_state.pt holds "
+            raise CheckpointError(f"{folder}/{TAG}/zero/optimizer_state.pt holds "
                                   f"{len(saved_groups) if isinstance(saved_groups, list) else 'no'} optimizer param "
                                   f"groups; this run's optimizer has {len(optimizer.param_groups)}")
         for group, saved_group in zip(optimizer.param_groups, saved_groups):
@@ -340,7 +264,7 @@ class DeepSpeedZero(ParallelStrategy):
         expected = set(buffers) | set(frozen)
         unknown, missing = sorted(set(extras) - expected), sorted(expected - set(extras))
         if unknown or missing:
-            raise CheckpointError(f"{folder}/deepspeed: the saved buffers and frozen parameters do not match this "
+            raise CheckpointError(f"{folder}/{TAG}: the saved buffers and frozen parameters do not match this "
                                   f"run's (unknown: {', '.join(unknown[:3]) or 'none'}; missing: "
                                   f"{', '.join(missing[:3]) or 'none'})")
         with torch.no_grad():

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from toolkit.errors import CheckpointError
 from toolkit.parallel.base import AUTOCAST_DTYPES, ModelStateLayout, ParallelStrategy, register_strategy
-from toolkit.serialization import safe_dcp_metadata
+from toolkit.parallel.dcp_checkpoint import DcpCheckpointFormat, load_dcp_safely
 
 
 def parallelize(model: nn.Module, group, device_type: str, *, reshard_after_forward: bool,
@@ -41,72 +40,11 @@ def parallelize(model: nn.Module, group, device_type: str, *, reshard_after_forw
     return model
 
 
-def safe_dcp_reader(folder: Path):
-    """DCP's FileSystemReader with `.metadata` parsed by the restricted unpickler (toolkit.serialization)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            metadata = safe_dcp_metadata(folder / ".metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader(str(folder))
-
-
-def safe_load_planner(folder: Path):
-    """DCP's default load planner, except that non-tensor items (optimizer hyper-parameters and the like,
-    stored by torch.save inside the .distcp files) are loaded with weights_only=True instead of DCP's
-    unrestricted torch.load."""
-    import io
-
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class SafeLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            try:
-                obj = torch.load(value, weights_only=True)
-            except Exception as exc:  # torch raises pickle, zip and unpickler errors
-                reason = str(exc).strip().splitlines()
-                detail = next((line for line in reason if "Unsupported global" in line), reason[-1] if reason else "")
-                raise CheckpointError(f"{folder}: the entry {read_item.dest_index.fqn!r} holds a pickled object "
-                                      f"that FaceCL does not load (it could run code): {detail.strip()[:160]}") \
-                    from None
-            super().load_bytes(read_item, _saved(obj))
-
-    def _saved(obj) -> io.BytesIO:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        buffer.seek(0)
-        return buffer
-
-    return SafeLoadPlanner()
-
-
-def load_dcp_safely(state: dict, folder: Path, **dcp_options) -> None:
-    """dcp.load through the safe reader and planner; a refused file is re-raised as its one-line
-    CheckpointError (DCP wraps every rank's exception into a CheckpointException with tracebacks)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    safe_dcp_metadata(folder / ".metadata")   # refused here with its own line, before DCP wraps the error
-    try:
-        dcp.load(state, storage_reader=safe_dcp_reader(folder), planner=safe_load_planner(folder), **dcp_options)
-    except CheckpointException as exc:
-        for error, _ in exc.failures.values():
-            if isinstance(error, CheckpointError):
-                raise CheckpointError(str(error)) from None
-        raise
-
-
 @register_strategy("fsdp")
 class FullyShardedDataParallel2(ParallelStrategy):
     """FSDP2 on the units and the root; DCP checkpoint folder `fsdp/` written by every rank."""
 
-    checkpoint_kind = "folder"
+    checkpoint_format = DcpCheckpointFormat
 
     @classmethod
     def model_state_layout(cls, par) -> ModelStateLayout:
@@ -156,7 +94,7 @@ class FullyShardedDataParallel2(ParallelStrategy):
         import torch.distributed.checkpoint as dcp
 
         model_state, optim_state = self._state_dicts()
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "fsdp"),
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / self.checkpoint_format.folder),
                  process_group=self.ctx.group)
 
     def load_folder(self, folder: Path) -> None:
@@ -164,7 +102,7 @@ class FullyShardedDataParallel2(ParallelStrategy):
 
         model_state, optim_state = self._state_dicts()
         state = {"model": model_state, "optim": optim_state}
-        load_dcp_safely(state, folder / "fsdp", process_group=self.ctx.group)
+        load_dcp_safely(state, folder / self.checkpoint_format.folder, process_group=self.ctx.group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def state_for_file(self) -> dict[str, Any]:

@@ -133,14 +133,6 @@ class HeadPart:
         load_shards_into(self.module, self.optimizer, shards, source)
 
 
-def all_weights_finite(parts, ctx: DistributedContext) -> bool:
-    """Whether every part's weights (and floating buffers) are finite on every rank (collective; one host sync)."""
-    finite = torch.stack([part.weights_finite() for part in parts]).min()
-    if ctx.world_size > 1:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=ctx.group)
-    return bool(finite > 0)
-
-
 def part_sizes(strategy, head: HeadPart | None, backbone_name: str, contrastive: bool) -> list[str]:
     """One entry per part for the run's first lines, parameters counted whole (not this rank's shard)."""
     model = strategy.unwrapped()

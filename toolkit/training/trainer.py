@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit.checkpoint import CHECKPOINTS_DIR, Checkpointer, StateAdapter
 from toolkit.config import Recipe
 from toolkit.contrastive.momentum import momentum_update_
 from toolkit.contrastive.unimoco import momentum_at
@@ -35,12 +36,9 @@ from toolkit.distributed.collectives import all_gather_no_grad
 from toolkit.errors import CheckpointError
 from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
-from toolkit.training.checkpoint import (TRAINER_FILE, CheckpointFolder, capture_rng_state, load_checkpoint,
-                                         read_payload, restore_rng_state, write_payload)
-from toolkit.training.disk_space import checked_save, expected_checkpoint_bytes
 from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.optim import build_scheduler, scaled_lr
-from toolkit.training.parts import all_weights_finite, part_sizes
+from toolkit.training.parts import part_sizes
 from toolkit.training.progress import ProgressReporter
 from toolkit.training.run_files import TrainResult, write_results_json
 from toolkit.training.watchdog import StepWatchdog
@@ -86,15 +84,15 @@ class Trainer:
         self.schedulers = {name: build_scheduler(part.lr_optimizer, self.shape.total_steps, recipe.schedule)
                            for name, part in self.parts.items()}
         self.fp16 = recipe.parallel.precision == "fp16"
-        # One file only for a single process; with several ranks every rank writes its center shard.
-        self.checkpoint_in_folder = self.backbone.checkpoint_kind == "folder" or self.ctx.world_size > 1
-        self.checkpoints = CheckpointFolder(run_dir / "checkpoints", recipe.checkpoint.keep_last)
         self.step = 0
         self.result = TrainResult(final_step=0)
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
         self.last_loss_parts: dict[str, torch.Tensor] = {}
         self.num_skipped_steps = 0          # steps not applied, for any reason (fp16 overflow, non-finite)
         self.nonfinite = NonfiniteSteps(recipe.train.max_nonfinite_steps, self._say)
+        self.checkpointer = Checkpointer(run_dir / CHECKPOINTS_DIR, self.ctx, engine=self.backbone, head=self.head,
+                                         states=self._checkpoint_states(), identity=self._identity,
+                                         keep_last=recipe.checkpoint.keep_last, say=self._say)
 
     # ----- checkpoint state -------------------------------------------------------------------------
     def _identity(self, resuming: Path | None = None) -> dict:
@@ -108,105 +106,59 @@ class Trainer:
                     "contrastive": self.contrastive_on, **self.backbone.checkpoint_identity(resuming)}
         return identity
 
-    def _trainer_state(self) -> dict:
-        """Everything but the engine's own files; RNG states of all ranks (collective call)."""
+    def _checkpoint_states(self) -> dict[str, StateAdapter]:
+        """What trainer.pt holds beside the engine's state and the center shards, by name."""
         return {
-            "run": self._identity(),
-            "engine": self.backbone.state_for_file(),
-            "world_size": self.ctx.world_size,
-            "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
-            "rng_per_rank": self.ctx.all_gather_objects(capture_rng_state()),
-            "data": self.stream.state_dict(),
-            "contrastive": {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
-            "history": {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
-                        "skipped_steps": self.num_skipped_steps, "nonfinite_steps": self.nonfinite.total},
+            "schedulers": StateAdapter(lambda: {name: sched.state_dict() for name, sched in self.schedulers.items()},
+                                       lambda saved: [sched.load_state_dict(saved[name])
+                                                      for name, sched in self.schedulers.items()]),
+            "data": StateAdapter(self.stream.state_dict, self._load_data_position),
+            "contrastive": StateAdapter(
+                lambda: {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
+                self._load_contrastive),
+            "history": StateAdapter(self._history, self._load_history),
         }
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (all ranks call this). Never from non-finite weights: such
-        a save is refused with a warning, so `keep_last` rotation cannot replace good checkpoints with it."""
-        if not all_weights_finite(self.parts.values(), self.ctx):
-            self._say(f"warning: step {self.step}: weights are not finite; no checkpoint written (the last one, "
-                      f"{self.checkpoints.latest() or 'none'}, is kept)")
-            return None
-        self.backbone.sync_buffers()
-        state = self._trainer_state()
-        shard = self.head.shard_state() if self.head is not None else None
-        # About: every tensor of the model state, x 3 for the optimizer's states (exact after the first save).
-        tensor_bytes = 3 * 4 * (self.backbone.count_parameters() + (self.head.count_parameters() if self.head else 0))
-        needed = expected_checkpoint_bytes(self.checkpoints.latest(), tensor_bytes)
-        path = checked_save(self.checkpoints.folder, self.step, needed, lambda: self._write_checkpoint(state, shard),
-                            lambda: self.checkpoints.discard_partial(self.step), self._say)
-        self.ctx.barrier()
-        self._say(f"checkpoint saved: {path}")
-        return path
-
-    def _write_checkpoint(self, state: dict, shard: dict | None) -> Path | None:
-        if not self.checkpoint_in_folder:
-            path = self.checkpoints.save(self.step, {**state, "head_shards": [shard] if shard else []})
-        else:
-            partial = self.checkpoints.start_folder(self.step) if self.ctx.is_main else None
-            partial = Path(self.ctx.broadcast_object(str(partial) if partial else None))
-            if self.backbone.checkpoint_kind == "folder":
-                self.backbone.save_folder(partial)
-            if shard is not None:
-                write_payload(partial / head_shard_file(self.ctx.rank), self.step, shard)
-            if self.ctx.is_main:
-                write_payload(partial / TRAINER_FILE, self.step, state)
-            self.ctx.barrier()
-            path = self.checkpoints.commit_folder(self.step) if self.ctx.is_main else None
-        return path
-
-    def resume(self, path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
-        source = payload["path"]
-        saved = payload.get("run", {})
-        for key, expected in self._identity(resuming=Path(source)).items():
-            if saved.get(key) != expected:
-                hint = self.backbone.world_size_change_hint if key == "world_size" else ""
-                raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
-                                      f"this run has {key}={expected!r}{hint}")
-        if self.backbone.checkpoint_kind == "folder":
-            self.backbone.load_folder(Path(source))
-        self.backbone.load_from_file(payload["engine"])
-        if self.head is not None:
-            self.head.load_shards(self._saved_head_shards(payload, Path(source)), source)
-        for name, sched in self.schedulers.items():
-            sched.load_state_dict(payload["schedulers"][name])
-        saved_world = int(payload.get("world_size", self.ctx.world_size))
+    def _load_data_position(self, saved: dict) -> None:
         try:
-            self.stream.load_state_dict(payload["data"], allow_world_size_change=True)
+            self.stream.load_state_dict(saved, allow_world_size_change=True)
         except ValueError as exc:
-            raise CheckpointError(f"checkpoint {source}: {exc}") from None
-        if saved_world == self.ctx.world_size:
-            restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
-        else:
-            data = ("the data continues sample for sample (same global batch)"
-                    if getattr(self.stream, "resumes_sample_exactly", False) else
-                    "the data order continues from the same epoch position, but not sample for sample")
-            self._say(f"warning: checkpoint {source} was written by {saved_world} ranks, this job has "
-                      f"{self.ctx.world_size}: the center shards are resharded exactly; {data}; per-rank random "
-                      f"state (dropout, drop path, sampled negative classes) is not carried over: it starts "
-                      f"from this job's seed")
-        self.step = int(payload["step"])
-        if self.unimoco is not None:
-            if "queue" not in payload.get("contrastive", {}):
-                raise CheckpointError(f"checkpoint {source} has no UniMoCo queue (saved without contrastive learning)")
-            self.unimoco.queue.load_state_dict(payload["contrastive"]["queue"])
-        history = payload.get("history", {})
+            raise CheckpointError(f"checkpoint data position: {exc}") from None
+
+    def _load_contrastive(self, saved: dict | None) -> None:
+        if self.unimoco is None:
+            return
+        if "queue" not in (saved or {}):
+            raise CheckpointError("the checkpoint has no UniMoCo queue (saved without contrastive learning)")
+        self.unimoco.queue.load_state_dict(saved["queue"])
+
+    def _history(self) -> dict:
+        return {"losses": [list(x) for x in self.result.losses], "evaluations": self.result.evaluations,
+                "skipped_steps": self.num_skipped_steps, "nonfinite_steps": self.nonfinite.total}
+
+    def _load_history(self, history: dict | None) -> None:
+        history = history or {}
         self.result.losses = [(int(s), float(v)) for s, v in history.get("losses", [])]
         self.result.evaluations = list(history.get("evaluations", []))
         self.num_skipped_steps = int(history.get("skipped_steps", 0))
         self.nonfinite.total = int(history.get("nonfinite_steps", 0))
-        self._say(f"resumed from {source} at step {self.step}")
 
-    def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
-        if payload.get("head_shards"):
-            return payload["head_shards"]
-        files = sorted(source.glob("head_rank*.pt")) if source.is_dir() else []
-        if not files:
-            raise CheckpointError(f"checkpoint {source} holds no center shards (head_rank*.pt)")
-        return [read_payload(file) for file in files]
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (all ranks call this)."""
+        return self.checkpointer.save(self.step)
+
+    def resume(self, path) -> None:
+        restored = self.checkpointer.load(path)
+        if restored.world_size != self.ctx.world_size:
+            data = ("the data continues sample for sample (same global batch)"
+                    if getattr(self.stream, "resumes_sample_exactly", False) else
+                    "the data order continues from the same epoch position, but not sample for sample")
+            self._say(f"warning: checkpoint {restored.source} was written by {restored.world_size} ranks, this job has "
+                      f"{self.ctx.world_size}: the center shards are resharded exactly; {data}; per-rank random "
+                      f"state (dropout, drop path, sampled negative classes) is not carried over: it starts "
+                      f"from this job's seed")
+        self.step = restored.step
+        self._say(f"resumed from {restored.source} at step {self.step}")
 
     # ----- the step -----------------------------------------------------------------------------------
     def train_step(self, measure_grad_norm: bool = False) -> torch.Tensor:
@@ -259,7 +211,7 @@ class Trainer:
             self.num_skipped_steps += 1
             if nonfinite:
                 torch._foreach_copy_(buffers, buffers_before)
-        self.nonfinite.record(nonfinite, self.step + 1, self.checkpoints.latest())
+        self.nonfinite.record(nonfinite, self.step + 1, self.checkpointer.latest())
         if "backbone" in self.last_grad_norms and self.last_grad_norms["backbone"] is None:
             self.last_grad_norms["backbone"] = self.backbone.grad_norm_after_step()
         for part in self.parts.values():
@@ -358,10 +310,7 @@ class Trainer:
         recipe, shape = self.recipe, self.shape
         start_time = time.perf_counter()
         self.describe()
-        if self.ctx.is_main:
-            for path in self.checkpoints.remove_stale_temporaries():
-                self._say(f"removed {path.name}: left in {self.checkpoints.folder} by an interrupted save")
-        self.ctx.barrier()
+        self.checkpointer.remove_stale_temporaries()
         if not self.val_sets:
             self._say("evaluation: none (eval.sets is empty and the data is not synthetic); list .bin sets in "
                       "eval.sets to verify during training")
@@ -456,9 +405,3 @@ def evaluation_scalars(entry: dict) -> dict[str, float]:
     if "accuracy_mean" in entry:
         return {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]}
     return {key: value for key, value in entry.items() if key.startswith("TAR@FAR=") and value is not None}
-
-
-def head_shard_file(rank: int) -> str:
-    return f"head_rank{rank:05d}.pt"
-
-

@@ -1,43 +1,25 @@
-# Finding and reading FaceCL training checkpoints (every engine's layout) without a process group.
-"""A FaceCL checkpoint is one of two layouts, written by the trainer:
-
-- one process: `checkpoints/step_XXXXXXXX.pt`, a torch file with the trainer state, the engine state
-  (backbone state dict + optimizer) and `head_shards` (one shard holding every identity center);
-- several ranks or a folder engine: `checkpoints/step_XXXXXXXX/` with `trainer.pt` (rank 0: run identity,
-  schedulers, per-rank RNG, data position; the backbone too for DDP), `head_rankNNNNN.pt` per rank (its
-  class range, centers and optimizer rows), and `deepspeed/` (DeepSpeed's tag folder: model states and
-  per-rank ZeRO optimizer partitions) or `fsdp/` (torch.distributed.checkpoint: `.metadata` + one
-  `__R_0.distcp` per rank).
-
-`checkpoints/latest` names the newest complete entry; the run folder holds `resolved.yaml` (the recipe).
-Everything is read through toolkit.serialization (tensors only, never pickled code).
+# Reading a training checkpoint without a process group: where its files are and what its trainer file says.
+"""`open_checkpoint(path)` locates a checkpoint entry (run folder, checkpoints folder, step folder or step file),
+reads its trainer file safely and the run's resolved.yaml when present. What the engine wrote (its own folder,
+or its state inside the trainer file) is read by the engine's checkpoint format (toolkit/parallel), which
+every offline tool asks: `toolkit.parallel.format_of(source)`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from toolkit.checkpoint.files import read_payload, trainer_file_of
+from toolkit.checkpoint.layout import HEAD_SHARD_FILE, RECIPE_FILE, TRAINER_FILE, head_shard_file, resolve_entry, \
+    run_dir_of
 from toolkit.errors import CheckpointError
-from toolkit.serialization import safe_torch_load
 
-TRAINING_FORMAT = "facecl-checkpoint"
-TRAINER_FILE = "trainer.pt"
-LATEST = "latest"
-STEP_ENTRY = re.compile(r"^step_(\d{8})(\.pt)?$")
-HEAD_FILE = re.compile(r"^head_rank(\d{5})\.pt$")
-DEEPSPEED_TAG = "deepspeed"
-FSDP_FOLDER = "fsdp"
-RECIPE_FILE = "resolved.yaml"
 # The normalisation every FaceCL data path applies (synthetic, WebDataset, DALI, verification .bin):
 # RGB channel order, x / 127.5 - 1 = (x - 127.5) / 127.5 on 0..255 pixel values.
 INPUT_NORMALISATION = "rgb, (x - 127.5) / 127.5"
-
-
 # Recipe model options passed to the backbone factory when set (as the trainer's builder does): a
 # convolutional backbone rejects them by name, a ViT needs patch_size to get its shapes right.
 BACKBONE_OPTION_KEYS = ("drop_path", "mask_ratio", "patch_size")
@@ -47,43 +29,9 @@ def backbone_options(recipe_model: dict) -> dict:
     return {name: recipe_model[name] for name in BACKBONE_OPTION_KEYS if recipe_model.get(name)}
 
 
-def head_file_name(rank: int) -> str:
-    return f"head_rank{rank:05d}.pt"
-
-
-def resolve_entry(path: str | Path) -> Path:
-    """A run folder, its checkpoints/ folder, a step folder or a step file -> the checkpoint entry."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if path.is_dir() and (path / TRAINER_FILE).is_file():
-        return path
-    if path.is_dir() and STEP_ENTRY.match(path.name):
-        raise CheckpointError(f"{path} is a checkpoint folder without {TRAINER_FILE} (incomplete: rank 0's file "
-                              f"is missing)")
-    for folder in (path, path / "checkpoints"):
-        pointer = folder / LATEST
-        if folder.is_dir() and pointer.is_file():
-            name = pointer.read_text(errors="replace").strip()
-            if not STEP_ENTRY.match(name):
-                raise CheckpointError(f"{pointer} does not name a checkpoint (found {name[:80]!r})")
-            entry = folder / name
-            if not entry.exists():
-                raise CheckpointError(f"{pointer} names {name}, which does not exist in {folder}")
-            return resolve_entry(entry) if entry.is_dir() else entry
-    if path.is_dir():
-        raise CheckpointError(f"{path} is not a FaceCL run, checkpoints folder or checkpoint (no '{LATEST}' "
-                              f"pointer, no {TRAINER_FILE})")
-    return path
-
-
 def read_training_payload(file: Path, *, mmap: bool = True) -> dict[str, Any]:
     """A tagged FaceCL training file (trainer.pt, head_rank*.pt, step_*.pt), tensors memory-mapped."""
-    payload = safe_torch_load(file, mmap=mmap)
-    if not isinstance(payload, dict) or payload.get("format") != TRAINING_FORMAT:
-        raise CheckpointError(f"{file} is not a FaceCL checkpoint (no '{TRAINING_FORMAT}' format tag; "
-                              f"a checkpoint of another tool?)")
-    return payload
+    return read_payload(file, mmap=mmap)
 
 
 def _recipe_of(run_dir: Path | None) -> tuple[dict | None, str | None]:
@@ -116,6 +64,10 @@ class CheckpointSource:
         return self.entry.is_dir()
 
     @property
+    def trainer_file(self) -> Path:
+        return trainer_file_of(self.entry)
+
+    @property
     def step(self) -> int:
         return int(self.trainer.get("step", -1))
 
@@ -124,24 +76,17 @@ class CheckpointSource:
         return self.trainer.get("run", {}) or {}
 
     @property
+    def engine_format(self) -> str | None:
+        """The name of the format the engine wrote (recorded in the trainer file), e.g. "file"."""
+        return self.identity.get("engine_format")
+
+    @property
     def world_size(self) -> int:
         return int(self.trainer.get("world_size", 1))
 
-    @cached_property
-    def engine(self) -> str:
-        """single, ddp, deepspeed or fsdp: from the files present (the recipe only to name 'file' engines)."""
-        if self.is_folder and (self.entry / DEEPSPEED_TAG).is_dir():
-            return "deepspeed"
-        if self.is_folder and (self.entry / FSDP_FOLDER).is_dir():
-            return "fsdp"
-        fmt = self.identity.get("engine_format")
-        if fmt in ("deepspeed", "fsdp"):
-            raise CheckpointError(f"{self.entry} was written by the {fmt} engine but its {fmt} folder "
-                                  f"{self.entry / (DEEPSPEED_TAG if fmt == 'deepspeed' else FSDP_FOLDER)} is missing")
-        recipe_engine = ((self.recipe or {}).get("parallel") or {}).get("engine")
-        if recipe_engine in ("single", "ddp"):
-            return recipe_engine
-        return "single" if self.world_size == 1 else "ddp"
+    @property
+    def recipe_engine(self) -> str | None:
+        return self.parallel.get("engine")
 
     @property
     def parallel(self) -> dict:
@@ -183,18 +128,17 @@ class CheckpointSource:
     def head_files(self) -> list[Path]:
         if not self.is_folder:
             return []
-        return sorted(p for p in self.entry.iterdir() if HEAD_FILE.match(p.name))
+        return sorted(p for p in self.entry.iterdir() if HEAD_SHARD_FILE.match(p.name))
 
     def expected_head_files(self) -> list[Path]:
-        return [self.entry / head_file_name(rank) for rank in range(self.world_size)] if self.is_folder else []
+        return [self.entry / head_shard_file(rank) for rank in range(self.world_size)] if self.is_folder else []
 
     def head_shards(self) -> list[dict[str, Any]]:
         """Every rank's center shard (tensors memory-mapped), checked to be present and complete."""
         if not self.has_head:
             raise CheckpointError(f"{self.entry} holds no identity centers (the run trained without a head)")
         if not self.is_folder:
-            shards = self.trainer.get("head_shards")
-            return list(shards)
+            return list(self.trainer.get("head_shards"))
         missing = [p.name for p in self.expected_head_files() if not p.is_file()]
         if missing:
             raise CheckpointError(f"{self.entry} is incomplete: {len(missing)} of {self.world_size} center shard "
@@ -205,20 +149,17 @@ class CheckpointSource:
 def open_checkpoint(path: str | Path) -> CheckpointSource:
     """Locate and safely read the trainer file of a checkpoint (and the run's recipe, if present)."""
     entry = resolve_entry(path)
-    trainer_file = entry / TRAINER_FILE if entry.is_dir() else entry
+    trainer_file = trainer_file_of(entry)
     if not trainer_file.is_file():
         raise CheckpointError(f"{entry} is not a FaceCL checkpoint (no {TRAINER_FILE})")
-    trainer = read_training_payload(trainer_file)
+    return source_of(entry, read_training_payload(trainer_file))
+
+
+def source_of(entry: Path, trainer: dict[str, Any]) -> CheckpointSource:
+    """The CheckpointSource of an entry whose trainer payload has been read already (by whoever opened it)."""
     if "run" not in trainer:
-        raise CheckpointError(f"{trainer_file} is a FaceCL file but not a trainer checkpoint (no run identity)")
-    run_dir = _run_dir_of(entry)
+        raise CheckpointError(f"{trainer_file_of(entry)} is a FaceCL file but not a trainer checkpoint (no run "
+                              f"identity)")
+    run_dir = run_dir_of(entry)
     recipe, sha = _recipe_of(run_dir)
     return CheckpointSource(entry=entry, trainer=trainer, run_dir=run_dir, recipe=recipe, recipe_sha256=sha)
-
-
-def _run_dir_of(entry: Path) -> Path | None:
-    """<run>/checkpoints/<entry> -> <run>, when that layout is recognisable."""
-    parent = entry.parent
-    if parent.name == "checkpoints":
-        return parent.parent
-    return None
