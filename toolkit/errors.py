@@ -20,6 +20,11 @@ class CheckpointError(FaceCLError):
     """A file that is not a checkpoint of this toolkit, or one from an incompatible run."""
 
 
+class RunFolderError(FaceCLError):
+    """The run folder cannot be used as asked (another live run holds it, or it holds checkpoints and the run
+    did not say to resume them); decided by rank 0 for the whole job."""
+
+
 class TrainingDivergedError(FaceCLError):
     """The loss or gradients stayed non-finite for train.max_nonfinite_steps consecutive steps."""
 

@@ -103,3 +103,85 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="session")
 def dist_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist")
+
+
+def worker_pids(launcher_pid: int, timeout: float = 30.0) -> dict[int, int]:
+    """{rank: pid} of the training processes a launcher started (read from their RANK variable)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for child in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                env = child.environ()
+            except (psutil.Error, OSError):
+                continue
+            if "RANK" in env and any("train" in part for part in child.cmdline()):
+                found[int(env["RANK"])] = child.pid
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def run_job_and_signal(launcher: list[str], args: list[str], *, port: int, when: str, send,
+                       script: str = "launch/train.py", timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a job; when a line of its stdout contains `when`, call `send(launcher_process)` (e.g. to signal
+    some of its ranks); return the finished process with its whole stdout and stderr."""
+    import threading
+
+    proc = subprocess.Popen([*launcher, script, *args], cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
+    lines, sent = [], False
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not sent and when in line:
+                send(proc)
+                sent = True
+        proc.wait(timeout=timeout)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        remove_deepspeed_shm_buffers(port)
+    completed = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), "".join(errors))
+    completed.signal_sent = sent
+    return completed
+
+
+@pytest.fixture(scope="session")
+def network_namespaces():
+    """Two network namespaces joined by a veth pair (10.77.0.1 and 10.77.0.2): two "nodes" on this machine whose
+    network stacks are really apart (no shared loopback). Needs root (CAP_NET_ADMIN); skipped otherwise."""
+    import shutil as _shutil
+
+    suffix = os.getpid() % 100000
+    names, veths = (f"fcl{suffix}a", f"fcl{suffix}b"), (f"fcl{suffix}va", f"fcl{suffix}vb")
+    setup = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+             ["ip", "link", "add", veths[0], "type", "veth", "peer", "name", veths[1]],
+             ["ip", "link", "set", veths[0], "netns", names[0]], ["ip", "link", "set", veths[1], "netns", names[1]],
+             ["ip", "-n", names[0], "addr", "add", "10.77.0.1/24", "dev", veths[0]],
+             ["ip", "-n", names[1], "addr", "add", "10.77.0.2/24", "dev", veths[1]],
+             *[["ip", "-n", name, "link", "set", device, "up"] for name in names for device in ("lo",)],
+             ["ip", "-n", names[0], "link", "set", veths[0], "up"], ["ip", "-n", names[1], "link", "set", veths[1], "up"]]
+    if _shutil.which("ip") is None:
+        pytest.skip("no `ip` command: network namespaces cannot be made here")
+    try:
+        for command in setup:
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"network namespaces cannot be made here ({' '.join(command)}: {proc.stderr.strip()})")
+        yield {"namespaces": names, "interfaces": veths, "addresses": ("10.77.0.1", "10.77.0.2")}
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def in_namespace(name: str) -> list[str]:
+    return ["ip", "netns", "exec", name]

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from tests.conftest import REPO, SMOKE_RECIPE
-from tests.distributed.conftest import (check_ok, deepspeed_launcher, deepspeed_shm_buffers, free_port, job_env,
-                                        loss_curve, remove_deepspeed_shm_buffers, run_job, torchrun, train_args)
+from tests.distributed.conftest import (check_ok, deepspeed_launcher, deepspeed_shm_buffers, free_port, in_namespace,
+                                        job_env, loss_curve, remove_deepspeed_shm_buffers, run_job, torchrun,
+                                        train_args)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -82,6 +83,52 @@ def test_two_nodes_from_a_hostfile_match_one_node(dist_root, tmp_path, torchrun_
     assert "world size 2" in outputs[0]
     # Node 0 holds rank 0, which writes the results; the losses equal the single-node job's.
     assert loss_curve(dist_root / "node0" / "two_nodes") == pytest.approx(torchrun_zero2, rel=1e-6)
+
+
+def multinode_in_namespaces(nets, hostfile, root, name: str, port: int, env_per_node=({}, {})) -> list:
+    """launch/multinode.sh on node 0 and node 1, each in its own network namespace; (status, output, seconds)."""
+    hostfile.write_text(f"{nets['addresses'][0]} slots=1\n{nets['addresses'][1]} slots=1\n")
+    procs, started = [], time.monotonic()
+    try:
+        for node_rank in (0, 1):
+            args = train_args(root / f"node{node_rank}", name, *ZERO2)
+            procs.append(subprocess.Popen(
+                [*in_namespace(nets["namespaces"][node_rank]), "bash", "launch/multinode.sh", str(hostfile),
+                 str(node_rank), nets["addresses"][0], str(port), "--", *args],
+                cwd=REPO, env={**job_env(), **env_per_node[node_rank]}, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True))
+        outputs = [(proc.communicate(timeout=300)[0], time.monotonic() - started) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(proc.returncode, output, seconds) for proc, (output, seconds) in zip(procs, outputs)]
+
+
+def test_two_nodes_with_their_own_network_stacks_train_as_one(dist_root, tmp_path, torchrun_zero2, network_namespaces):
+    """Nodes really apart (two network namespaces, addresses 10.77.0.1 / 10.77.0.2, nothing set by the user):
+    each picks the interface that routes to MASTER_ADDR and says so; without that, gloo took the loopback
+    address that the host name resolves to and the job failed."""
+    nets = network_namespaces
+    results = multinode_in_namespaces(nets, tmp_path / "hosts", dist_root / "netns", "apart", free_port())
+    for node, (status, output, _) in enumerate(results):
+        assert status == 0, output[-4000:]
+        interface, address = nets["interfaces"][node], nets["addresses"][node]
+        assert f"network: GLOO_SOCKET_IFNAME={interface} ({address}), the interface that routes to MASTER_ADDR " \
+               f"{nets['addresses'][0]}" in output
+    assert loss_curve(dist_root / "netns" / "node0" / "apart") == pytest.approx(torchrun_zero2, rel=1e-6)
+
+
+def test_a_node_that_cannot_reach_its_peer_ends_both_nodes_within_seconds(tmp_path, network_namespaces):
+    """Node 0 told to use its loopback interface (GLOO_SOCKET_IFNAME=lo) publishes 127.0.0.1, which node 1 cannot
+    reach: both nodes end within seconds (parallel.timeout_s is 60) with one line saying what to set."""
+    nets = network_namespaces
+    results = multinode_in_namespaces(nets, tmp_path / "hosts", tmp_path, "unreachable", free_port(),
+                                      env_per_node=({"GLOO_SOCKET_IFNAME": "lo"}, {}))
+    for status, output, seconds in results:
+        assert status != 0 and seconds < 40, (seconds, output[-3000:])
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert errors and "rank 1 (10.77.0.2) cannot reach rank 0 at 127.0.0.1:" in errors[0], output[-3000:]
+        assert "set GLOO_SOCKET_IFNAME" in errors[0]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

@@ -86,13 +86,17 @@ def test_retention_prunes_only_this_runs_entries_and_never_overwrites_another_ru
     with pytest.raises(CheckpointError, match="written by another run"):
         mine.save(9)
     assert (tmp_path / "step_00000009.pt").read_bytes() == before
-    # A resumed run owns its own earlier entries (same run id): it may prune them.
+    # Resuming into a folder that also holds another run's entries would mix the two runs: refused.
+    with pytest.raises(CheckpointError, match="holds 2 checkpoint.s. of another run .e.g. step_00000009.pt.*mix two runs"):
+        make_checkpointer(tmp_path, engine, counter).load(tmp_path / "step_00000005.pt")
+    # Without them, a resumed run owns its own earlier entries (same run id): it may prune them.
+    for name in foreign:
+        (tmp_path / name).unlink()
     resumed = make_checkpointer(tmp_path, engine, counter, keep_last=1)
     resumed.load(tmp_path / "step_00000005.pt")
     assert resumed.run_id == mine.run_id
     resumed.save(6)
-    names = sorted(p.name for p in tmp_path.glob("step_*"))
-    assert names == sorted([*foreign, "step_00000006.pt"])
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000006.pt"]
     assert load_checkpoint(tmp_path)["run_id"] == mine.run_id
 
 

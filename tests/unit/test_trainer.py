@@ -179,3 +179,23 @@ def test_lr_follows_the_global_batch_by_the_linear_scaling_rule(tiny_recipe):
     assert trainer.peak_lr == pytest.approx(0.05)
     assert trainer.schedulers["backbone"].get_last_lr()[0] == pytest.approx(0.05)
     assert trainer.head.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_a_resume_at_another_world_size_keeps_the_checkpoints_global_batch(tiny_recipe):
+    """The per-rank batch stays (memory) and the accumulation changes; else the accumulation stays and the
+    per-rank batch changes; else the resume is refused with the way out, or the recipe's shape is allowed."""
+    from toolkit.errors import ConfigError
+    from toolkit.training.builders import SavedShape, build_run_shape
+
+    recipe = tiny_recipe("data.batch_size=6")
+    saved = SavedShape(world_size=2, batch_size=6, grad_accum_steps=1)   # global batch 12
+    one = build_run_shape(recipe, 120, 1, saved=saved)
+    assert (one.batch_size, one.grad_accum_steps, one.global_batch_size) == (6, 2, 12)
+    three = build_run_shape(recipe, 120, 3, saved=saved)
+    assert (three.batch_size, three.grad_accum_steps, three.global_batch_size) == (4, 1, 12)
+    assert build_run_shape(recipe, 120, 3).global_batch_size == 18   # a fresh start takes the recipe's shape
+    with pytest.raises(ConfigError, match=r"global batch 12 .6 per rank x 2 ranks x 1 accumulation. cannot be split "
+                                          r"over 5 ranks.*--allow-batch-change"):
+        build_run_shape(recipe, 120, 5, saved=saved)
+    allowed = build_run_shape(recipe, 120, 5, saved=saved, allow_batch_change=True)
+    assert (allowed.batch_size, allowed.global_batch_size) == (6, 30)

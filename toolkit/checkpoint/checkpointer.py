@@ -24,6 +24,8 @@ The head part provides `shard_state()`, `load_shards(shards, source)`, `weights_
 
 from __future__ import annotations
 
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,9 @@ from toolkit.checkpoint.disk_space import checked_save, expected_checkpoint_byte
 from toolkit.checkpoint.files import CheckpointFolder, load_checkpoint, read_payload, trainer_file_of, write_payload
 from toolkit.checkpoint.layout import HEAD_SHARD_FILE, TRAINER_FILE, head_shard_file
 from toolkit.checkpoint.rng import capture_rng_state, restore_rng_state
+from toolkit.checkpoint.source import open_checkpoint
 from toolkit.distributed import DistributedContext
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, FaceCLError
 
 
 class Stateful(Protocol):
@@ -91,6 +94,7 @@ class Checkpointer:
         self.in_folder = engine.writes_folder or ctx.world_size > 1
         # The same id on every rank (a collective: every rank builds its Checkpointer at the same point).
         self.run_id: str = ctx.broadcast_object(uuid.uuid4().hex[:16])
+        self.temporary_entries: list[Path] = []   # converted copies made for a resume (removed after a save)
 
     # ----- what is on disk -------------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -138,6 +142,10 @@ class Checkpointer:
                             lambda: self.folder.discard_partial(step), self.say)
         self.ctx.barrier()
         self.say(f"checkpoint saved: {path}")
+        if self.ctx.is_main:   # converted copies of the resumed checkpoint are not needed any more
+            for entry in self.temporary_entries:
+                shutil.rmtree(entry, ignore_errors=True)
+        self.temporary_entries.clear()
         return path
 
     def _write(self, step: int, state: dict, shard: dict | None) -> Path | None:
@@ -156,15 +164,24 @@ class Checkpointer:
 
     # ----- load ----------------------------------------------------------------------------------------
     def load(self, path: str | Path) -> Restored:
-        """Restore every part from a checkpoint (any world size the engine's format allows); collective."""
+        """Restore every part from a checkpoint; collective. A checkpoint of another world size whose engine
+        files are partitioned by rank is first converted, once, by the engine's format (rank 0 writes the copy
+        next to this run's checkpoints; it is removed after this run's next save)."""
         payload = load_checkpoint(path, map_location=self.ctx.device)
         source = Path(payload["path"])
+        saved_world = int(payload.get("world_size", self.ctx.world_size))
+        if saved_world != self.ctx.world_size and self.engine.writes_folder:
+            converted = self._copy_for_this_world_size(source, saved_world)
+            if converted != source:
+                payload = load_checkpoint(converted, map_location=self.ctx.device)
+                source = converted
         saved = payload.get("run", {})
         for key, expected in self.identity(source).items():
             if saved.get(key) != expected:
                 hint = self.engine.world_size_change_hint if key == "world_size" else ""
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
                                       f"this run has {key}={expected!r}{hint}")
+        self._continue_run(payload.get("run_id"), source)
         if self.engine.writes_folder:
             self.engine.load_folder(source)
         self.engine.load_from_file(payload["engine"])
@@ -175,10 +192,8 @@ class Checkpointer:
                 state.load_state_dict(payload.get(name))
             except CheckpointError as exc:
                 raise CheckpointError(f"checkpoint {source}: {exc}") from None
-        saved_world = int(payload.get("world_size", self.ctx.world_size))
         if saved_world == self.ctx.world_size:
             restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
-        self._continue_run(payload.get("run_id"), source)
         return Restored(source=source, step=int(payload["step"]), world_size=saved_world, payload=payload)
 
     def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
@@ -190,12 +205,48 @@ class Checkpointer:
         return [read_payload(file) for file in files]
 
     def _continue_run(self, saved_run_id: str | None, source: Path) -> None:
-        """The resumed run keeps the saved run id; its earlier entries in this folder become its own."""
+        """The resumed run keeps the saved run id, and its earlier entries in this folder become its own (to prune
+        and replace). Entries of another run in this folder refuse the resume: the two runs would mix."""
         if saved_run_id is not None:
             self.run_id = saved_run_id
-        if not self.ctx.is_main:
-            return
-        entries = self.folder.entries()
-        own = [entry.name for _, entry in entries
-               if entry.resolve() == source.resolve() or run_id_of(entry) == saved_run_id]
-        self.folder.adopt(own)
+        refusal = None
+        if self.ctx.is_main:
+            own, foreign = [], []
+            for _, entry in self.folder.entries():
+                run_id = run_id_of(entry)
+                if entry.resolve() == source.resolve() or run_id == saved_run_id:
+                    own.append(entry.name)
+                elif run_id is not None:   # entries without a run id (older FaceCL) belong to no one: kept
+                    foreign.append(entry.name)
+            if foreign:
+                refusal = (f"{self.folder.folder} holds {len(foreign)} checkpoint(s) of another run (e.g. {foreign[-1]});"
+                           f" resuming {source} into it would mix two runs: continue that run with --resume auto, "
+                           f"or choose another run.name")
+            self.folder.adopt(own)
+        refusal = self.ctx.broadcast_object(refusal)
+        if refusal:
+            raise CheckpointError(refusal)
+
+    def _copy_for_this_world_size(self, source: Path, saved_world: int) -> Path:
+        """`source` if the engine's format loads it at this world size, else its converted copy (made by rank 0
+        once; a collective)."""
+        fmt = self.engine.checkpoint_format
+        if fmt.resumes_at_any_world_size(source):
+            return source
+        target = self.folder.folder / f"{source.name}{fmt.resized_suffix}"
+        error = None
+        if self.ctx.is_main and not target.exists():
+            self.say(f"checkpoint {source} was written by {saved_world} ranks and its {fmt.name} files are partitioned "
+                     f"by rank: converting it for any world size into {target} (once)")
+            started = time.perf_counter()
+            try:
+                self.folder.folder.mkdir(parents=True, exist_ok=True)
+                fmt.resize(open_checkpoint(source), target)
+                self.say(f"converted in {time.perf_counter() - started:.0f} s")
+            except FaceCLError as exc:
+                error = f"converting {source} for {self.ctx.world_size} ranks failed: {exc}"
+        error = self.ctx.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        self.temporary_entries.append(target)
+        return target

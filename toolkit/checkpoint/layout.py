@@ -27,6 +27,7 @@ FORMAT = "facecl-checkpoint"
 FORMAT_VERSION = 1
 
 RECIPE_FILE = "resolved.yaml"
+LOCK_FILE = ".facecl-run.lock"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"

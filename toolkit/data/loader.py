@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from toolkit.distributed.signals import ignore_stop_signals_in_worker
+
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -47,19 +49,22 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
                  rank: int = 0, world_size: int = 1, labels_N: torch.Tensor | None = None,
-                 samples_per_label: int = 1):
+                 samples_per_label: int = 1, grad_accum_steps: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
+        self.grad_accum_steps = grad_accum_steps
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         self.rank, self.world_size = rank, world_size
         self.labels_N, self.samples_per_label = labels_N, samples_per_label
 
     @staticmethod
-    def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-        return num_samples // (batch_size * world_size)
+    def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum_steps: int = 1) -> int:
+        """Whole optimizer steps of global batches: the tail that fills no step is dropped."""
+        return num_samples // (batch_size * world_size * grad_accum_steps) * grad_accum_steps
 
     def __len__(self) -> int:
-        return self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size) - self.start_batch
+        return self.batches_per_epoch(self.num_samples, self.batch_size, self.world_size,
+                                      self.grad_accum_steps) - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         gen = _epoch_generator(self.seed, self.epoch)
@@ -69,7 +74,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             order_N = torch.randperm(self.num_samples, generator=gen)
         aug_seeds_N = torch.randint(0, 2**62, (order_N.numel(),), generator=gen)
         global_batch = self.batch_size * self.world_size
-        total = self.batches_per_epoch(order_N.numel(), self.batch_size, self.world_size)
+        total = self.batches_per_epoch(order_N.numel(), self.batch_size, self.world_size, self.grad_accum_steps)
         for batch in range(self.start_batch, total):
             start = batch * global_batch + self.rank * self.batch_size
             keys = order_N[start: start + self.batch_size].tolist()
@@ -116,9 +121,10 @@ class ResumableBatchStream(EpochStream):
     """Endless stream of (images, labels) batches across epochs, with `state_dict()` for checkpoints."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1, samples_per_label: int = 1, pin_memory: bool = False):
+                 world_size: int = 1, samples_per_label: int = 1, pin_memory: bool = False, grad_accum_steps: int = 1):
         self.dataset = dataset
         self.batch_size = batch_size
+        self.grad_accum_steps = grad_accum_steps
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.samples_per_label = samples_per_label
@@ -129,7 +135,7 @@ class ResumableBatchStream(EpochStream):
         usable = len(dataset)
         if self.labels_N is not None:
             usable = int((torch.bincount(self.labels_N) // samples_per_label).sum()) * samples_per_label
-        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(usable, batch_size, world_size)
+        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(usable, batch_size, world_size, grad_accum_steps)
         if self.batches_per_epoch < 1:
             raise ValueError(f"data set of {len(dataset)} samples is smaller than one global batch of "
                              f"{batch_size} x {world_size} ranks")
@@ -139,16 +145,18 @@ class ResumableBatchStream(EpochStream):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "grad_accum_steps": self.grad_accum_steps}
 
     def load_state_dict(self, state: dict, allow_world_size_change: bool = False) -> None:
         """Continue from a saved position.
 
-        With another world size (allowed on request) and the same global batch (batch_size x world_size), the
-        resume is sample for sample: the epoch's order and every sample's augmentation seed do not depend on
-        the world size, and global batch b is the same samples split into other rank slices. With another
-        global batch the position is converted through the number of samples consumed in the epoch: same
-        epoch, not the same samples (`resumes_sample_exactly` says which).
+        With another world size (allowed on request) and the same global batch per optimizer step (batch_size x
+        world_size x accumulation steps), the resume is sample for sample: the epoch's order and every sample's
+        augmentation seed do not depend on the world size, and a step's global batch is the same samples cut
+        into other rank slices and micro-batches. With another global batch the position is converted through
+        the number of samples consumed in the epoch: same epoch, not the same samples (`resumes_sample_exactly`
+        says which).
         """
         keys = ("seed", "world_size", "batch_size")
         if allow_world_size_change and state["world_size"] != self.world_size:
@@ -158,20 +166,23 @@ class ResumableBatchStream(EpochStream):
                 raise ValueError(f"data position was saved with {key}={state[key]}, this run has "
                                  f"{key}={getattr(self, key)}; exact resume needs the same value")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        saved_global_batch = state["batch_size"] * state["world_size"]
-        self.resumes_sample_exactly = saved_global_batch == self.batch_size * self.world_size
-        if not self.resumes_sample_exactly:
-            consumed = self.batch_in_epoch * saved_global_batch
-            self.batch_in_epoch = min(consumed // (self.batch_size * self.world_size), self.batches_per_epoch)
+        saved_micro = state["batch_size"] * state["world_size"]
+        saved_step = saved_micro * int(state.get("grad_accum_steps", 1))
+        micro = self.batch_size * self.world_size
+        consumed = self.batch_in_epoch * saved_micro
+        self.resumes_sample_exactly = saved_step == micro * self.grad_accum_steps and consumed % micro == 0
+        self.batch_in_epoch = min(consumed // micro, self.batches_per_epoch)
         self._iterator = None
 
     def _start_epoch(self) -> Iterator:
         sampler = EpochBatchSampler(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
                                     start_batch=self.batch_in_epoch, rank=self.rank, world_size=self.world_size,
-                                    labels_N=self.labels_N, samples_per_label=self.samples_per_label)
+                                    labels_N=self.labels_N, samples_per_label=self.samples_per_label,
+                                    grad_accum_steps=self.grad_accum_steps)
         # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG, which
         # would shift dropout and other random ops after a resume (the iterator starts at a new point).
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            worker_init_fn=ignore_stop_signals_in_worker,
                             generator=torch.Generator().manual_seed(self.seed + self.epoch),
                             pin_memory=self.pin_memory, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers > 0 else None)

@@ -48,6 +48,7 @@ from toolkit.data.loader import EpochStream
 from toolkit.data.shards import (IMAGE_EXT, LABEL_INT32_EXT, LABEL_TEXT_EXT, Manifest, ShardEntry, chunk_of_key,
                                  load_manifest, parse_tar)
 from toolkit.data.transforms import ViewAugmentation, two_views_batch
+from toolkit.distributed.signals import ignore_stop_signals_in_worker
 from toolkit.errors import FaceCLError
 
 logger = logging.getLogger("toolkit.data")
@@ -449,6 +450,7 @@ class ShardBatchStream(EpochStream):
         epoch_data = _EpochBatches(self.train_set, self.plan, self.augmentation, self.epoch, self.batch_in_epoch,
                                    self.batches_per_epoch)
         loader = DataLoader(epoch_data, batch_size=None, collate_fn=_no_collate, num_workers=self.num_workers,
+                            worker_init_fn=ignore_stop_signals_in_worker,
                             pin_memory=self.pin_memory, persistent_workers=False,
                             prefetch_factor=self.prefetch_batches if self.num_workers > 0 else None,
                             generator=torch.Generator().manual_seed(self.seed + self.epoch))

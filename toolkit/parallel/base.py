@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from toolkit.distributed import DistributedContext
+from toolkit.distributed.network import check_peers
 from toolkit.errors import ConfigError
 from toolkit.parallel.checkpoint_format import CheckpointFormat
 
@@ -53,6 +54,7 @@ class LaunchEnvironment:
     has_rendezvous: bool = False     # MASTER_ADDR is set: a launcher prepared the process group
     master_addr: str = ""
     master_port: str = ""
+    network_address: str = ""        # this host's address on the network the ranks share (launch/ chooses it)
 
     @classmethod
     def from_env(cls, env) -> "LaunchEnvironment":
@@ -163,7 +165,13 @@ class ParallelStrategy:
 
     @classmethod
     def _init_process_group(cls, backend: str, timeout: datetime.timedelta, launch: LaunchEnvironment) -> None:
-        torch.distributed.init_process_group(backend, timeout=timeout, rank=launch.rank, world_size=launch.world_size)
+        """The launcher's rendezvous (env://), a check that every rank reaches every other (a rank that cannot
+        ends the whole job within a second, with one line), then the process group."""
+        store, rank, world_size = next(torch.distributed.rendezvous("env://", launch.rank, launch.world_size,
+                                                                    timeout=timeout))
+        if world_size > 1 and launch.network_address:
+            check_peers(store, rank, world_size, launch.network_address, wait_s=timeout.total_seconds())
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     @classmethod
     def describe(cls, par: "ParallelConfig") -> str:

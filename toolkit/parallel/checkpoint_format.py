@@ -48,6 +48,12 @@ class CheckpointFormat:
 
     name: ClassVar[str] = "file"          # recorded as `engine_format` in every trainer file
     folder: ClassVar[str | None] = None   # its folder inside a step folder (None: inside the trainer file)
+    resized_suffix: ClassVar[str] = ".resized"   # the name of a `resize` copy: <step entry name><suffix>
+
+    @classmethod
+    def resumes_at_any_world_size(cls, entry: Path) -> bool:
+        """Whether the engine loads this entry at another world size as it is (else `resize` makes a copy)."""
+        return True
 
     @classmethod
     def engine(cls, source: "CheckpointSource") -> str:

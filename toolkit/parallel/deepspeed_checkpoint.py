@@ -195,6 +195,11 @@ class ResizeResult:
 class DeepSpeedCheckpointFormat(CheckpointFormat):
     name = "deepspeed"
     folder = TAG
+    resized_suffix = ".universal"
+
+    @classmethod
+    def resumes_at_any_world_size(cls, entry: Path) -> bool:
+        return is_universal(entry)
 
     @classmethod
     def engine(cls, source) -> str:

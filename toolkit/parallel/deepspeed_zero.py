@@ -72,6 +72,9 @@ class DeepSpeedZero(ParallelStrategy):
             # DeepSpeed picks its accelerator from this variable when it is first imported; without a GPU it
             # must be its CPU accelerator (gloo, shared-memory all-reduce).
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # torch's process group first (rendezvous and the peer check of every engine); DeepSpeed then builds its
+        # communication backend on it.
+        super()._init_process_group(backend, timeout, launch)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False, verbose=False)
@@ -199,12 +202,12 @@ class DeepSpeedZero(ParallelStrategy):
         # ZeRO's files hold per-rank partitions: resuming them needs the same number of ranks, unless the
         # checkpoint was converted to DeepSpeed's universal format.
         identity = super().checkpoint_identity(resuming)
-        if resuming is not None and is_universal(resuming):
+        if resuming is not None and self.checkpoint_format.resumes_at_any_world_size(resuming):
             return identity
         return {**identity, "world_size": self.ctx.world_size}
 
-    world_size_change_hint = (" (ZeRO files are partitioned by rank: convert the checkpoint with `python launch/"
-                              "convert.py universal CHECKPOINT --out FOLDER`, then resume from FOLDER)")
+    world_size_change_hint = (" (ZeRO files are partitioned by rank; `python launch/convert.py universal CHECKPOINT "
+                              "--out FOLDER` writes a copy that resumes at any world size)")
 
     def state_for_file(self) -> dict[str, Any]:
         return {}
@@ -219,21 +222,54 @@ class DeepSpeedZero(ParallelStrategy):
         check_tag_folder(folder / TAG)   # every file DeepSpeed's loader may open, read safely first
         universal = is_universal(folder)
         extras = read_module_extras(folder) if universal else None
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader reads exp_avg / exp_avg_sq for every parameter, whatever the
+        # optimizer; for an SGD checkpoint DeepSpeed loads the module only (its universal path then fills the fp32
+        # partitions from fp32.pt) and the momentum is loaded below.
+        zero3_state = self._zero3_universal_state_names(folder) if universal and self.par.zero_stage == 3 else ()
+        sgd_zero3 = "momentum_buffer" in zero3_state
         # A universal checkpoint loads at any world size; DeepSpeed reads the choice from its config.
         config = self.module._config
         config.load_universal_checkpoint = universal
         try:
             with library_reads_safely():
                 load_path, _ = self.module.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                                           load_lr_scheduler_states=False)
+                                                           load_lr_scheduler_states=False, load_module_only=sgd_zero3)
         finally:
             config.load_universal_checkpoint = False
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {folder / TAG}")
         if universal:
             if self.par.zero_stage == 3:
+                if sgd_zero3:
+                    self._load_zero3_universal_state(folder, "momentum_buffer")
                 self._repair_zero3_universal_optimizer(folder)
             self._load_module_extras(extras, folder)
+
+    @staticmethod
+    def _zero3_universal_state_names(folder: Path) -> tuple[str, ...]:
+        """The optimizer states a universal folder holds per parameter (exp_avg..., or momentum_buffer)."""
+        for param_dir in sorted((folder / TAG / "zero").iterdir()):
+            names = tuple(sorted(p.stem for p in param_dir.glob("*.pt") if p.stem not in ("fp32", "step")))
+            if names:
+                return names
+        return ()
+
+    def _load_zero3_universal_state(self, folder: Path, key: str) -> None:
+        """One optimizer state of every ZeRO-3 sub-group from zero/<parameter>/<key>.pt, cut into this rank's
+        partitions by DeepSpeed's own `load_hp_checkpoint_state` (as its loader does for exp_avg). torch's SGD
+        creates momentum_buffer lazily at its first step; set here, the first step after the resume uses it."""
+        zero3 = self.optimizer
+        zero_dir = folder / TAG / "zero"
+        with torch.no_grad(), library_reads_safely():
+            for sub_group_id, group_params in enumerate(zero3.fp16_groups):
+                fp32_partition = zero3.fp32_partitioned_groups_flat[sub_group_id]
+                state = torch.zeros_like(fp32_partition)
+                offset = 0
+                for param in group_params:
+                    piece = zero3.load_hp_checkpoint_state(str(zero_dir / zero3.param_names[param]), key, param=param)
+                    state.narrow(0, offset, piece.numel()).copy_(piece)
+                    offset += piece.numel()
+                self.lr_optimizer.state[fp32_partition][key] = state
 
     def _repair_zero3_universal_optimizer(self, folder: Path) -> None:
         """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader (stage3.py,

@@ -254,12 +254,46 @@ def build_train_stream(recipe: Recipe, dataset, shape: RunShape, *, rank: int = 
                                    image_size=data.image_size, config=DaliOptions(**asdict(data.dali)), device=device)
         return ResumableBatchStream(dataset, shape.batch_size, seed=recipe.run.seed,
                                     num_workers=recipe.data.num_workers, rank=rank, world_size=shape.world_size,
-                                    samples_per_label=recipe.data.samples_per_label, pin_memory=pin_memory)
+                                    samples_per_label=recipe.data.samples_per_label, pin_memory=pin_memory,
+                                    grad_accum_steps=shape.grad_accum_steps)
     except ValueError as exc:
         raise ConfigError(f"batch of {shape.batch_size} per rank: {exc}") from None
 
 
-def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> RunShape:
+@dataclass(frozen=True)
+class SavedShape:
+    """The batch shape a checkpoint was trained with (what a resume at another world size tries to keep)."""
+
+    world_size: int
+    batch_size: int            # per rank per micro-step
+    grad_accum_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.batch_size * self.grad_accum_steps
+
+
+def saved_shape_of(path, recipe: Recipe) -> SavedShape:
+    """The batch shape recorded in a checkpoint's trainer file (older checkpoints: from their data position,
+    with the recipe's accumulation steps)."""
+    from toolkit.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    shape = payload.get("shape") or {}
+    data = payload.get("data") or {}
+    world = int(shape.get("world_size", payload.get("world_size", 1)))
+    batch = int(shape.get("batch_size", data.get("batch_size", recipe.data.batch_size)))
+    accum = int(shape.get("grad_accum_steps", data.get("grad_accum_steps", recipe.parallel.grad_accum_steps)))
+    return SavedShape(world_size=world, batch_size=batch, grad_accum_steps=accum)
+
+
+def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1, *, saved: SavedShape | None = None,
+                    allow_batch_change: bool = False) -> RunShape:
+    """The run's batch numbers. Resuming a checkpoint of another world size (`saved`), the checkpoint's global
+    batch is kept, so that the learning-rate schedule and the data order go on as they were: the per-rank
+    batch stays and the accumulation steps change (memory per rank stays the same), else the accumulation
+    stays and the per-rank batch changes; where neither divides, the resume is refused unless
+    `allow_batch_change` (then the recipe's own shape at this world size is used)."""
     accum = recipe.parallel.grad_accum_steps
     if recipe.data.global_batch_size:
         global_batch = recipe.data.global_batch_size
@@ -270,6 +304,8 @@ def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> Ru
     else:
         batch = recipe.data.batch_size
         global_batch = batch * accum * world_size
+    if saved is not None and saved.world_size != world_size and not allow_batch_change:
+        batch, accum, global_batch = _keep_global_batch(saved, world_size, accum)
     steps_per_epoch = num_samples // global_batch
     if steps_per_epoch < 1:
         raise ConfigError(f"global batch {global_batch} ({batch} per rank x parallel.grad_accum_steps="
@@ -277,6 +313,21 @@ def build_run_shape(recipe: Recipe, num_samples: int, world_size: int = 1) -> Ru
     total_steps = max(1, math.ceil(recipe.train.num_epochs * steps_per_epoch))
     return RunShape(world_size=world_size, batch_size=batch, grad_accum_steps=accum, global_batch_size=global_batch,
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def _keep_global_batch(saved: SavedShape, world_size: int, recipe_accum: int) -> tuple[int, int, int]:
+    """(per-rank batch, accumulation steps, global batch) that keep the checkpoint's global batch on
+    `world_size` ranks; a ConfigError with the way out where none does."""
+    target = saved.global_batch_size
+    if target % (world_size * saved.batch_size) == 0:
+        return saved.batch_size, target // (world_size * saved.batch_size), target
+    if target % (world_size * recipe_accum) == 0:
+        return target // (world_size * recipe_accum), recipe_accum, target
+    raise ConfigError(f"the checkpoint's global batch {target} ({saved.batch_size} per rank x {saved.world_size} ranks "
+                      f"x {saved.grad_accum_steps} accumulation) cannot be split over {world_size} ranks, neither with "
+                      f"{saved.batch_size} per rank nor with {recipe_accum} accumulation steps; resume on a world size "
+                      f"that divides it, or pass --allow-batch-change to continue with this recipe's batch (the "
+                      f"learning-rate schedule and the data order then change)")
 
 
 def build_strategy(recipe: Recipe, shape: RunShape, model: torch.nn.Module, ctx, peak_lr: float):

@@ -19,6 +19,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)   # (optimizer step, mean loss of the step)
     evaluations: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
+    stopped_by: str | None = None   # the stop signal that ended the run early (see toolkit/distributed/signals.py)
 
 
 def prepare_run_folder(recipe: Recipe) -> Path:

@@ -33,6 +33,7 @@ from toolkit.contrastive.momentum import momentum_update_
 from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
+from toolkit.distributed.signals import StopSignals
 from toolkit.errors import CheckpointError
 from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
@@ -48,7 +49,9 @@ class Trainer:
     """Runs a recipe on one process or one rank of a job; every rank constructs its own Trainer."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, ctx: DistributedContext | None = None,
-                 verbose: bool = True):
+                 verbose: bool = True, resume_from: Path | None = None, allow_batch_change: bool = False):
+        """`resume_from`: the checkpoint `resume()` will load, read here first so that a job of another world
+        size keeps its global batch (builders.build_run_shape); `allow_batch_change` lets it change instead."""
         self.recipe = recipe
         self.run_dir = run_dir
         self.ctx = ctx or DistributedContext(device=builders.build_device(recipe))
@@ -59,7 +62,16 @@ class Trainer:
 
         self.train_set = builders.build_train_set(recipe)
         self.num_classes = self.train_set.num_classes
-        self.shape = builders.build_run_shape(recipe, len(self.train_set), self.ctx.world_size)
+        saved = builders.saved_shape_of(resume_from, recipe) if resume_from is not None else None
+        self.shape = builders.build_run_shape(recipe, len(self.train_set), self.ctx.world_size, saved=saved,
+                                              allow_batch_change=allow_batch_change)
+        if saved is not None and saved.world_size != self.ctx.world_size:
+            shape = self.shape
+            kept = "kept" if shape.global_batch_size == saved.global_batch_size else "changed (--allow-batch-change)"
+            self._say(f"global batch {kept} across the world-size change: the checkpoint's {saved.batch_size} per rank "
+                      f"x {saved.world_size} ranks x {saved.grad_accum_steps} accumulation = {saved.global_batch_size}; "
+                      f"now {shape.batch_size} per rank x {shape.world_size} ranks x {shape.grad_accum_steps} "
+                      f"accumulation = {shape.global_batch_size}")
         self.stream = builders.build_train_stream(recipe, self.train_set, self.shape, rank=self.ctx.rank,
                                                   pin_memory=self.device.type == "cuda")
         self.val_sets = builders.build_val_sets(recipe)
@@ -90,6 +102,8 @@ class Trainer:
         self.last_loss_parts: dict[str, torch.Tensor] = {}
         self.num_skipped_steps = 0          # steps not applied, for any reason (fp16 overflow, non-finite)
         self.nonfinite = NonfiniteSteps(recipe.train.max_nonfinite_steps, self._say)
+        self.stop_signals: StopSignals | None = None   # set by fit()
+        self.stop_code = 0                              # a stop signal seen by any rank (StopSignals.code)
         self.checkpointer = Checkpointer(run_dir / CHECKPOINTS_DIR, self.ctx, engine=self.backbone, head=self.head,
                                          states=self._checkpoint_states(), identity=self._identity,
                                          keep_last=recipe.checkpoint.keep_last, say=self._say)
@@ -117,6 +131,10 @@ class Trainer:
                 lambda: {"queue": self.unimoco.queue.state_dict()} if self.unimoco is not None else {},
                 self._load_contrastive),
             "history": StateAdapter(self._history, self._load_history),
+            "shape": StateAdapter(lambda: {"world_size": self.shape.world_size, "batch_size": self.shape.batch_size,
+                                           "grad_accum_steps": self.shape.grad_accum_steps,
+                                           "global_batch_size": self.shape.global_batch_size},
+                                  lambda saved: None),   # read before the trainer is built (saved_shape_of)
         }
 
     def _load_data_position(self, saved: dict) -> None:
@@ -188,13 +206,17 @@ class Trainer:
         # one host sync per step (fp16 loss scaling needs the same anyway). fp16 gradient overflow is the
         # loss scaler's normal business (flag 1); a non-finite loss, or gradients without loss scaling,
         # count towards divergence (flag 0).
+        # A stop signal (SIGTERM, SIGUSR1) that reached any rank travels in the same all-reduce.
         grads_bad = sum(part.found_nonfinite() for part in self.parts.values())
+        stop_code = float(self.stop_signals.code) if self.stop_signals is not None else 0.0
         flags = torch.stack([(~torch.isfinite(step_loss)).float() + (0 if self.fp16 else grads_bad),
-                             grads_bad if self.fp16 else torch.zeros((), device=self.device)]).float()
+                             grads_bad if self.fp16 else torch.zeros((), device=self.device),
+                             torch.full((), stop_code, device=self.device)]).float()
         if self.ctx.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.ctx.group)
-        decision = int(((flags[0] > 0).int() + 2 * (flags[1] > 0).int()).item())  # the step's one host sync
+        decision = int(((flags[0] > 0).int() + 2 * (flags[1] > 0).int() + 4 * flags[2].int()).item())  # one host sync
         nonfinite, overflow = bool(decision & 1), bool(decision & 2)
+        self.stop_code = decision >> 2
         skip = nonfinite or overflow
         max_norm = self.recipe.parallel.clip_grad_norm
         self.last_grad_norms = {}
@@ -306,7 +328,17 @@ class Trainer:
                   f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
                   f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g}")
 
-    def fit(self) -> TrainResult:
+    def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
+        """Average the pending steps' losses over ranks (collective), record them; returns the values."""
+        values = self.ctx.all_reduce_mean_(torch.stack([loss for _, loss in pending])).tolist()
+        self.result.losses.extend((step, value) for (step, _), value in zip(pending, values))
+        pending.clear()
+        return values
+
+    def fit(self, stop: StopSignals | None = None) -> TrainResult:
+        """Train to the end, or until a stop signal (`stop`, installed by the launch script) reached any rank:
+        then the step in flight is finished and saved, and `result.stopped_by` names the signal."""
+        self.stop_signals = stop
         recipe, shape = self.recipe, self.shape
         start_time = time.perf_counter()
         self.describe()
@@ -333,29 +365,36 @@ class Trainer:
                 reporter.step_done()
                 pending_losses.append((self.step, loss))
                 last = self.step == shape.total_steps
+                stopping = self.stop_code > 0 and not last
+                will_save = (recipe.checkpoint.every_steps and self.step % recipe.checkpoint.every_steps == 0) or (
+                    last and recipe.checkpoint.save_final) or stopping
+                if will_log or will_save:
+                    # The only host sync of the loop: the window's losses, averaged over ranks, on log steps (and
+                    # before a save, so that the checkpoint's loss history is complete).
+                    values = self._flush_losses(pending_losses)
                 if will_log:
-                    # The only host sync of the loop: the window's losses, averaged over ranks, on log steps.
-                    window = self.ctx.all_reduce_mean_(torch.stack([l for _, l in pending_losses]))
-                    values = window.tolist()
-                    self.result.losses.extend((s, v) for (s, _), v in zip(pending_losses, values))
-                    pending_losses.clear()
                     reporter.log(self.step, self.step / shape.steps_per_epoch,
                                  {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
                                   **self._grad_norms_for_log(), **self._unimoco_stats_for_log(),
                                   **self._skipped_inputs_for_log(),
                                   **({"nonfinite_steps": float(self.nonfinite.total)} if self.nonfinite.total else {})})
-                if self.val_sets and ((recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
+                if self.val_sets and not stopping and (
+                        (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
                         reporter.log_eval(self.step, entry["set"], evaluation_scalars(entry))
                     reporter.restart_clock()
                     if watchdog is not None:
                         watchdog.beat(self.step)
-                if (recipe.checkpoint.every_steps and self.step % recipe.checkpoint.every_steps == 0) or (
-                        last and recipe.checkpoint.save_final):
+                if will_save:
                     self.save()
                     reporter.restart_clock()
                     if watchdog is not None:
                         watchdog.beat(self.step)
+                if stopping:
+                    self.result.stopped_by = StopSignals.name_of(self.stop_code)
+                    self._say(f"stopped by {self.result.stopped_by} after step {self.step} of {shape.total_steps}; "
+                              f"continue with --resume auto")
+                    break
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -396,6 +435,7 @@ class Trainer:
             "global_batch_size": self.shape.global_batch_size,
             "peak_lr": self.peak_lr,
             "train_wall_time_s": self.result.wall_time_s,
+            "stopped_by": self.result.stopped_by,
         }
         return write_results_json(self.run_dir / "results.json", payload)
 
