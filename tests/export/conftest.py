@@ -30,6 +30,9 @@ ENGINES["zero2_adamw_unimoco"] = [*ENGINES["zero2"], *ADAMW, *UNIMOCO, "optim.we
 ENGINES["zero3_adamw_unimoco"] = ["parallel.engine=deepspeed", "parallel.zero_stage=3", *ADAMW, *UNIMOCO,
                                   "optim.weight_decay=0.05"]
 ENGINES["single_unimoco"] = UNIMOCO
+# The WebFace42M flagship's own settings at tiny size: iresnet, SGD with momentum, ZeRO-2, bf16, Partial FC 0.2.
+ENGINES["flagship"] = ["parallel.engine=deepspeed", "parallel.zero_stage=2", "model.backbone=iresnet18",
+                       "parallel.precision=bf16", "head.sample_rate=0.2", "optim.name=sgd", "optim.momentum=0.9"]
 SAVE_STEP = 3
 
 
