@@ -177,11 +177,11 @@ def run(args: argparse.Namespace) -> int:
                       f"{EXIT_PREEMPTED}: run the same command with --resume auto to continue", flush=True)
             elif final is None:
                 print(f"no verification result: eval.sets is empty (nothing was evaluated) after "
-                      f"{result.final_step} steps", flush=True)
+                      f"{result.final_step} steps; run completed (exit status 0)", flush=True)
             else:
                 print(f"final verification accuracy: {final['accuracy_mean'] * 100:.2f}% +- "
                       f"{final['accuracy_std'] * 100:.2f}% on {final['num_pairs']} held-out pairs of {final['set']} "
-                      f"after {result.final_step} steps", flush=True)
+                      f"after {result.final_step} steps; run completed (exit status 0)", flush=True)
         if result.stopped_by is not None:
             status = EXIT_PREEMPTED
         trainer.stream.close()

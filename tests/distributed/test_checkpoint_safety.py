@@ -149,3 +149,28 @@ def test_a_planted_file_deepspeed_would_find_is_refused_on_resume(checkpoints, t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode == 2 and len(errors) == 1 and str(target) in errors[0], proc.stderr[-2000:]
     assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize(("engine", "member", "damage"), [
+    ("zero2", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", "missing"),
+    ("fsdp", "fsdp/__0_0.distcp", "truncated"),
+])
+def test_a_missing_or_cut_rank_file_is_one_line_on_resume(engine, member, damage, checkpoints, tmp_path):
+    """The resume checks what every rank will read (files present, as long as their metadata says, readable)
+    before any library reads it: one line naming the file, exit status 2, no traceback."""
+    source = checkpoints(engine)
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy)
+    target = copy / member
+    if damage == "missing":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    nproc, overrides = ENGINES[engine]
+    port = free_port()
+    proc = run_job(launcher(nproc, port), [*train_args(tmp_path, "resumed", *overrides, *STEPS), "--resume", str(copy)],
+                   port=port, timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert target.name in errors[0] and damage in errors[0], errors
+    assert "Traceback" not in proc.stderr

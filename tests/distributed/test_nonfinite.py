@@ -58,6 +58,10 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_finite_checkpoints(engine
     kept = [p for p in checkpoints.iterdir() if p.name.startswith("step_")]
     assert len(kept) == 1, kept   # keep_last=1
     assert _all_finite(kept[0]), f"{kept[0]} holds non-finite values"
+    # The run's own status is in results.json, whatever the launcher reports (torchrun: 1).
+    results = json.loads((tmp_path / engine / "results.json").read_text())
+    assert (results["status"], results["exit_status"], results["final_step"]) == ("diverged", 3, 3)
+    assert results["message"].startswith("training diverged at step 4") and len(results["loss_curve"]) == 3
 
 
 def test_skipped_steps_are_counted_and_results_json_is_strict(tmp_path):

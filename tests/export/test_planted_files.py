@@ -133,3 +133,59 @@ def test_routed_loads_refuse_a_pickle_that_no_check_saw(tmp_path):
     with restricted_torch_load():
         assert torch.equal(torch.load(tmp_path / "ok.pt", weights_only=False)["w"], torch.ones(2))
     assert torch.load is not None and not getattr(torch.load, "facecl_restricted", False)   # restored
+
+
+def plant_in_a_dcp_tensor_record(run, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of an FSDP2 checkpoint whose first model tensor record is replaced by a pickle of a payload: the
+    record is appended to its .distcp file and the (trusted, test-made) .metadata points at it."""
+    copy = tmp_path / run.checkpoint.name
+    shutil.copytree(run.checkpoint, copy)
+    folder = copy / "fsdp"
+    metadata = pickle.loads((folder / ".metadata").read_bytes())   # our own test file
+    index = next(key for key in metadata.storage_data if key.fqn.startswith("model."))
+    info = metadata.storage_data[index]
+    marker = tmp_path / "marker"
+    record = io.BytesIO()
+    torch.save({"x": Planted(marker)}, record)
+    data_file = folder / info.relative_path
+    offset = data_file.stat().st_size
+    with open(data_file, "ab") as handle:
+        handle.write(record.getvalue())
+    info.offset, info.length = offset, len(record.getvalue())
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return copy, data_file, marker
+
+
+def test_a_pickle_in_a_dcp_tensor_record_is_one_line_for_every_reader(runs_root, tmp_path):
+    from toolkit.export.consolidate import consolidate
+    from toolkit.export.inspect import inspect_path
+
+    copy, data_file, marker = plant_in_a_dcp_tensor_record(probed_run("fsdp", runs_root), tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        consolidate(copy, tmp_path / "backbone.safetensors")
+    message = str(info.value)
+    assert str(data_file) in message and "could run code" in message and "\n" not in message
+    assert "weights_only" not in message
+    report = inspect_path(copy, checksums=True)
+    assert not report["complete"] and any(str(data_file) in p and "could run code" in p for p in report["problems"])
+    proc = subprocess.run([sys.executable, "launch/convert.py", "export", str(copy), "--format", "safetensors",
+                           "--out", str(tmp_path / "b.safetensors")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and str(data_file) in lines[0], proc.stderr
+    assert "Re-running torch.load" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_pickle_in_a_dcp_tensor_record_is_refused_on_resume(runs_root, tmp_path):
+    from tests.distributed.conftest import free_port, run_job, torchrun, train_args
+    from tests.export.conftest import ENGINES
+
+    copy, data_file, marker = plant_in_a_dcp_tensor_record(probed_run("fsdp", runs_root), tmp_path)
+    port = free_port()
+    proc = run_job(torchrun(2, port), [*train_args(tmp_path, "resumed", *ENGINES["fsdp"]), "--resume", str(copy)],
+                   port=port)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode != 0 and errors and str(data_file) in errors[0], proc.stderr[-3000:]
+    assert "could run code" in errors[0] and "Re-running torch.load" not in proc.stderr
+    assert not marker.exists()

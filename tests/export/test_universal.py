@@ -1,4 +1,6 @@
 # convert.py universal: DeepSpeed's universal checkpoint of a ZeRO-2/3 run holds the trainer's parameters; SGD is refused.
+import shutil
+
 import pytest
 import torch
 
@@ -108,3 +110,37 @@ def test_the_flagship_settings_resume_at_another_world_size(new_world, runs_root
     converted = tmp_path / "resumed" / "checkpoints" / f"{run.checkpoint.name}.universal"
     momentum = [safe_torch_load(p)["param"] for p in sorted((converted / "deepspeed" / "zero").glob("*/momentum_buffer.pt"))]
     assert len(momentum) > 20 and all(bool(m.abs().sum() > 0) for m in momentum[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero1", "zero2_adamw", "zero3_adamw"])
+def test_every_reader_reads_a_universal_folder(engine, runs_root, tmp_path):
+    """What the converter writes is read by inspect (complete, labelled with its ZeRO stage), consolidate and
+    export (the trainer's weights exactly: ZeRO-3 stores them flat), load_backbone (what evaluate uses) and
+    init_from; a step folder moved out of its run folder keeps its label (the stage is read from the files)."""
+    from toolkit.export import consolidate, load_backbone
+    from toolkit.export.init_from import load_init_state
+    from toolkit.export.inspect import inspect_path
+
+    run = probed_run(engine, runs_root)
+    stage = {"zero1": 1, "zero2_adamw": 2, "zero3_adamw": 3}[engine]
+    out = tmp_path / "universal"
+    assert convert("universal", run.run_dir, "--out", out).returncode == 0
+    report = inspect_path(out, checksums=True)
+    assert report["complete"], report["problems"]
+    assert report["sharding"] == f"DeepSpeed ZeRO-{stage} (universal: any world size)"
+    moved = tmp_path / "moved_step"
+    shutil.copytree(run.checkpoint, moved)
+    assert inspect_path(moved)["sharding"] == f"DeepSpeed ZeRO-{stage}"
+    result = consolidate(out, tmp_path / "backbone.safetensors", with_head=True)
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "backbone.safetensors")
+    model, meta = load_backbone(out)
+    state, centers = load_init_state(out, backbone=meta["backbone"], embedding_size=meta["embedding_size"],
+                                     image_size=meta["image_size"])
+    for name, value in model.state_dict().items():
+        expected = run.state[name]
+        assert torch.equal(tensors[name], expected.float() if expected.is_floating_point() else expected), name
+        assert torch.equal(value.to(expected.dtype), expected) and torch.equal(state[name].to(expected.dtype), expected)
+    assert torch.equal(centers, run.centers) and result.metadata["zero_stage"] == str(stage)

@@ -37,7 +37,7 @@ from toolkit.checkpoint.disk_space import checked_save, expected_checkpoint_byte
 from toolkit.checkpoint.files import CheckpointFolder, load_checkpoint, read_payload, trainer_file_of, write_payload
 from toolkit.checkpoint.layout import HEAD_SHARD_FILE, TRAINER_FILE, head_shard_file
 from toolkit.checkpoint.rng import capture_rng_state, restore_rng_state
-from toolkit.checkpoint.source import open_checkpoint
+from toolkit.checkpoint.source import open_checkpoint, source_of
 from toolkit.distributed import DistributedContext
 from toolkit.errors import CheckpointError, FaceCLError
 
@@ -182,6 +182,9 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
                                       f"this run has {key}={expected!r}{hint}")
         self._continue_run(payload.get("run_id"), source)
+        # Every file the engine and the head will read, present, complete and safe, before any is read: a
+        # missing or cut rank file is one line here instead of a library's traceback on one rank.
+        self.engine.checkpoint_format.check(source_of(source, payload))
         if self.engine.writes_folder:
             self.engine.load_folder(source)
         self.engine.load_from_file(payload["engine"])
@@ -202,7 +205,12 @@ class Checkpointer:
         files = sorted(p for p in source.iterdir() if HEAD_SHARD_FILE.match(p.name)) if source.is_dir() else []
         if not files:
             raise CheckpointError(f"checkpoint {source} holds no center shards (head_rank*.pt)")
-        return [read_payload(file) for file in files]
+        expected = [source / head_shard_file(rank) for rank in range(int(payload.get("world_size", len(files))))]
+        missing = [path.name for path in expected if not path.is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {source} is incomplete: {len(missing)} of {len(expected)} center shard "
+                                  f"files missing ({', '.join(missing[:4])})")
+        return [read_payload(file) for file in expected]
 
     def _continue_run(self, saved_run_id: str | None, source: Path) -> None:
         """The resumed run keeps the saved run id, and its earlier entries in this folder become its own (to prune

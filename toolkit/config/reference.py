@@ -1,5 +1,5 @@
 # Markdown reference of every recipe key from the schema's doc lines (`python -m toolkit.config.reference --update`).
-"""The README's recipe reference is this module's output; a test keeps the two identical."""
+"""docs/recipes.md's recipe reference is this module's output; a test keeps the two identical."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def recipe_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path: Path) -> None:
+def update_reference(path: Path) -> None:
     """Rewrite the block between the recipe-reference markers of `path`."""
     text = path.read_text()
     pattern = re.compile(r"(<!-- recipe-reference:begin -->\n).*(<!-- recipe-reference:end -->)", re.S)
@@ -31,6 +31,6 @@ def update_readme(path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--update"]:
-        update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+        update_reference(Path(sys.argv[2] if len(sys.argv) > 2 else "docs/recipes.md"))
     else:
         print(recipe_reference_markdown(), end="")

@@ -121,6 +121,8 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
     if checksums:
         checked_files = [f for f in torch_files if f.is_file()]
         problems += _zip_crc_problems(checked_files)
+        if fmt is not None:
+            problems += fmt.verify_data(source)
     total = sum(p.stat().st_size for p in source.entry.rglob("*") if p.is_file()) if source.is_folder \
         else source.entry.stat().st_size
     details = fmt.details(source) if fmt is not None else {}

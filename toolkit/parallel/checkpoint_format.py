@@ -88,6 +88,12 @@ class CheckpointFormat:
 
     @classmethod
     def files(cls, source: "CheckpointSource") -> list[Path]:
+        """Its torch (zip) files, whose records `inspect --checksums` verifies."""
+        return []
+
+    @classmethod
+    def verify_data(cls, source: "CheckpointSource") -> list[str]:
+        """Problems found by reading every data record (what `inspect --checksums` adds beyond zip CRCs)."""
         return []
 
     @classmethod

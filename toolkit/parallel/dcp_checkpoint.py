@@ -12,6 +12,7 @@ non-tensor entries with weights_only=True (`safe_load_planner`), in training (`l
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,19 @@ import torch
 
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.parallel.checkpoint_format import CheckpointFormat, register_checkpoint_format
-from toolkit.serialization import safe_dcp_metadata
+from toolkit.serialization import pickled_object_message, safe_dcp_metadata
 
 FOLDER = "fsdp"
 
 
 def safe_dcp_reader(folder: Path):
-    """DCP's FileSystemReader with `.metadata` parsed by the restricted unpickler (toolkit.serialization)."""
+    """DCP's FileSystemReader with `.metadata` parsed by the restricted unpickler (toolkit.serialization), and a
+    damaged or foreign tensor record named in one line: DCP loads tensor records with weights_only=True, whose
+    own refusal ends in torch's advice to load unsafely, which FaceCL never shows."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.futures import Future
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -38,7 +43,31 @@ def safe_dcp_reader(folder: Path):
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
+        def read_data(self, plan, planner):
+            per_file: dict[str, list] = {}
+            for item in plan.items:
+                per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            for relative_path, items in per_file.items():   # one file at a time: an error names its file
+                try:
+                    super().read_data(LoadPlan(items, plan.storage_data, plan.planner_data), planner).wait()
+                except CheckpointError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - torch raises pickle, zip and unpickler errors
+                    raise CheckpointError(record_message(folder / relative_path, exc)) from None
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
     return SafeFileSystemReader(str(folder))
+
+
+def record_message(path: Path, exc: Exception) -> str:
+    """One line for a DCP data record that could not be read."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if match:
+        return pickled_object_message(path, match.group(1))
+    return f"{path} holds a damaged record ({type(exc).__name__}: {text.strip().splitlines()[0][:120] if text.strip() else ''})"
 
 
 def safe_load_planner(folder: Path):
@@ -68,20 +97,27 @@ def safe_load_planner(folder: Path):
     return SafeLoadPlanner()
 
 
-def load_dcp_safely(state: dict, folder: Path, **dcp_options) -> None:
-    """dcp.load through the safe reader and planner; a refused file is re-raised as its one-line
-    CheckpointError (DCP wraps every rank's exception into a CheckpointException with tracebacks)."""
-    import torch.distributed.checkpoint as dcp
+def _unwrapping_dcp_errors(load, *args, **kwargs):
+    """Call a DCP loader; a CheckpointError of the safe reader or planner is re-raised as its one line (DCP wraps
+    every rank's exception into a CheckpointException with tracebacks)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    safe_dcp_metadata(folder / ".metadata")   # refused here with its own line, before DCP wraps the error
     try:
-        dcp.load(state, storage_reader=safe_dcp_reader(folder), planner=safe_load_planner(folder), **dcp_options)
+        return load(*args, **kwargs)
     except CheckpointException as exc:
         for error, _ in exc.failures.values():
             if isinstance(error, CheckpointError):
                 raise CheckpointError(str(error)) from None
         raise
+
+
+def load_dcp_safely(state: dict, folder: Path, **dcp_options) -> None:
+    """dcp.load through the safe reader and planner; a refused file is one CheckpointError line."""
+    import torch.distributed.checkpoint as dcp
+
+    safe_dcp_metadata(folder / ".metadata")   # refused here with its own line, before DCP wraps the error
+    _unwrapping_dcp_errors(dcp.load, state, storage_reader=safe_dcp_reader(folder), planner=safe_load_planner(folder),
+                           **dcp_options)
 
 
 def storage_problems(folder: Path, metadata) -> list[str]:
@@ -158,6 +194,25 @@ class DcpCheckpointFormat(CheckpointFormat):
         return 0
 
     @classmethod
+    def verify_data(cls, source) -> list[str]:
+        """Read every tensor record (model and optimizer) through the safe reader: a record that is damaged or
+        holds a pickled object is named (what `inspect --checksums` adds to the completeness check)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        folder = source.entry / FOLDER
+        try:
+            metadata = safe_dcp_metadata(folder / ".metadata")
+            keys = {key for key, meta in metadata.state_dict_metadata.items()
+                    if isinstance(meta, TensorStorageMetadata)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _unwrapping_dcp_errors(_load_state_dict_from_keys, keys, storage_reader=safe_dcp_reader(folder))
+        except FaceCLError as exc:
+            return [str(exc)]
+        return []
+
+    @classmethod
     def full_state(cls, source) -> dict[str, Any]:
         """Tensor entries under `model.`, read with a safe reader and no process group."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -174,6 +229,6 @@ class DcpCheckpointFormat(CheckpointFormat):
             raise CheckpointError(f"{folder} holds no model tensors (no 'model.' entries in its metadata)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "loading without a process group" is the intent here
-            loaded = _load_state_dict_from_keys(keys, storage_reader=safe_dcp_reader(folder))
+            loaded = _unwrapping_dcp_errors(_load_state_dict_from_keys, keys, storage_reader=safe_dcp_reader(folder))
         model = loaded["model"] if "model" in loaded else {k[len("model."):]: v for k, v in loaded.items()}
         return _flatten(model)

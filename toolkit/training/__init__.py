@@ -1,1 +1,1 @@
-# Engine: builders that read the recipe, the Trainer loop and checkpoint files.
+# Training: builders that read the recipe, the Trainer loop and its parts (checkpoints: toolkit/checkpoint).

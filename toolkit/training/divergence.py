@@ -28,4 +28,4 @@ class NonfiniteSteps:
             raise TrainingDivergedError(
                 f"training diverged at step {step}: the loss or gradients were not finite for {self.max_consecutive} "
                 f"consecutive steps (train.max_nonfinite_steps); the last checkpoint, written from finite weights, "
-                f"is {last_checkpoint or 'none'}; lower optim.lr or set parallel.clip_grad_norm")
+                f"is {last_checkpoint or 'none'}; lower optim.lr or set parallel.clip_grad_norm (exit status 3)")

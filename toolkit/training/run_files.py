@@ -20,6 +20,13 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     stopped_by: str | None = None   # the stop signal that ended the run early (see toolkit/distributed/signals.py)
+    status: str = "completed"       # completed | stopped | diverged | stalled | failed (see RUN_STATUSES)
+    message: str = ""               # why it ended early (the error line)
+
+
+# How a run ended -> the exit status launch/train.py gives it (the launchers may report their own instead:
+# torchrun reports 1 for any failed rank; the run's own status is always in results.json).
+RUN_STATUSES = {"completed": 0, "failed": 2, "diverged": 3, "stalled": 4, "stopped": 75}
 
 
 def prepare_run_folder(recipe: Recipe) -> Path:

@@ -34,14 +34,14 @@ from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
 from toolkit.distributed.signals import StopSignals
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
 from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
 from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.optim import build_scheduler, scaled_lr
 from toolkit.training.parts import part_sizes
 from toolkit.training.progress import ProgressReporter
-from toolkit.training.run_files import TrainResult, write_results_json
+from toolkit.training.run_files import RUN_STATUSES, TrainResult, write_results_json
 from toolkit.training.watchdog import StepWatchdog
 
 
@@ -352,7 +352,8 @@ class Trainer:
         for part in self.parts.values():
             part.train(True)
         # Several ranks: a rank that stops making progress ends the job within parallel.timeout_s.
-        watchdog = (StepWatchdog(recipe.parallel.timeout_s, self.ctx.rank, self.ctx.world_size).start()
+        watchdog = (StepWatchdog(recipe.parallel.timeout_s, self.ctx.rank, self.ctx.world_size,
+                                 on_stall=lambda report: self._end_early("stalled", report)).start()
                     if self.ctx.world_size > 1 else None)
         try:
             while self.step < shape.total_steps:
@@ -392,9 +393,19 @@ class Trainer:
                         watchdog.beat(self.step)
                 if stopping:
                     self.result.stopped_by = StopSignals.name_of(self.stop_code)
+                    self.result.status = "stopped"
                     self._say(f"stopped by {self.result.stopped_by} after step {self.step} of {shape.total_steps}; "
                               f"continue with --resume auto")
                     break
+        except TrainingDivergedError as exc:
+            # Every rank takes this decision at the same step (it comes from the step's all-reduce): the pending
+            # losses can still be averaged over the ranks for the record.
+            self._flush_losses(pending_losses) if pending_losses else None
+            self._end_early("diverged", str(exc))
+            raise
+        except FaceCLError as exc:   # e.g. a full disk during a save, data that cannot be read
+            self._end_early("failed", str(exc))
+            raise
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -416,13 +427,26 @@ class Trainer:
         entries = [e for e in self.result.evaluations if e.get("set", primary) == primary]
         return entries[-1] if entries else None
 
+    def _end_early(self, status: str, message: str) -> None:
+        """Record why the run ends before its last step and write results.json (rank 0, best effort: the run
+        is ending anyway)."""
+        self.result.status, self.result.message = status, message
+        self.result.final_step = self.step
+        try:
+            self.write_results()
+        except OSError:
+            pass
+
     def write_results(self) -> Path | None:
-        """results.json (rank 0): final verification, every evaluation and the per-step loss curve."""
+        """results.json (rank 0): how the run ended, final verification, every evaluation, the loss curve."""
         if not self.ctx.is_main:
             return None
         last_step = self.result.evaluations[-1]["step"] if self.result.evaluations else None
         final_by_set = {e["set"]: e for e in self.result.evaluations if e["step"] == last_step}
         payload = {
+            "status": self.result.status,
+            "exit_status": RUN_STATUSES[self.result.status],
+            "message": self.result.message,
             "final_step": self.result.final_step,
             "final_verification": self.final_verification(),
             "final_verification_by_set": final_by_set,

@@ -32,13 +32,15 @@ EXIT_STALLED = 4
 
 class StepWatchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, *, interval: float | None = None,
-                 abort: Callable[[int], None] = os._exit, store=None):
+                 abort: Callable[[int], None] = os._exit, store=None,
+                 on_stall: Callable[[str], None] | None = None):
         self.timeout_s = float(timeout_s)
         self.rank = rank
         self.world_size = world_size
         self.interval = interval or max(0.5, min(5.0, self.timeout_s / 10))
         self.abort = abort
         self.store = store if store is not None else _default_store()
+        self.on_stall = on_stall   # called with the report before the process ends (e.g. to write results.json)
         self.step = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
@@ -106,6 +108,11 @@ class StepWatchdog:
                 report, frozen_pids = self.describe_stall()
                 print(report, file=sys.stderr, flush=True)
                 sys.stdout.flush()
+                if self.on_stall is not None:
+                    try:
+                        self.on_stall(report.removeprefix("error: "))
+                    except Exception:  # noqa: BLE001 - the job ends whatever happens here
+                        pass
                 for pid in frozen_pids:   # a frozen process ignores the launcher's SIGTERM; end it now
                     try:
                         os.kill(pid, signal.SIGKILL)
