@@ -1,4 +1,5 @@
 # Launch paths on CPU: deepspeed launcher, two-"node" hostfile run, failing ranks, and bad input.
+import json
 import os
 import signal
 import subprocess
@@ -256,9 +257,12 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path, engine):
     assert "rank 1 freezes at step 3" in stdout
     assert job.returncode != 0
     lines = [line for line in stderr.splitlines() if "no progress for" in line]
-    assert lines and lines[0].startswith("error: [rank 0] no progress for ") and "rank 1 (last at step" in lines[0], \
-        stderr[-3000:]   # heartbeats are published every timeout/10 s: the step named is 1 or 2
+    assert lines and lines[0].startswith("error: [rank 0] no progress for ") and "rank 1 (last at step 2," in lines[0], \
+        stderr[-3000:]   # rank 1 froze before its step 3: its last heartbeat is step 2's
     assert elapsed < TIMEOUT_S + 60, f"the job took {elapsed:.0f} s to end"
+    # The run's own status is in results.json (the launchers report 1 or a signal status).
+    results = json.loads((tmp_path / "stall" / "results.json").read_text())
+    assert (results["status"], results["exit_status"]) == ("stalled", 4) and "no progress for" in results["message"]
 
 
 def _group_alive(pgid: int) -> bool:

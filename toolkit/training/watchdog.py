@@ -5,8 +5,9 @@ DeepSpeed creates process groups of its own, which get the library's 30-minute d
 ended only after about twice the timeout. So every rank runs this thread:
 
 - the trainer calls `beat(step)` after each optimizer step, evaluation and save;
-- every `interval` seconds the thread publishes this rank's last step and time in the job's key-value
-  store (the rendezvous store every rank already has), so the ranks can see each other's progress;
+- the thread publishes this rank's last step and time in the job's key-value store (the rendezvous store every
+  rank already has) right after each beat, and every `interval` seconds otherwise, so the ranks see each other's
+  progress (a stall report names the last step the frozen rank finished);
 - when this rank has made no progress for `timeout_s`, it reads the others' heartbeats, prints one line
   naming the rank(s) whose heartbeat stopped (or this rank's own step when nothing else is known), ends
   frozen ranks on its own host (a stopped process ignores the launcher's SIGTERM, which would add the
@@ -44,6 +45,7 @@ class StepWatchdog:
         self.step = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
+        self._progressed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="facecl-step-watchdog", daemon=True)
 
     def start(self) -> "StepWatchdog":
@@ -54,6 +56,7 @@ class StepWatchdog:
     def beat(self, step: int) -> None:
         self.step = step
         self.last_progress = time.monotonic()
+        self._progressed.set()   # published by the thread right away: a stall report names the real last step
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,9 +102,13 @@ class StepWatchdog:
 
     def _run(self) -> None:
         next_publish = 0.0
-        while not self._stop.wait(self.interval / 2):
+        while not self._stop.is_set():
+            progressed = self._progressed.wait(self.interval / 2)
+            if self._stop.is_set():
+                return
             now = time.monotonic()
-            if now >= next_publish:
+            if progressed or now >= next_publish:
+                self._progressed.clear()
                 self._publish()
                 next_publish = now + self.interval
             if now - self.last_progress > self.timeout_s:
