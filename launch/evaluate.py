@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
             (out / "comparison.md").write_text(markdown + "\n")
             print(f"\nwritten: {out}/comparison.json")
         return 0
-    if args.model is None and args.features is None:
-        raise FaceCLError("give --model MODEL or --features FILE (or --compare EVAL ...)")
+    if args.model is None and args.features is None and not args.benchmark:
+        raise FaceCLError("give --model MODEL or --features FILE, and --benchmark NAME=PATH (or --compare EVAL ...)")
     if args.batch_size < 1 or args.num_workers < 0:
         raise FaceCLError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and "
                           f"{args.num_workers}")

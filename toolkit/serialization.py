@@ -73,9 +73,10 @@ def _check_exists(path: Path) -> None:
 
 
 def _unsupported_global(text: str) -> str | None:
-    """The class named in torch's weights_only refusal ("Unsupported global: GLOBAL os.system ...")."""
+    """The class named in torch's weights_only refusal ("Unsupported global: GLOBAL os.system ..."); None for
+    anything else (random bytes make the unpickler report an "unsupported operand", which names no type)."""
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
-        r"(?:Unsupported|unsupported) (?:operand|class|global)[^\w]*([\w.]+)", text)
+        r"(?:Unsupported|unsupported) (?:class|global)[^\w]*([A-Za-z_][\w]*(?:\.[\w]+)+)", text)
     return match.group(1) if match else None
 
 

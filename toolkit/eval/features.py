@@ -53,8 +53,8 @@ def load_features(path: str | Path) -> tuple[dict, dict[str, dict[str, np.ndarra
         raise FaceCLError(f"feature file not found: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise FaceCLError(f"{path} is not a feature file (.npz): {exc}") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        raise FaceCLError(f"{path} is not a valid feature file (not a .npz archive of arrays)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile) or "__meta__" not in archive.files:
         raise FaceCLError(f"{path} is not a FaceCL feature file: no __meta__ entry")
     try:
@@ -68,10 +68,12 @@ def load_features(path: str | Path) -> tuple[dict, dict[str, dict[str, np.ndarra
                 entries.setdefault(name, {})[array] = archive[key]
     except (ValueError, json.JSONDecodeError) as exc:
         raise FaceCLError(f"{path}: unreadable feature file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise FaceCLError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FaceCLError(f"{path} is not a valid feature file: format {found!r}, expected {FORMAT!r}")
+    _check_meta(meta, path)
     dim = meta.get("embedding_size")
-    for name, info in meta.get("benchmarks", {}).items():
+    for name, info in meta["benchmarks"].items():
         entry = entries.get(name, {})
         for required in ("features", "status"):
             if required not in entry:
@@ -87,6 +89,24 @@ def load_features(path: str | Path) -> tuple[dict, dict[str, dict[str, np.ndarra
     return meta, entries
 
 
+def _check_meta(meta: dict, path: Path) -> None:
+    """The metadata's shape: {"benchmarks": {NAME: {"kind": str, "num_images": int}}, "embedding_size": int}."""
+    benchmarks = meta.get("benchmarks")
+    problem = None
+    if not isinstance(benchmarks, dict):
+        problem = f"its benchmarks entry is a {type(benchmarks).__name__}, not a table of benchmarks"
+    elif not isinstance(meta.get("embedding_size"), int) and benchmarks:
+        problem = f"its embedding_size is {meta.get('embedding_size')!r}"
+    else:
+        for name, info in benchmarks.items():
+            if not isinstance(info, dict) or not isinstance(info.get("num_images"), int) or \
+                    not isinstance(info.get("kind"), str):
+                problem = f"benchmark {name!r} has no kind or no num_images in its metadata"
+                break
+    if problem:
+        raise FaceCLError(f"{path} is not a valid feature file: {problem}")
+
+
 def load_labelled_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(features N x D, labels N) of a plain .npz with arrays `features` and `labels` (all-to-all input
     computed elsewhere), or of a feature file holding exactly one all-to-all benchmark."""
@@ -99,8 +119,8 @@ def load_labelled_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                     raise FaceCLError(f"{path}: features {feats.shape} and labels {labels.shape} do not match "
                                       "(expected N x D and N)")
                 return feats.astype(np.float32), labels.astype(np.int64)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise FaceCLError(f"{path} is not a .npz feature file: {exc}") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        raise FaceCLError(f"{path} is not a valid feature file (not a .npz archive of arrays)") from None
     meta, entries = load_features(path)
     labelled = [(n, e) for n, e in entries.items() if "labels" in e]
     if len(labelled) != 1:

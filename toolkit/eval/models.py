@@ -94,8 +94,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None) -> Em
                           f"checkout does not have ({exc}); evaluate an .onnx export instead") from None
     try:
         module, meta = load_backbone(path, device=device)
-    except FaceCLError:
-        raise
+    except FaceCLError as exc:
+        raise FaceCLError(f"--model {path} is not a model FaceCL can load: {exc}") from None
     except Exception as exc:  # a file that is not a checkpoint fails in many ways inside torch/safetensors
         raise FaceCLError(f"{path} is not a model this toolkit can load ({type(exc).__name__}: "
                           f"{str(exc).strip()[:200]})") from None

@@ -265,14 +265,15 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
                    detector_score_weighting: bool = False, max_skipped_fraction: float = 0.01,
                    compute_dtype: torch.dtype | None = None, fars=None, rank: int = 0, world_size: int = 1,
                    group=None, progress: bool = True) -> dict:
-    """Evaluate one model (or cached features) on every benchmark; returns the report (rank 0 writes it)."""
-    from toolkit.eval.features import load_features, load_labelled_features, save_features as write_features
+    """Evaluate one model (or cached features) on every benchmark; returns the report (rank 0 writes it).
+    Every input and output is checked before any image is embedded: a bad one is one FaceCLError line and
+    leaves nothing behind."""
+    from toolkit.eval.features import load_features
     from toolkit.eval.roc import DEFAULT_FARS
-    from toolkit.eval.table import format_markdown, table_row
 
     fars = tuple(fars or DEFAULT_FARS)
-    if (model is None) == (features_in is None):
-        raise FaceCLError("give exactly one of --model and --features")
+    if model is not None and features_in is not None:
+        raise FaceCLError("give one of --model and --features, not both")
     if not 0.0 <= max_skipped_fraction <= 1.0:
         raise FaceCLError(f"--max-skipped-fraction must be in [0, 1], got {max_skipped_fraction}")
     specs = [parse_benchmark(s) for s in benchmarks]
@@ -281,20 +282,91 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise FaceCLError(f"benchmark names must be unique, got {names}")
+    # A .npz of features and labels carries its own embeddings: it needs no model.
+    needs_embeddings = [s.name for s in specs if s.kind != "all_to_all_features"]
+    if needs_embeddings and model is None and features_in is None:
+        raise FaceCLError(f"benchmark(s) {', '.join(needs_embeddings)} need embeddings: give --model MODEL or "
+                          f"--features FILE")
+    if save_features is not None:
+        check_features_output(Path(save_features))
 
     embedder, cached, cached_meta = None, {}, {}
     if features_in is not None:
         cached_meta, cached = load_features(features_in)
         model_name = cached_meta.get("model") or Path(features_in).stem
         flip = bool(cached_meta.get("flip", flip))
-    else:
+    elif model is not None:
         from toolkit.eval.models import load_model
 
         embedder = load_model(model, device)
         model_name = embedder.name
+    else:
+        model_name = "+".join(Path(s.path).stem for s in specs)
     out = Path(output_dir) if output_dir is not None else default_output_dir(model, model_name)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
+    created = rank == 0 and not out.exists()
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        return _evaluate(specs, embedder, cached, features_in, save_features, out, model, model_name, flip,
+                         batch_size, num_workers, detector_score_weighting, max_skipped_fraction, compute_dtype,
+                         fars, rank, world_size, group, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()   # an evaluation that failed leaves no empty output folder behind
+        raise
+
+
+def _check_writable_folder(folder: Path, option: str, given: Path | None = None) -> None:
+    """`folder` exists as a folder this process can write a file into, or can be created: tried for real (a
+    probe file; what the probe created is removed again), since permission bits do not tell about read-only or
+    special file systems. A one-line FaceCLError otherwise."""
+    import shutil
+    import tempfile
+
+    missing = []
+    probe_root = folder
+    while not probe_root.exists() and probe_root != probe_root.parent:
+        missing.append(probe_root)
+        probe_root = probe_root.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".facecl-write-test."):
+            pass
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else \
+            (exc.strerror or str(exc)).lower()
+        where = f"{given}: cannot write its folder {folder}" if given is not None else f"{folder}: cannot write there"
+        raise FaceCLError(f"{option} {where} ({reason})") from None
+    finally:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+
+
+def check_output_folder(out: Path) -> None:
+    """Before any work: the output folder is a folder this process can write (or create)."""
+    if out.exists() and not out.is_dir():
+        raise FaceCLError(f"--output {out} exists and is not a folder; give a folder for evaluation.json, table.md "
+                          f"and the ROC plots")
+    _check_writable_folder(out, "--output")
+
+
+def check_features_output(path: Path) -> None:
+    """Before any work: --save-features names a .npz file in a writable folder."""
+    if path.suffix != ".npz":
+        raise FaceCLError(f"--save-features {path}: feature files are .npz archives")
+    if path.is_dir():
+        raise FaceCLError(f"--save-features {path} is a folder; give a .npz file name")
+    _check_writable_folder(path.parent, "--save-features", given=path)
+
+
+def _evaluate(specs, embedder, cached, features_in, save_features, out, model, model_name, flip, batch_size,
+              num_workers, detector_score_weighting, max_skipped_fraction, compute_dtype, fars, rank, world_size,
+              group, progress) -> dict:
+    """Embed (or read) and score every benchmark; rank 0 writes the report into `out`."""
+    from toolkit.eval.features import load_labelled_features
+    from toolkit.eval.features import save_features as write_features
+    from toolkit.eval.table import format_markdown, table_row
 
     report: dict = {"model": model_name, "model_path": model, "features": features_in, "flip": flip,
                     "benchmarks": {}}
