@@ -50,21 +50,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from toolkit.errors import ConfigError, RunFolderError, TrainingDivergedError, run_reporting_user_errors
+    from toolkit.distributed import job_errors
+    from toolkit.errors import (EXIT_USER_ERROR, ConfigError, RunFolderError, TrainingDivergedError,
+                                run_reporting_user_errors)
 
     rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     def report(exc) -> None:
+        job_errors.post(str(exc))   # the other ranks end without their own traceback
         # Recipe and run-folder errors are identical on every rank: rank 0 speaks for all. Anything else may be
         # rank-specific, so every rank reports it.
         if rank == 0 or not isinstance(exc, (ConfigError, TrainingDivergedError, RunFolderError)):
             prefix = "error: " if rank == 0 else f"error: [rank {rank}] "
             print(f"{prefix}{exc}", file=sys.stderr, flush=True)
 
-    status = run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
-    if status != 0 and rank != 0:
-        # Rank 0 prints the error that every rank hit; the launcher stops all ranks as soon as one exits, so
-        # leave it a moment to do so.
+    try:
+        status = run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
+    except Exception:
+        # A collective that failed because a peer ended with an error of its own: that peer said why.
+        if world_size > 1 and not args.debug and job_errors.posted() is not None:
+            return EXIT_USER_ERROR
+        raise
+    if status != 0 and world_size > 1:
+        # The launcher stops all ranks as soon as one exits; stay a moment so that the others (waiting in a
+        # collective) can read this rank's error from the store it may hold.
         import time
 
         time.sleep(2.0)

@@ -151,6 +151,27 @@ def test_a_failing_rank_stops_the_whole_job(dist_root, launcher):
     assert elapsed < 120, f"job took {elapsed:.0f} s to stop"
 
 
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_error_the_toolkit_recognises_is_one_line_for_the_whole_job(tmp_path, failing_rank):
+    """A rank ending with a FaceCLError (as a full disk during a DeepSpeed save) posts it; the other rank, whose
+    collective then fails on the closed connection, ends quietly instead of printing its gloo traceback."""
+    port = free_port()
+    env = {**job_env(), "FACECL_TEST_FAIL_RANK": str(failing_rank), "FACECL_TEST_FAIL_STEP": "3",
+           "FACECL_TEST_FAIL_KIND": "user"}
+    try:
+        proc = subprocess.run([*deepspeed_launcher(2, port), "tests/distributed/fail_on_rank.py",
+                               *train_args(tmp_path, "user_error", *ZERO2)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=240)
+    finally:
+        remove_deepspeed_shm_buffers(port)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode != 0
+    assert len(errors) == 1 and f"rank {failing_rank} fails on purpose at step 3" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "user_error" / "results.json").read_text())   # rank 0 writes it either way
+    assert results["status"] == "failed" and f"rank {failing_rank} fails on purpose" in results["message"]
+
+
 def run_single(*overrides: str) -> subprocess.CompletedProcess:
     args = ["--recipe", str(SMOKE_RECIPE)]
     for item in overrides:

@@ -253,3 +253,20 @@ def test_print_config_prints_the_resolved_recipe(tmp_path):
     assert printed["head"]["margin_m3"] == 0.4
     assert printed["parallel"]["engine"] == "single"
     assert not output_dir.exists(), "--print-config created the run folder"
+
+
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
+def test_a_resume_says_each_changed_recipe_value_and_refuses_another_engine_in_plain_words(cheap_recipe, tmp_path):
+    first = run_train("--recipe", cheap_recipe, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=first")
+    assert first.returncode == 0, first.stderr
+    checkpoint = sorted((tmp_path / "first" / "checkpoints").glob("step_*"))[-1]
+    resumed = run_train("--recipe", cheap_recipe, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=second",
+                        "--set", "optim.lr=0.05", "--set", "train.num_epochs=2", "--resume", checkpoint)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "recipe change on resume: optim.lr " in resumed.stdout and "-> 0.05 (accepted)" in resumed.stdout
+    assert "recipe change on resume: train.num_epochs " in resumed.stdout
+    assert "recipe change on resume: run.name 'first' -> 'second' (accepted)" in resumed.stdout
+    line = assert_user_error(run_train("--recipe", cheap_recipe, "--set", f"run.output_dir={tmp_path}", "--set",
+                                       "run.name=third", "--set", "parallel.engine=fsdp", "--resume", checkpoint))
+    assert "was written with the single-process or DDP engine" in line and "this run uses FSDP2" in line, line
+    assert "convert.py consolidate" in line and "train.init_from" in line, line

@@ -65,10 +65,11 @@ class StateAdapter:
 class Restored:
     """What `Checkpointer.load` read."""
 
-    source: Path              # the checkpoint entry
+    source: Path              # the checkpoint entry read (a converted copy, after a world-size change)
     step: int
     world_size: int           # of the job that wrote it
     payload: dict[str, Any]   # the trainer file
+    origin: Path | None = None   # the entry the path named (before any conversion)
 
 
 def run_id_of(entry: Path) -> str | None:
@@ -168,7 +169,7 @@ class Checkpointer:
         files are partitioned by rank is first converted, once, by the engine's format (rank 0 writes the copy
         next to this run's checkpoints; it is removed after this run's next save)."""
         payload = load_checkpoint(path, map_location=self.ctx.device)
-        source = Path(payload["path"])
+        source = origin = Path(payload["path"])
         saved_world = int(payload.get("world_size", self.ctx.world_size))
         if saved_world != self.ctx.world_size and self.engine.writes_folder:
             converted = self._copy_for_this_world_size(source, saved_world)
@@ -178,6 +179,8 @@ class Checkpointer:
         saved = payload.get("run", {})
         for key, expected in self.identity(source).items():
             if saved.get(key) != expected:
+                if key == "engine_format":
+                    raise CheckpointError(self._engine_change_message(source, saved.get(key), expected))
                 hint = self.engine.world_size_change_hint if key == "world_size" else ""
                 raise CheckpointError(f"checkpoint {source} was written by a run with {key}={saved.get(key)!r}; "
                                       f"this run has {key}={expected!r}{hint}")
@@ -197,7 +200,20 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {source}: {exc}") from None
         if saved_world == self.ctx.world_size:
             restore_rng_state(payload["rng_per_rank"][self.ctx.rank])
-        return Restored(source=source, step=int(payload["step"]), world_size=saved_world, payload=payload)
+        return Restored(source=source, step=int(payload["step"]), world_size=saved_world, payload=payload,
+                        origin=origin)
+
+    @staticmethod
+    def _engine_change_message(source: Path, saved: str | None, wanted: str) -> str:
+        """A checkpoint written in another engine's format, in plain words, with the way that works."""
+        def described(name: str | None) -> str:
+            return {"file": "the single-process or DDP engine (the backbone inside trainer.pt)",
+                    "deepspeed": "DeepSpeed ZeRO (DeepSpeed's own files)",
+                    "fsdp": "FSDP2 (torch.distributed.checkpoint files)"}.get(name, f"the {name} engine")
+        return (f"checkpoint {source} was written with {described(saved)}; this run uses {described(wanted)}, "
+                f"which cannot take over its optimizer state. Continue with that engine, or start this one from the "
+                f"weights: `python launch/convert.py consolidate {source} --out weights.safetensors --with-head`, "
+                f"then --set train.init_from=weights.safetensors (the optimizer and schedule start fresh)")
 
     def _saved_head_shards(self, payload: dict, source: Path) -> list[dict]:
         if payload.get("head_shards"):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from toolkit.distributed import DistributedContext
+from toolkit.distributed import job_errors
 from toolkit.distributed.network import check_peers
 from toolkit.errors import ConfigError
 from toolkit.parallel.checkpoint_format import CheckpointFormat
@@ -169,6 +170,7 @@ class ParallelStrategy:
         ends the whole job within a second, with one line), then the process group."""
         store, rank, world_size = next(torch.distributed.rendezvous("env://", launch.rank, launch.world_size,
                                                                     timeout=timeout))
+        job_errors.attach(store)   # held beyond the process group: a failing rank's line reaches the others
         if world_size > 1 and launch.network_address:
             check_peers(store, rank, world_size, launch.network_address, wait_s=timeout.total_seconds())
         torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

@@ -167,6 +167,8 @@ class Trainer:
 
     def resume(self, path) -> None:
         restored = self.checkpointer.load(path)
+        for line in recipe_changes(restored.origin or restored.source, self.recipe):
+            self._say(line)
         if restored.world_size != self.ctx.world_size:
             data = ("the data continues sample for sample (same global batch)"
                     if getattr(self.stream, "resumes_sample_exactly", False) else
@@ -353,7 +355,8 @@ class Trainer:
             part.train(True)
         # Several ranks: a rank that stops making progress ends the job within parallel.timeout_s.
         watchdog = (StepWatchdog(recipe.parallel.timeout_s, self.ctx.rank, self.ctx.world_size,
-                                 on_stall=lambda report: self._end_early("stalled", report)).start()
+                                 on_stall=lambda report: self._end_early("stalled", report),
+                                 on_peer_error=lambda message: self._end_early("failed", message)).start()
                     if self.ctx.world_size > 1 else None)
         try:
             while self.step < shape.total_steps:
@@ -462,6 +465,39 @@ class Trainer:
             "stopped_by": self.result.stopped_by,
         }
         return write_results_json(self.run_dir / "results.json", payload)
+
+
+def recipe_changes(source: Path, recipe: Recipe, limit: int = 20) -> list[str]:
+    """One line per recipe value that differs from the resolved.yaml of the run that wrote `source` (none when
+    that run's folder has none): what the resumed run does differently. Values the checkpoint must match (the
+    model, the class count, the engine's layout) were refused before this."""
+    import yaml
+
+    from toolkit.checkpoint import RECIPE_FILE, run_dir_of
+    from toolkit.config import dump_recipe
+
+    run_dir = run_dir_of(source) if source.name.startswith("step_") else None
+    saved_file = run_dir / RECIPE_FILE if run_dir is not None else None
+    if saved_file is None or not saved_file.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except yaml.YAMLError:
+        return [f"note: {saved_file} is not valid YAML; the recipe changes since that run are not listed"]
+    now = yaml.safe_load(dump_recipe(recipe))
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+
+    before, after = flat(saved if isinstance(saved, dict) else {}), flat(now)
+    changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    lines = [f"recipe change on resume: {key} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r} "
+             f"(accepted)" for key in changed[:limit]]
+    if len(changed) > limit:
+        lines.append(f"recipe change on resume: ... and {len(changed) - limit} more (compare {saved_file})")
+    return lines
 
 
 def evaluation_scalars(entry: dict) -> dict[str, float]:

@@ -28,13 +28,18 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from toolkit.distributed import job_errors
+
 EXIT_STALLED = 4
+EXIT_PEER_ERROR = 2          # another rank ended with a user error (it printed the line)
+JOB_ERROR_POLL_S = 0.5       # how often the thread looks for such an error
 
 
 class StepWatchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, *, interval: float | None = None,
                  abort: Callable[[int], None] = os._exit, store=None,
-                 on_stall: Callable[[str], None] | None = None):
+                 on_stall: Callable[[str], None] | None = None,
+                 on_peer_error: Callable[[str], None] | None = None):
         self.timeout_s = float(timeout_s)
         self.rank = rank
         self.world_size = world_size
@@ -42,6 +47,7 @@ class StepWatchdog:
         self.abort = abort
         self.store = store if store is not None else _default_store()
         self.on_stall = on_stall   # called with the report before the process ends (e.g. to write results.json)
+        self.on_peer_error = on_peer_error   # likewise, with the error another rank posted
         self.step = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
@@ -103,8 +109,20 @@ class StepWatchdog:
     def _run(self) -> None:
         next_publish = 0.0
         while not self._stop.is_set():
-            progressed = self._progressed.wait(self.interval / 2)
+            progressed = self._progressed.wait(min(self.interval / 2, JOB_ERROR_POLL_S))
             if self._stop.is_set():
+                return
+            peer_error = job_errors.posted_by_a_peer()
+            if peer_error is not None:
+                # Another rank ended with an error it reported; this one is likely blocked in a collective
+                # with it: end without a traceback of our own.
+                if self.on_peer_error is not None:
+                    try:
+                        self.on_peer_error(peer_error)
+                    except Exception:  # noqa: BLE001 - the job ends whatever happens here
+                        pass
+                sys.stderr.flush()
+                self.abort(EXIT_PEER_ERROR)
                 return
             now = time.monotonic()
             if progressed or now >= next_publish:
