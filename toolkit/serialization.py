@@ -80,6 +80,29 @@ def _unsupported_global(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _first_global_of_a_pickle(path: Path, limit: int = 64 << 20) -> str | None:
+    """The first class or function a plain pickle file names (read with pickletools: nothing runs), or None
+    when the file is no pickle at all (e.g. random bytes, which torch's unpickler also calls an "unsupported
+    operand")."""
+    import pickletools
+
+    data = path.read_bytes()[:limit]
+    strings: list[str] = []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(argument))
+            elif opcode.name == "GLOBAL":
+                return str(argument).replace(" ", ".")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            elif opcode.name == "STOP":
+                return None
+    except Exception:  # noqa: BLE001 - not a pickle
+        return None
+    return None
+
+
 def pickled_object_message(path: Path, type_name: str) -> str:
     return (f"{str(path)} holds a pickled object of type {type_name} that FaceCL does not load "
             f"(it could run code)")
@@ -138,7 +161,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         raise
     except Exception as exc:  # torch raises many types for foreign or damaged files
         text = str(exc)
-        type_name = _unsupported_global(text)
+        type_name = _unsupported_global(text) or (None if is_zip else _first_global_of_a_pickle(path))
         if type_name is not None:
             raise CheckpointError(pickled_object_message(path, type_name)) from None
         if path.stat().st_size == 0:
