@@ -113,3 +113,23 @@ def test_a_started_run_removes_what_killed_saves_left_and_nothing_else(tmp_path,
     assert all(name in names for name in others), names
     assert "step_00000005.pt" in names   # the finished checkpoint is untouched
     assert f"removed {left[0]}" in out and "removed .partial-step_00000007" in out
+
+
+def test_resume_paths_that_mislead_get_plain_lines(tmp_path):
+    """`latest` deleted, naming a deleted entry, or holding binary bytes: each is one line that says what is
+    there and what to pass instead."""
+    folder = ckpt.CheckpointFolder(tmp_path / "checkpoints", keep_last=0)
+    for step in (3, 7):
+        folder.save(step, {"weights": torch.zeros(2)})
+    run = tmp_path
+    (run / "checkpoints" / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"has no 'latest' pointer but holds 2 checkpoint.*the newest checkpoint "
+                                              r"there is .*step_00000007\.pt: pass it"):
+        ckpt.load_checkpoint(run)
+    (run / "checkpoints" / "latest").write_text("step_00000009.pt\n")
+    with pytest.raises(CheckpointError, match=r"latest names step_00000009\.pt, which does not exist.*newest "
+                                              r"checkpoint there is .*step_00000007\.pt"):
+        ckpt.load_checkpoint(run)
+    (run / "checkpoints" / "latest").write_bytes(bytes(range(200, 256)))
+    with pytest.raises(CheckpointError, match="holds binary bytes, not a checkpoint name"):
+        ckpt.load_checkpoint(run)
