@@ -1,7 +1,8 @@
 # Probe run by torchrun on 2 gloo ranks: a backbone trained under FSDP2 or ZeRO-3 vs the same steps in one process.
-"""Every rank trains the backbone on its half of a fixed global batch for a few SGD steps, with the engine
-sharding the parameters per ``fsdp_units()`` block (FSDP2 ``fully_shard`` / DeepSpeed ZeRO-3) and
-activation checkpointing applied from outside. Rank 0 then replays the same steps in one process with a
+"""Every rank trains the backbone on its half of a fixed global batch for a few SGD steps through the
+production strategy (toolkit.parallel: its process-group start, `parallelize` for FSDP2 per ``fsdp_units()``
+block, the rendered DeepSpeed config for ZeRO-3, its forward / backward / step protocol and its gathered full
+state dict), with activation checkpointing applied from outside. Rank 0 then replays the same steps in one process with a
 plain model: per step, each rank's half goes through the model separately (BatchNorm statistics are per
 rank in the sharded run too), with the random state each rank had (token masking, drop path), and the two
 half-batch gradients are averaged, which is what the engines' gradient averaging computes. Rank 0 writes
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from toolkit.config.schema import ParallelConfig  # noqa: E402
 from toolkit.models import apply_activation_checkpointing, create_backbone  # noqa: E402
+from toolkit.parallel import BatchShape, LaunchEnvironment, get_strategy  # noqa: E402
 
 BACKBONE_OPTIONS = {
     "vit_t": dict(input_size=16, patch_size=4, mask_ratio=0.25, drop_path=0.1),  # 16 tokens, 12 kept
@@ -62,61 +65,45 @@ def rng_seed(step: int, rank: int) -> int:
     return 1000 * step + rank
 
 
-def run_sharded(args, rank: int, world_size: int):
+def settings(args) -> ParallelConfig:
+    """The recipe section the builders would pass: fp32, no clipping, ZeRO-3 without persistent parameters."""
+    if args.engine == "fsdp":
+        return ParallelConfig(engine="fsdp", precision="fp32", timeout_s=120)
+    return ParallelConfig(engine="deepspeed", zero_stage=3, precision="fp32", timeout_s=120,
+                          deepspeed_config=str(Path(__file__).with_name("zero3_no_persistence.yaml")))
+
+
+def run_sharded(args, strategy_class, par, ctx):
     model = build(args.backbone)
     if args.checkpointing:
         apply_activation_checkpointing(model)
     image_size = BACKBONE_OPTIONS[args.backbone]["input_size"]
     weights = classifier()
-    if args.engine == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for unit in model.fsdp_units():
-            fully_shard(unit)
-        fully_shard(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        engine = model
-    else:
-        import deepspeed
-
-        config = {"train_batch_size": world_size * PER_RANK_BATCH, "train_micro_batch_size_per_gpu": PER_RANK_BATCH,
-                  "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-                  "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
-                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                  "steps_per_print": 10**9}
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    rank, world_size = ctx.rank, ctx.world_size
+    strategy = strategy_class.create(par, model, lambda module: torch.optim.SGD(module.parameters(), lr=LR,
+                                                                                momentum=0.9),
+                                     ctx, BatchShape(micro_batch_size=PER_RANK_BATCH, grad_accum_steps=1,
+                                                     global_batch_size=world_size * PER_RANK_BATCH))
     losses = []
     for step in range(args.steps):
         images, labels = global_batch(step, world_size, image_size)
         rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
         torch.manual_seed(rng_seed(step, rank))
-        loss = loss_of(engine(images[rows]), labels[rows], weights)
-        if args.engine == "fsdp":
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        else:
-            engine.backward(loss)
-            engine.step()
+        loss = loss_of(strategy.forward(images[rows]), labels[rows], weights)
+        strategy.backward(loss, is_last_micro=True)
+        strategy.unscale_()
+        strategy.step()
+        strategy.zero_grad()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         losses.append(mean_loss.item() / world_size)
-    return model, engine, losses
+    return strategy, losses
 
 
-def full_parameters(args, model, engine) -> dict[str, torch.Tensor]:
-    """Every parameter in full on every rank (gathered from the shards)."""
-    if args.engine == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        return {name: state[name].detach().clone() for name, _ in model.named_parameters()}
-    import deepspeed
-
-    params = dict(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values())):
-        return {name: param.detach().clone() for name, param in params.items()}
+def full_parameters(strategy) -> dict[str, torch.Tensor]:
+    """Every parameter in full on every rank (the strategy's own gathering, as export uses it)."""
+    state = strategy.full_state_dict()
+    return {name: state[name] for name, _ in strategy.unwrapped().named_parameters()}
 
 
 def run_reference(args, world_size: int):
@@ -149,15 +136,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.engine == "zero3":
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    model, engine, losses = run_sharded(args, rank, world_size)
-    sharded = full_parameters(args, model, engine)
+    par = settings(args)
+    strategy_class = get_strategy(par.engine)
+    ctx = strategy_class.start(par, torch.device("cpu"), LaunchEnvironment.from_env(os.environ))
+    rank, world_size = ctx.rank, ctx.world_size
+    strategy, losses = run_sharded(args, strategy_class, par, ctx)
+    sharded = full_parameters(strategy)
     if rank == 0:
         reference_model, reference_losses = run_reference(args, world_size)
         reference = dict(reference_model.named_parameters())

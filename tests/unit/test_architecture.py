@@ -1,9 +1,10 @@
 # The package import graph of toolkit/ has no arrow pointing up and no circle (static, from the source).
-"""Layers, bottom to top: a package may import only packages of a lower layer (imports inside
-`if TYPE_CHECKING:` blocks are annotations, not dependencies, and are left out).
+"""Layers, bottom to top: a package may import only packages of a lower layer. Imports inside
+`if TYPE_CHECKING:` blocks count too: an annotation that names an upper package's type is a dependency on it.
 
 The recipe schema (config) sits just below training: only the builders and the trainer read recipe
-types; the packages below them take plain arguments or small dataclasses of their own.
+types; the packages below them take plain arguments, small dataclasses or protocols of their own (e.g.
+toolkit/parallel/settings.py's ParallelSettings, which the recipe's ParallelConfig satisfies).
 """
 
 import ast
@@ -36,13 +37,8 @@ def import_graph() -> dict[str, set[str]]:
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         source = _package(module)
         tree = ast.parse(path.read_text())
-        annotation_only = {id(sub) for node in ast.walk(tree)
-                           if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                           for sub in ast.walk(node)}
         targets = edges.setdefault(source, set())
         for node in ast.walk(tree):
-            if id(node) in annotation_only:
-                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "toolkit":
                 names = [_package(node.module)] if node.module != "toolkit" else [alias.name for alias in node.names]
             elif isinstance(node, ast.Import):
@@ -74,3 +70,32 @@ def test_the_checker_sees_an_upward_import(tmp_path):
         assert import_graph() == {"ops": {"training"}}
     finally:
         globals()["REPO"] = REPO
+
+
+def test_annotation_only_imports_count(tmp_path):
+    """An upward import inside `if TYPE_CHECKING:` is found too."""
+    fake_repo = tmp_path
+    (fake_repo / "toolkit" / "parallel").mkdir(parents=True)
+    (fake_repo / "toolkit" / "parallel" / "bad.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toolkit.config.schema import Recipe\n")
+    globals()["REPO"] = fake_repo
+    try:
+        assert import_graph() == {"parallel": {"config"}}
+    finally:
+        globals()["REPO"] = REPO
+
+
+def test_the_recipe_names_exactly_the_registered_engines_and_their_settings():
+    """parallel.engine's Literal in the schema lists the registered strategies, and the recipe's parallel
+    section has every attribute the engines read (ParallelSettings)."""
+    import dataclasses
+    import typing
+
+    from toolkit.config.schema import ParallelConfig
+    from toolkit.parallel import strategy_names
+    from toolkit.parallel.settings import ParallelSettings
+
+    engine_type = typing.get_type_hints(ParallelConfig)["engine"]
+    assert sorted(typing.get_args(engine_type)) == strategy_names()
+    fields = {field.name for field in dataclasses.fields(ParallelConfig)}
+    assert set(typing.get_type_hints(ParallelSettings)) <= fields

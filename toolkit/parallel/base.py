@@ -38,7 +38,7 @@ from toolkit.errors import ConfigError
 from toolkit.parallel.checkpoint_format import CheckpointFormat
 
 if TYPE_CHECKING:
-    from toolkit.config.schema import ParallelConfig
+    from toolkit.parallel.settings import ParallelSettings
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -133,14 +133,14 @@ class ParallelStrategy:
 
     # ----- before the model exists: recipe checks, process group, memory rule --------------------------
     @classmethod
-    def check_settings(cls, par: "ParallelConfig") -> None:
+    def check_settings(cls, par: "ParallelSettings") -> None:
         """Settings only some engines support; a ConfigError naming the value otherwise."""
         if par.offload_optimizer:
             raise ConfigError(f"parallel.offload_optimizer needs a DeepSpeed ZeRO stage >= 1; engine {cls.name!r} "
                               "cannot offload")
 
     @classmethod
-    def check_compile(cls, par: "ParallelConfig") -> None:
+    def check_compile(cls, par: "ParallelSettings") -> None:
         """model.compile under this engine: a ConfigError where the engine cannot run a compiled backbone."""
 
     @classmethod
@@ -150,7 +150,7 @@ class ParallelStrategy:
                               "set parallel.engine to ddp, deepspeed or fsdp")
 
     @classmethod
-    def start(cls, par: "ParallelConfig", device: torch.device, launch: LaunchEnvironment) -> DistributedContext:
+    def start(cls, par: "ParallelSettings", device: torch.device, launch: LaunchEnvironment) -> DistributedContext:
         """Start or join the job's process group (gloo on CPU, nccl on GPU) with the recipe's timeout."""
         cls.check_world_size(launch.world_size, "the launcher started {} ranks")
         if device.type == "cuda":
@@ -176,17 +176,17 @@ class ParallelStrategy:
         torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     @classmethod
-    def describe(cls, par: "ParallelConfig") -> str:
+    def describe(cls, par: "ParallelSettings") -> str:
         """The engine as the run's first lines name it."""
         return cls.name
 
     @classmethod
-    def model_state_layout(cls, par: "ParallelConfig") -> ModelStateLayout:
+    def model_state_layout(cls, par: "ParallelSettings") -> ModelStateLayout:
         """Every rank holds every parameter, gradient and optimizer state (single process, DDP)."""
         return ModelStateLayout(split_params=False, split_grads=False, split_optimizer=False, label=cls.name)
 
     @classmethod
-    def create(cls, par: "ParallelConfig", model: nn.Module, optimizer_factory: OptimizerFactory,
+    def create(cls, par: "ParallelSettings", model: nn.Module, optimizer_factory: OptimizerFactory,
                ctx: DistributedContext, batch: BatchShape):
         """Wrap `model` and build its optimizer (after sharding, for engines whose optimizer must see shards)."""
         if not ctx.is_distributed and cls.multi_rank:
@@ -194,7 +194,7 @@ class ParallelStrategy:
                               "launch/train.py")
         return cls(par, model, optimizer_factory(model), ctx, grad_accum_steps=batch.grad_accum_steps)
 
-    def __init__(self, par: "ParallelConfig", model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, par: "ParallelSettings", model: nn.Module, optimizer: torch.optim.Optimizer,
                  ctx: DistributedContext, *, grad_accum_steps: int):
         self.par = par
         self.ctx = ctx

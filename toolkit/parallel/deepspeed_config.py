@@ -16,7 +16,7 @@ import yaml
 from toolkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from toolkit.config.schema import ParallelConfig
+    from toolkit.parallel.settings import ParallelSettings
 
 # Sections that would take over what the recipe and the trainer own.
 _FORBIDDEN_SECTIONS = {
@@ -25,7 +25,7 @@ _FORBIDDEN_SECTIONS = {
 }
 
 
-def render_deepspeed_config(par: "ParallelConfig", *, micro_batch_size: int, grad_accum_steps: int,
+def render_deepspeed_config(par: "ParallelSettings", *, micro_batch_size: int, grad_accum_steps: int,
                             global_batch_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -79,7 +79,7 @@ def merge_user_config(rendered: dict[str, Any], user: dict[str, Any], source: st
     return merged
 
 
-def build_deepspeed_config(par: "ParallelConfig", *, micro_batch_size: int, grad_accum_steps: int,
+def build_deepspeed_config(par: "ParallelSettings", *, micro_batch_size: int, grad_accum_steps: int,
                            global_batch_size: int) -> dict[str, Any]:
     """The rendered config with the user's file (parallel.deepspeed_config) merged in."""
     rendered = render_deepspeed_config(par, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
