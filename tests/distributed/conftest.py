@@ -21,7 +21,8 @@ DIST_OVERRIDES = [
 ]
 JOB_TIMEOUT_S = 300
 
-# The multi-rank engines, as recipe overrides (shared by the engine, full-state and UniMoCo tests).
+# Every engine as recipe overrides: the one place the tests name them (tests/export too).
+SINGLE = ["parallel.engine=single"]
 ENGINES = {
     "ddp": ["parallel.engine=ddp"],
     "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
@@ -29,6 +30,7 @@ ENGINES = {
     "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
     "fsdp": ["parallel.engine=fsdp"],
 }
+ZERO3_NO_PERSISTENCE = [*ENGINES["zero3"], "parallel.deepspeed_config=tests/distributed/zero3_no_persistence.yaml"]
 # UniMoCo on top of the margin softmax, small enough for 2 ranks of 8 images.
 UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
            "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",

@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.conftest import check_ok, free_port, launcher, run_job, train_args
+from tests.distributed.conftest import ENGINES as ALL_ENGINES
+from tests.distributed.conftest import SINGLE, check_ok, free_port, launcher, run_job, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
-ENGINES = {
-    "single": (1, ["parallel.engine=single"]),
-    "ddp": (2, ["parallel.engine=ddp"]),
-    "zero1": (1, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
-    "zero2": (1, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
-    "zero3": (1, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
-    "fsdp": (1, ["parallel.engine=fsdp"]),
-}
+# (ranks, overrides): one rank where the engine's file kinds do not depend on it, two for DDP's folder.
+ENGINES = {"single": (1, SINGLE), "ddp": (2, ALL_ENGINES["ddp"]),
+           **{name: (1, ALL_ENGINES[name]) for name in ("zero1", "zero2", "zero3", "fsdp")}}
 STEPS = ["train.num_epochs=0.9", "checkpoint.every_steps=5"]  # 5 steps, one checkpoint
 # (engine, file inside the step-5 checkpoint): every kind of file each engine writes.
 CASES = [

@@ -11,16 +11,15 @@ import time
 
 import pytest
 
-from tests.distributed.conftest import (ENGINES, UNIMOCO, check_ok, free_port, loss_curve, run_job,
-                                        run_job_and_signal, torchrun, train_args, worker_pids)
+from tests.distributed.conftest import (ENGINES, UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port, loss_curve,
+                                        run_job, run_job_and_signal, torchrun, train_args, worker_pids)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
 # Resume only (a different objective, so not comparable with the others' losses): UniMoCo's queue and
 # momentum encoder must survive DeepSpeed's and DCP's checkpoint formats.
 RESUME_ONLY = {
-    "zero3_unimoco": [*ENGINES["zero3"], *UNIMOCO,
-                      "parallel.deepspeed_config=tests/distributed/zero3_no_persistence.yaml"],
+    "zero3_unimoco": [*ZERO3_NO_PERSISTENCE, *UNIMOCO],
     "fsdp_unimoco": [*ENGINES["fsdp"], *UNIMOCO],
 }
 NUM_STEPS = 10  # 96 samples / global batch 16 = 6 steps per epoch; 1.65 epochs -> 10 steps

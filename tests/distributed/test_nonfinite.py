@@ -6,16 +6,12 @@ import math
 import pytest
 import torch
 
-from tests.distributed.conftest import free_port, launcher, run_job, train_args
+from tests.distributed.conftest import ENGINES as ALL_ENGINES
+from tests.distributed.conftest import SINGLE, free_port, launcher, run_job, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
-ENGINES = {
-    "single": (1, ["parallel.engine=single"]),
-    "ddp": (2, ["parallel.engine=ddp"]),
-    "zero2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
-    "fsdp": (2, ["parallel.engine=fsdp"]),
-}
+ENGINES = {"single": (1, SINGLE), **{name: (2, ALL_ENGINES[name]) for name in ("ddp", "zero2", "fsdp")}}
 # lr 1e6: step 1 is finite, its update blows the weights up, and every later loss is nan.
 DIVERGING = ["optim.lr=1e6", "schedule.warmup_steps=0", "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
 

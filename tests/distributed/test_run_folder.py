@@ -12,7 +12,6 @@ import hashlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

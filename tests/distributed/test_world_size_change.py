@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.distributed.conftest import ENGINES as ALL_ENGINES
 from tests.distributed.conftest import (JOB_TIMEOUT_S, check_ok, free_port, in_namespace, job_env, loss_curve,
                                         run_job, torchrun, train_args)
 
@@ -29,10 +30,7 @@ COMMON = ["model.backbone=test_layernorm_net", "data.synthetic.samples_per_ident
 OPTIMIZERS = {"adamw": ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05"],
               "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4"]}
 SCRIPT = "tests/distributed/norm_free_train.py"
-ENGINES = {"ddp": ["parallel.engine=ddp"], "fsdp": ["parallel.engine=fsdp"],
-           "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
-           "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
-           "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"]}
+ENGINES = {name: ALL_ENGINES[name] for name in ("ddp", "fsdp", "zero1", "zero2", "zero3")}
 
 
 def job(root, name: str, world: int, engine: str, optimizer: str, *cli: str, check: bool = True):

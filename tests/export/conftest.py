@@ -5,21 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import ENGINES as DISTRIBUTED_ENGINES
+from tests.distributed.conftest import (UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port, run_job, torchrun,
+                                        train_args)
 
-ENGINES = {
-    "single": [],
-    "ddp": ["parallel.engine=ddp"],
-    "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
-    "zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3",
-              "parallel.deepspeed_config=tests/distributed/zero3_no_persistence.yaml"],
-    "fsdp": ["parallel.engine=fsdp"],
-}
-UNIMOCO = ["contrastive.weight=1.0", "contrastive.queue_size=64", "contrastive.projection_dim=16",
-           "contrastive.projection_hidden=32", "contrastive.momentum=0.9", "data.samples_per_label=2",
-           "data.synthetic.labeled_fraction=0.5"]
+ENGINES = {"single": [], **DISTRIBUTED_ENGINES, "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
+           "zero3": ZERO3_NO_PERSISTENCE}
 ENGINES["zero2_unimoco"] = [*ENGINES["zero2"], *UNIMOCO]
 ADAMW = ["optim.name=adamw", "optim.lr=0.001"]
 ENGINES["zero2_adamw"] = [*ENGINES["zero2"], *ADAMW]

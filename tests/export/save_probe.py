@@ -4,8 +4,6 @@ parameter's full value gathered from the live engine right after `save()` (ZeRO-
 FSDP2 full_tensor, the module itself otherwise), plus the buffers, written by rank 0 as {name: tensor}.
 With `--resume PATH --steps 0` it writes what the trainer holds right after resuming instead (nothing saved),
 plus, under ZeRO-3, how many of every rank's parameter partitions differ from their slice of the full value."""
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -13,26 +11,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from launch.train import init_distributed  # noqa: E402
-from toolkit.config import load_config  # noqa: E402
+from tests.distributed.probe import finish, gathered, probe_arguments, start_trainer  # noqa: E402
 from toolkit.training.run_files import prepare_run_folder, write_run_files  # noqa: E402
-from toolkit.training.trainer import Trainer  # noqa: E402
 
 
 def full_named_state(trainer) -> dict:
     module = trainer.backbone.unwrapped()
     names, params = zip(*module.named_parameters())
-    engine = trainer.recipe.parallel.engine
-    if engine == "fsdp":
-        values = [p.full_tensor().detach().clone() for p in params]
-    elif engine == "deepspeed" and trainer.recipe.parallel.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params)):
-            values = [p.detach().clone() for p in params]
-    else:
-        values = [p.detach().clone() for p in params]
-    state = {name: value.float().cpu() for name, value in zip(names, values)}
+    state = {name: value.float().cpu() for name, value in zip(names, gathered(trainer, list(params)))}
     for name, buffer in module.named_buffers():
         buffer = buffer.full_tensor() if hasattr(buffer, "full_tensor") else buffer
         state[name] = buffer.detach().clone().cpu()
@@ -55,18 +41,10 @@ def zero3_partition_mismatches(trainer, state: dict) -> list[str]:
     return wrong
 
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--recipe")
-parser.add_argument("--set", dest="overrides", action="append", default=[])
-parser.add_argument("--steps", type=int, default=3)
-parser.add_argument("--out")
-parser.add_argument("--resume")
-args = parser.parse_args()
-
-recipe = load_config(args.recipe, args.overrides)
-ctx = init_distributed(recipe)
-run_dir = prepare_run_folder(recipe)
-trainer = Trainer(recipe, run_dir, ctx=ctx, verbose=False)
+args = probe_arguments(("--steps", int, 3), ("--resume", str, None))
+trainer = start_trainer(args)
+ctx, recipe = trainer.ctx, trainer.recipe
+prepare_run_folder(recipe)
 if ctx.is_main:
     write_run_files(trainer.run_dir, recipe, trainer.backbone.run_files())
 if args.resume:
@@ -86,9 +64,4 @@ if ctx.is_main:
     centers = torch.cat([s["centers"] for s in sorted(shards, key=lambda s: s["class_start"])]) if shards else None
     torch.save({"step": trainer.step, "state": state, "centers": centers, "partition_mismatches": wrong},
                args.out)
-ctx.barrier()
-if ctx.is_distributed:
-    torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+finish(ctx)

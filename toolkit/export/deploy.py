@@ -169,7 +169,11 @@ def fold_batchnorm(proto) -> dict[str, int]:
         prod = producer.get(x)
         sole = prod is not None and uses.get(x, 0) == 1 and x not in graph_outputs
         base = node.name or f"bn_{len(new_nodes)}"
-        if sole and prod.op_type == "Conv" and const(prod.input[1]) is not None:
+        # Conv (out channels first) and Gemm (transB=1: out x in): the weight's rows scale by s, the bias
+        # becomes b * s + t, and the producer takes over the BN's output.
+        weighted = sole and const(prod.input[1]) is not None and (
+            prod.op_type == "Conv" or (prod.op_type == "Gemm" and _gemm_foldable(prod)))
+        if weighted:
             w = const(prod.input[1]).astype(np.float64)
             b = const(prod.input[2]).astype(np.float64) if len(prod.input) > 2 and prod.input[2] else np.zeros(len(s))
             prod.input[1] = add_init(f"{base}.folded_weight", w * s.reshape(-1, *([1] * (w.ndim - 1))))
@@ -179,18 +183,7 @@ def fold_batchnorm(proto) -> dict[str, int]:
             else:
                 prod.input.append(bias_input)
             prod.output[0] = node.output[0]
-            counts["into_conv"] += 1
-        elif sole and prod.op_type == "Gemm" and _gemm_foldable(prod) and const(prod.input[1]) is not None:
-            w = const(prod.input[1]).astype(np.float64)                       # out x in (transB=1)
-            b = const(prod.input[2]).astype(np.float64) if len(prod.input) > 2 and prod.input[2] else np.zeros(len(s))
-            prod.input[1] = add_init(f"{base}.folded_weight", w * s[:, None])
-            bias_input = add_init(f"{base}.folded_bias", b * s + t)
-            if len(prod.input) > 2:
-                prod.input[2] = bias_input
-            else:
-                prod.input.append(bias_input)
-            prod.output[0] = node.output[0]
-            counts["into_gemm"] += 1
+            counts["into_conv" if prod.op_type == "Conv" else "into_gemm"] += 1
         elif sole and prod.op_type == "MatMul" and const(prod.input[1]) is not None \
                 and const(prod.input[1]).ndim == 2:
             w = const(prod.input[1]).astype(np.float64)                       # in x out

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from toolkit.errors import FaceCLError
+from toolkit.models.init import init_convs_and_norms_
 from toolkit.models.registry import register_backbone
 
 # Total downsampling factor of every backbone here: 112x112 input -> 7x7 final feature map.
@@ -165,12 +166,7 @@ class IResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.constant_(module.weight, 1.0)
-                nn.init.constant_(module.bias, 0.0)
+        init_convs_and_norms_(self)
         # Embedding BN acts as a learned shift only (insightface): scale frozen at 1.
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from toolkit.errors import FaceCLError
+from toolkit.models.init import init_convs_and_norms_
 from toolkit.models.iresnet import (
     BACKBONE_STRIDE,
     check_backbone_arguments,
@@ -155,12 +156,7 @@ class MobileFaceNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.constant_(module.weight, 1.0)
-                nn.init.constant_(module.bias, 0.0)
+        init_convs_and_norms_(self)
         if zero_init_residual:
             # Projection BN of shortcut blocks at zero: those blocks start as the identity.
             for module in self.modules():

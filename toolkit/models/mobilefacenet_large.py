@@ -27,6 +27,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
+from toolkit.models.init import init_convs_and_norms_
 from toolkit.models.iresnet import BACKBONE_STRIDE, check_backbone_arguments, fp32_autocast_disabled
 from toolkit.models.mobilefacenet import ConvBN, ConvBNPReLU
 from toolkit.models.registry import register_backbone
@@ -97,12 +98,7 @@ class MobileFaceNetLarge(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_convs_and_norms_(self, linears=True)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The 29 branches: each becomes one FSDP2 unit (and one activation-checkpointing unit)."""
