@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.data.loader import EpochStream
 from toolkit.data.shard_stream import ShardedTrainSet
 from toolkit.data.shards import IMAGE_EXT, LABEL_INT32_EXT, dali_index_path
 from toolkit.data.transforms import ViewAugmentation
@@ -67,8 +68,10 @@ def _moco_view(fn, types, images, cfg: ViewAugmentation, blur_scale: float):
                                     std=[127.5] * 3, mirror=mirror)
 
 
-class DaliBatchStream:
-    """Endless (images, labels) batches from a DALI pipeline; the same interface as ShardBatchStream."""
+class DaliBatchStream(EpochStream):
+    """Endless (images, labels) batches from a DALI pipeline; the same interface as ShardBatchStream. The
+    position (epoch, batch in epoch) is exact; DALI's own shuffle state is not saved, so a resume reads the
+    same share of the epoch, reshuffled from a seed of its position (`resumes_sample_exactly` stays False)."""
 
     backend = "dali"
 
@@ -101,6 +104,7 @@ class DaliBatchStream:
         self.epoch = 0
         self.batch_in_epoch = 0
         self._pipe = None
+        self._iterator = None
 
     def _build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -140,14 +144,16 @@ class DaliBatchStream:
         pipe.build()
         return pipe
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
+    def _start_epoch(self):
+        """The pipeline's batches (one pipeline across epochs: DALI reshuffles as it reads)."""
         if self._pipe is None:
             self._pipe = self._build_pipeline()
+        while True:
+            yield self._run_pipeline()
+
+    def _run_pipeline(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
         try:
             images_out, labels_out = self._pipe.run()
         except RuntimeError as exc:
@@ -162,8 +168,12 @@ class DaliBatchStream:
         labels_tensor = labels_out.as_cpu().as_tensor() if hasattr(labels_out, "as_cpu") else labels_out.as_tensor()
         labels = torch.empty(labels_tensor.shape(), dtype=torch.int32)
         feed_ndarray(labels_tensor, labels)
-        self.batch_in_epoch += 1
         return images, labels.view(-1).long()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._next_item()
+        self.batch_in_epoch += 1
+        return batch
 
     def state_dict(self) -> dict:
         return {"backend": self.backend, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -175,22 +185,22 @@ class DaliBatchStream:
             raise ValueError(f"data position was saved by the {state.get('backend', 'synthetic')!r} backend, this "
                              f"run reads {self.backend!r}")
         current = self.state_dict()
-        for key in ["seed", "batch_size", "data"] + ([] if allow_world_size_change else ["world_size"]):
+        resized = allow_world_size_change and state.get("world_size") != self.world_size
+        for key in ["seed", "data"] + ([] if resized else ["world_size", "batch_size"]):
             if state.get(key) != current[key]:
                 raise ValueError(f"data position was saved with {key}={state.get(key)!r}, this run has "
                                  f"{key}={current[key]!r}")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if state["world_size"] != self.world_size:
+        if resized:   # the same share of the epoch (the per-rank batch may change with the world size)
             consumed = self.batch_in_epoch * state["batch_size"] * state["world_size"]
             self.batch_in_epoch = min(consumed // (self.batch_size * self.world_size), self.batches_per_epoch)
         self._pipe = None
-
-    @property
-    def fractional_epoch(self) -> float:
-        return self.epoch + self.batch_in_epoch / self.batches_per_epoch
+        self._iterator = None
 
     def close(self) -> None:
-        """Nothing to stop: DALI's pipeline threads end with the process."""
+        """Drop the pipeline (its threads end with it); the position is kept."""
+        self._iterator = None
+        self._pipe = None
 
     def skip_stats(self) -> dict[str, int]:
         """DALI passes over incomplete samples without counting them: nothing to report."""

@@ -171,7 +171,7 @@ class Trainer:
             self._say(line)
         if restored.world_size != self.ctx.world_size:
             data = ("the data continues sample for sample (same global batch)"
-                    if getattr(self.stream, "resumes_sample_exactly", False) else
+                    if self.stream.resumes_sample_exactly else
                     "the data order continues from the same epoch position, but not sample for sample")
             self._say(f"warning: checkpoint {restored.source} was written by {restored.world_size} ranks, this job has "
                       f"{self.ctx.world_size}: the center shards are resharded exactly; {data}; per-rank random "
