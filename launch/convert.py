@@ -100,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from toolkit.errors import run_reporting_user_errors
+    from toolkit.errors import command_main
 
-    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
+    return command_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

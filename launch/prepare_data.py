@@ -116,10 +116,9 @@ def verify_manifest(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from toolkit.errors import run_reporting_user_errors
+    from toolkit.errors import command_main
 
-    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
+    return command_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

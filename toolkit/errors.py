@@ -46,3 +46,11 @@ def run_reporting_user_errors(run: Callable[[], int], *, debug: bool = False,
             raise
         report(exc)
         return getattr(exc, "exit_status", EXIT_USER_ERROR)
+
+
+def command_main(parse_args: Callable[[list[str] | None], object], run: Callable[[object], int],
+                 argv: list[str] | None = None) -> int:
+    """main() of a launch/ command: parse the arguments, run; a FaceCLError is one line and status 2 (with
+    `--debug`, its traceback)."""
+    args = parse_args(argv)
+    return run_reporting_user_errors(lambda: run(args), debug=bool(getattr(args, "debug", False)))
