@@ -133,3 +133,21 @@ def test_resume_paths_that_mislead_get_plain_lines(tmp_path):
     (run / "checkpoints" / "latest").write_bytes(bytes(range(200, 256)))
     with pytest.raises(CheckpointError, match="holds binary bytes, not a checkpoint name"):
         ckpt.load_checkpoint(run)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask):
+    """mkstemp creates 0600 files; checkpoints get what the user's umask gives every other new file."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        folder = ckpt.CheckpointFolder(tmp_path / "checkpoints")
+        path = folder.save(1, {"weights": torch.zeros(2)})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == expected
+    assert path.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "checkpoints" / "latest").stat().st_mode & 0o777 == expected

@@ -38,8 +38,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the user's umask leaves it: what open() would give a new file (mkstemp always gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file_object) on a temp file next to `path`, fsync, then rename it to `path`."""
+    """Call write(file_object) on a temp file next to `path`, fsync, then rename it to `path` (with the mode the
+    user's umask gives new files, so colleagues on a shared cluster can read checkpoints as they can the rest)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -47,6 +55,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, umask_mode())
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):

@@ -95,7 +95,7 @@ class RunLock:
             if not self.run_dir.exists():
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.created_folder = True
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # the umask applies
         except FileExistsError:
             holder = self._read_holder()
             reason = self._stale_reason(holder)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from toolkit.checkpoint.files import umask_mode
 from toolkit.errors import FaceCLError
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -68,7 +69,7 @@ def atomic_output(out: Path, write: Callable[[Path], None]) -> int:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
