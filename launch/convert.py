@@ -89,13 +89,18 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.export.deploy import export_model
 
     result = export_model(args.path, args.format, args.out, overwrite=args.overwrite)
+    from toolkit.export.deploy import folding_summary, insightface_routes
+
     extra = ""
     if args.format == "onnx":
-        extra = (f"; opset {result.details.get('opset')}, batch norms folded: " +
-                 ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.details.items() if k != "opset"))
+        extra = f"; opset {result.details.get('opset')}, {folding_summary(result.details)}"
+    size = int(result.metadata["image_size"])
     print(f"wrote {result.out} ({human_bytes(result.num_bytes)}): {result.metadata['backbone']} "
-          f"{args.format}, input N x 3 x {result.metadata['image_size']} x {result.metadata['image_size']} "
-          f"({result.metadata['input_normalisation']}){extra}")
+          f"{args.format}, input N x 3 x {size} x {size} ({result.metadata['input_normalisation']}){extra}")
+    if args.format == "onnx" and not insightface_routes(size):
+        print(f"warning: insightface's model zoo loads recognition models of square inputs of at least 112 pixels "
+              f"that are a multiple of 16; this model takes {size} x {size}, so model_zoo.get_model returns None for "
+              f"it (onnxruntime runs it as it is)")
     return 0
 
 

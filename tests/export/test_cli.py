@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.export.conftest import SAVE_STEP
 from tests.export.test_bad_input import convert
@@ -63,3 +64,18 @@ def test_inspect_every_engine(engine, runs_root):
     if engine != "fsdp":   # DCP counts its own serialised entries
         assert info["bytes"]["backbone"] == backbone_bytes
     assert info["bytes"]["optimizer_state"] > 0 and info["bytes"]["center_shards"] > 0
+
+
+@pytest.mark.slow
+def test_onnx_export_counts_the_folded_batch_norms_and_warns_about_insightfaces_input_rule(single_run, tmp_path):
+    """The 16 x 16 test model: insightface's model zoo routes square inputs >= 112 and multiple of 16 only."""
+    from toolkit.export import load_backbone
+
+    model, _ = load_backbone(single_run.run_dir)
+    num_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    out = tmp_path / "m.onnx"
+    proc = convert("export", single_run.run_dir, "--format", "onnx", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{num_bn} batch norms of the model folded: " in proc.stdout and num_bn > 10, proc.stdout
+    assert "warning: insightface's model zoo loads recognition models of square inputs of at least 112 pixels" \
+        in proc.stdout and "takes 16 x 16" in proc.stdout

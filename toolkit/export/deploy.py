@@ -108,7 +108,27 @@ def write_onnx(model: torch.nn.Module, meta: dict[str, Any], tmp: Path) -> dict[
                         f"{props['input_normalisation']}; output {props['output']}")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
-    return {"opset": ONNX_OPSET, **counts}
+    num_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return {"opset": ONNX_OPSET, "batch_norms": num_bn, **counts}
+
+
+def insightface_routes(image_size: int) -> bool:
+    """Whether insightface's model zoo (`model_zoo.get_model`) takes an ONNX model of this input size as a
+    recognition model: it routes square inputs of at least 112 pixels that are a multiple of 16."""
+    return image_size >= 112 and image_size % 16 == 0
+
+
+def folding_summary(details: dict[str, Any]) -> str:
+    """'50 batch norms of the model folded: 49 by the exporter (into the convolutions before them), 1 into a
+    matrix product' from write_onnx's counts; no BatchNormalization node is left either way."""
+    ours = [(details.get("into_conv", 0), "into a convolution"), (details.get("into_gemm", 0), "into a linear layer"),
+            (details.get("into_matmul", 0), "into a matrix product"),
+            (details.get("to_mul_add", 0), "into a per-channel scale and shift (no foldable layer before it)")]
+    total = int(details.get("batch_norms", sum(count for count, _ in ours)))
+    by_exporter = total - sum(count for count, _ in ours)
+    where = ([f"{by_exporter} by the exporter (into the convolutions before them)"] if by_exporter > 0 else []) + \
+        [f"{count} {what}" for count, what in ours if count]
+    return f"{total} batch norm{'s' if total != 1 else ''} of the model folded" + (f": {', '.join(where)}" if where else "")
 
 
 def remove_unused_initializers(proto) -> None:
