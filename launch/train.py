@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_config(args.recipe, args.overrides)
     if args.print_config:
+        from toolkit.training.builders import check_names
+
+        check_names(recipe)   # as training would: a misspelled backbone or engine fails here too
         print(dump_recipe(recipe), end="")
         return 0
 

@@ -19,6 +19,9 @@ def test_inspect_table_and_json(single_run):
         assert fragment in table.stdout, fragment
     info = json.loads(convert("inspect", single_run.run_dir, "--json", "--checksums").stdout)
     assert info["complete"] is True and info["problems"] == []
+    assert info["checksums"]["files"] == 1 and info["checksums"]["zip_records"] > 10   # what --checksums verified
+    table = convert("inspect", single_run.run_dir, "--checksums").stdout
+    assert f"{info['checksums']['zip_records']} zip records in 1 files verified: no problem(s)" in table
     assert (info["engine"], info["world_size"], info["step"]) == ("single", 1, SAVE_STEP)
     assert (info["backbone"], info["embedding_size"], info["image_size"], info["num_classes"]) == \
         ("mobilefacenet", 32, 16, single_run.centers.shape[0])

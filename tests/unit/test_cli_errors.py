@@ -270,3 +270,11 @@ def test_a_resume_says_each_changed_recipe_value_and_refuses_another_engine_in_p
                                        "run.name=third", "--set", "parallel.engine=fsdp", "--resume", checkpoint))
     assert "was written with the single-process or DDP engine" in line and "this run uses FSDP2" in line, line
     assert "convert.py consolidate" in line and "train.init_from" in line, line
+
+
+def test_print_config_checks_names_as_training_does(cheap_recipe):
+    line = assert_user_error(run_train("--recipe", cheap_recipe, "--set", "model.backbone=resnet50", "--print-config"),
+                             "model.backbone", "unknown backbone 'resnet50'")
+    assert "valid backbones:" in line
+    assert_user_error(run_train("--recipe", cheap_recipe, "--set", "eval.sets=[lfw.txt]", "--print-config"),
+                      "eval.sets: lfw.txt is neither a .bin verification file nor an IJB-B/IJB-C release folder")

@@ -21,21 +21,23 @@ from toolkit.checkpoint import TRAINER_FILE, CheckpointSource, open_checkpoint, 
 from toolkit.errors import CheckpointError, FaceCLError
 from toolkit.export.consolidate import EXTRA_PREFIX, HEAD_KEY, check_shards
 from toolkit.export.files import human_bytes
-from toolkit.parallel import format_of
+from toolkit.parallel import CheckpointFormat, format_of
 from toolkit.parallel.checkpoint_format import tensor_bytes
 
 
-def _zip_crc_problems(files: list[Path]) -> list[str]:
-    problems = []
+def _zip_crc_problems(files: list[Path]) -> tuple[list[str], int]:
+    """(problems, number of zip records whose CRC was verified) of torch's zip files."""
+    problems, records = [], 0
     for file in files:
         try:
             with zipfile.ZipFile(file) as archive:
                 bad = archive.testzip()
+                records += len(archive.infolist())
             if bad is not None:
                 problems.append(f"{file.name}: record {bad} fails its CRC check")
         except (zipfile.BadZipFile, OSError) as exc:
             problems.append(f"{file.name}: {exc}")
-    return problems
+    return problems, records
 
 
 def _try(problems: list[str], action, *args):
@@ -118,11 +120,16 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
     inside_trainer = fmt.bytes_in_trainer_file(source, parts) if fmt is not None else 0
     inside_trainer += parts["center_shards"] if not source.is_folder else 0
     parts["trainer_state"] = max(0, trainer_file_bytes - inside_trainer)
+    verified = None
     if checksums:
         checked_files = [f for f in torch_files if f.is_file()]
-        problems += _zip_crc_problems(checked_files)
-        if fmt is not None:
-            problems += fmt.verify_data(source)
+        crc_problems, records = _zip_crc_problems(checked_files)
+        data_problems = fmt.verify_data(source) if fmt is not None else []
+        problems += crc_problems + data_problems
+        verified = {"files": len(checked_files), "zip_records": records,
+                    "data_records_read": fmt is not None and
+                    fmt.verify_data.__func__ is not CheckpointFormat.verify_data.__func__,
+                    "problems": len(crc_problems) + len(data_problems)}
     total = sum(p.stat().st_size for p in source.entry.rglob("*") if p.is_file()) if source.is_folder \
         else source.entry.stat().st_size
     details = fmt.details(source) if fmt is not None else {}
@@ -133,7 +140,7 @@ def _inspect_checkpoint(source: CheckpointSource, checksums: bool) -> dict[str, 
             "image_size": config["image_size"], "num_classes": source.num_classes,
             "precision": source.parallel.get("precision", "unknown"), "contrastive": source.contrastive,
             "bytes": parts, "file_bytes": total, "recipe_sha256": source.recipe_sha256,
-            "unexpected_files": [str(p) for p in _unexpected_entries(source, fmt)],
+            "unexpected_files": [str(p) for p in _unexpected_entries(source, fmt)], "checksums": verified,
             "complete": not problems, "problems": problems}
 
 
@@ -162,6 +169,11 @@ def format_report(info: dict[str, Any]) -> str:
     for part, size in info["bytes"].items():
         rows.append((f"bytes: {part.replace('_', ' ')}", f"{human_bytes(size)} ({size})"))
     rows.append(("bytes: total on disk", f"{human_bytes(info['file_bytes'])} ({info['file_bytes']})"))
+    verified = info.get("checksums")
+    if verified:
+        also = "; every data record read" if verified["data_records_read"] else ""
+        rows.append(("checksums", f"{verified['zip_records']} zip records in {verified['files']} files verified{also}: "
+                                  f"{verified['problems'] or 'no'} problem(s)"))
     if info.get("unexpected_files"):
         rows.append(("not FaceCL's (ignored)", ", ".join(Path(p).name for p in info["unexpected_files"][:6])))
     rows.append(("complete", "yes" if info["complete"] else "NO"))

@@ -75,6 +75,12 @@ def _check_backbone_options(name: str, factory: BackboneFactory, options: Dict[s
         )
 
 
+def check_backbone_name(name: str) -> None:
+    """FaceCLError (naming the closest registered backbone) when `name` is not registered."""
+    if not isinstance(name, str) or name not in _BACKBONE_FACTORIES:
+        raise FaceCLError(_unknown_backbone_message(name))
+
+
 def create_backbone(
     name: str,
     *,

@@ -11,7 +11,7 @@ import torch
 
 from toolkit.config.schema import Recipe
 from toolkit.data import ResumableBatchStream, SyntheticFaces, SyntheticPairs, SyntheticTrainSet
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, FaceCLError
 from toolkit.heads import Margin
 from toolkit.heads.partial_fc import ShardedIdentityCenterHead
 from toolkit.models import create_backbone
@@ -27,6 +27,26 @@ class RunShape:
     global_batch_size: int     # samples per optimizer step, all ranks
     steps_per_epoch: int       # optimizer steps
     total_steps: int
+
+
+def check_names(recipe: Recipe) -> None:
+    """The names a recipe refers to exist, as training would find them (also for --print-config): the
+    backbone in the model registry, the engine among the strategies and its settings, each eval.sets entry
+    a .bin file or an IJB release folder. A ConfigError naming the value otherwise."""
+    from pathlib import Path
+
+    from toolkit.models import check_backbone_name
+    from toolkit.parallel import get_strategy
+
+    try:
+        check_backbone_name(recipe.model.backbone)
+    except FaceCLError as exc:
+        raise ConfigError(f"model.backbone: {exc}") from None
+    strategy = get_strategy(recipe.parallel.engine)
+    strategy.check_settings(recipe.parallel)
+    for path in recipe.eval.sets:
+        if not (str(path).endswith(".bin") or Path(path).is_dir()):
+            raise ConfigError(f"eval.sets: {path} is neither a .bin verification file nor an IJB-B/IJB-C release folder")
 
 
 def build_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
@@ -197,36 +217,35 @@ def build_val_pairs(recipe: Recipe) -> SyntheticPairs:
 
 
 def build_val_sets(recipe: Recipe) -> dict:
-    """{name: pairs} to verify on: the recipe's .bin files (named by file stem); with the synthetic backend
-    and no files, the synthetic held-out pairs; with real data and no files, nothing (never synthetic faces
-    for a model trained on real ones)."""
+    """{name: benchmark} to evaluate on (toolkit.eval.benchmark): each eval.sets path as the registered kind it
+    is (a .bin file named by its stem, an IJB release as IJB-B / IJB-C, ...), its metadata read now; with the
+    synthetic backend and no paths, the synthetic held-out pairs as a verification benchmark; with real data
+    and no paths, nothing (never synthetic faces for a model trained on real ones)."""
+    from toolkit.errors import FaceCLError
+    from toolkit.eval.benchmark import EvalSettings, benchmark_for
+    from toolkit.eval.verification import PairVerification
+
+    settings = EvalSettings(image_size=recipe.data.image_size, batch_size=recipe.eval.batch_size,
+                            num_workers=recipe.data.num_workers, num_folds=recipe.eval.num_folds,
+                            fars=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1), max_pairs=recipe.eval.ijb_max_pairs or None,
+                            seed=recipe.run.seed)
     if not recipe.eval.sets:
-        return {"synthetic": build_val_pairs(recipe)} if recipe.data.backend == "synthetic" else {}
-    from pathlib import Path
-
-    from toolkit.data.verification_bin import VerificationBin
-
+        if recipe.data.backend != "synthetic":
+            return {}
+        return {"synthetic": PairVerification.from_pairs("synthetic", build_val_pairs(recipe), settings)}
     sets = {}
     for path in recipe.eval.sets:
-        if Path(path).is_dir():
-            from toolkit.eval.ijb import IJBEvaluator, detect_prefix
-
-            if detect_prefix(Path(path)) is None:
-                raise ConfigError(f"eval.sets: {path} is a folder but not an IJB-B/IJB-C release (no meta/ijbb_* or "
-                                  "meta/ijbc_* files)")
-            evaluator = IJBEvaluator(path, max_pairs=recipe.eval.ijb_max_pairs or None,
-                                     image_size=recipe.data.image_size, batch_size=recipe.eval.batch_size,
-                                     num_workers=recipe.data.num_workers, seed=recipe.run.seed,
-                                     fars=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
-            sets[evaluator.name] = evaluator
-            continue
-        if not Path(path).is_file():
-            raise ConfigError(f"eval.sets: verification file not found: {path}")
-        pairs = VerificationBin(path, image_size=recipe.data.image_size)
-        if pairs.num_pairs % recipe.eval.num_folds:
-            raise ConfigError(f"eval.sets: {path} has {pairs.num_pairs} pairs, not divisible into "
-                              f"eval.num_folds={recipe.eval.num_folds} folds")
-        sets[Path(path).stem] = pairs
+        try:
+            benchmark = benchmark_for(path, settings=settings, source="eval.sets")
+        except FaceCLError as exc:
+            raise ConfigError(str(exc)) from None
+        if benchmark.carries_embeddings:
+            raise ConfigError(f"eval.sets: {path} holds its own features, not images: it cannot evaluate the "
+                              "model being trained")
+        try:
+            sets[benchmark.name] = benchmark.load()
+        except FaceCLError as exc:   # the same on every rank: a recipe error
+            raise ConfigError(f"eval.sets: {exc}") from None
     return sets
 
 
