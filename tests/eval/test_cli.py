@@ -123,7 +123,7 @@ def _extract_rank(rank, world_size, init_file, folder, queue):
     torch.set_num_threads(1)
     from toolkit.eval.extract import extract_embeddings
     from toolkit.eval.models import Embedder
-    from toolkit.eval.runner import LabelledFolder
+    from toolkit.data.labelled_images import LabelledFolder
 
     embed = Embedder.from_module(ColourNet(16), name="c", image_size=32)
     emb, status = extract_embeddings(embed, LabelledFolder(folder, 32), batch_size=7, num_workers=0,
@@ -138,7 +138,7 @@ def test_two_gloo_ranks_extract_the_same_embeddings(data, tmp_path):
 
     from toolkit.eval.extract import extract_embeddings
     from toolkit.eval.models import Embedder
-    from toolkit.eval.runner import LabelledFolder
+    from toolkit.data.labelled_images import LabelledFolder
 
     single, status = extract_embeddings(Embedder.from_module(ColourNet(16), name="c", image_size=32),
                                         LabelledFolder(data / "faces", 32), batch_size=7, num_workers=0,

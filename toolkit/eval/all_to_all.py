@@ -1,4 +1,4 @@
-# All-to-all 1:1 verification (the MFR protocol): exact TAR at FAR over every pair, without an N x N matrix.
+# All-to-all 1:1 verification (the MFR protocol): exact TAR at FAR over all pairs, no N x N matrix; kind all_to_all.
 """Every unordered pair (i < j) of a labelled set is scored: same label = genuine, else impostor. MFR-ALL has
 1.6M images: 4.7M genuine and 2.6e12 impostor pairs, so the impostor scores are never stored. The threshold at
 FAR f is the k-th largest impostor score, k = ceil(f * num_impostors) (the convention of toolkit.eval.roc:
@@ -30,17 +30,23 @@ bf16/fp16: `compute_dtype` rounds the (normalised) embeddings to that type; the 
 in fp32 (CUDA: torch.mm with out_dtype=float32; CPU: the rounded values are upcast, which is the same
 arithmetic). Under torchrun, rank r takes the row blocks I with I % world_size == r; histograms and counts
 are summed, genuine and kept scores gathered, and every rank returns the same result.
+
+`AllToAll` (end of the module) is the registered benchmark kind `all_to_all` (toolkit.eval.benchmark): one
+kind with three inputs (an identity folder, a shard manifest, a .npz of features and labels).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from toolkit.eval.benchmark import Benchmark, register_benchmark
 from toolkit.eval.roc import far_key, num_accepted_impostors, operating_point
 
 MFR_FARS = (1e-6, 1e-5, 1e-4)
@@ -321,3 +327,106 @@ def _bracket_from_histogram(hist_B: torch.Tensor, lo: float, hi: float, k: int, 
     inside = float(hist_B[first:last + 1].sum())
     mode = "collect" if inside <= max_kept or width < 1e-7 * max(1.0, abs(lo)) else "hist"
     return _Bracket(far=far, k=k, lo=new_lo, hi=new_hi, mode=mode)
+
+
+# ----- the benchmark kind ----------------------------------------------------------------------------------
+
+@register_benchmark("all_to_all", order=90)   # last: it takes any folder of sub-folders
+class AllToAll(Benchmark):
+    """All-to-all 1:1 TAR at FAR (MFR_FARS) over a labelled set given as one of three inputs: a folder of
+    identity sub-folders or the manifest.json of FaceCL shards (toolkit.data.labelled_images: embedded with
+    the model), or a .npz with arrays `features` (N x D) and `labels` (N), or a feature file holding one
+    all-to-all benchmark (toolkit.eval.features.load_labelled_features: it needs no model)."""
+
+    description = "a folder of identity sub-folders, a shard manifest.json or a .npz of features and labels"
+    columns = ("MFR-style 1e-6",)
+
+    def __init__(self, name, path, settings=None):
+        super().__init__(name, path, settings)
+        self._faces = None                                    # LabelledFolder or ShardFaces
+        self._features: tuple[np.ndarray, np.ndarray] | None = None   # (N x D, labels N) of a .npz
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        if path.is_file():
+            return path.suffix in (".npz", ".json")
+        return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+
+    @classmethod
+    def default_name(cls, path: Path) -> str:
+        return path.parent.name if path.suffix == ".json" else path.stem
+
+    @property
+    def carries_embeddings(self) -> bool:
+        return self.path.suffix == ".npz"
+
+    def faces(self, image_size: int | None = None):
+        """The labelled images (read once; decoded to `image_size`, default the settings')."""
+        from toolkit.data.labelled_images import LabelledFolder, ShardFaces
+
+        size = image_size or self.settings.image_size
+        if self._faces is None:
+            self._faces = (ShardFaces if self.path.suffix == ".json" else LabelledFolder)(self.path, size)
+        elif self._faces.image_size != size:
+            self._faces = copy.copy(self._faces)
+            self._faces.image_size = size
+        return self._faces
+
+    def own_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        features_ND, labels_N = self._labelled_features()
+        return features_ND, np.zeros(len(labels_N), dtype=np.int8)
+
+    def _labelled_features(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._features is None:
+            from toolkit.eval.features import load_labelled_features
+
+            self._features = load_labelled_features(self.path)
+        return self._features
+
+    @property
+    def labels_N(self) -> np.ndarray:
+        return self._labelled_features()[1] if self.carries_embeddings else self.faces().labels_N
+
+    def load(self) -> "AllToAll":
+        self.labels_N
+        return self
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels_N)
+
+    def images(self, image_size: int):
+        return self.faces(image_size)
+
+    def saved_arrays(self) -> dict[str, np.ndarray]:
+        return {"labels": self.labels_N}
+
+    @property
+    def saved_kind(self) -> str:
+        return "all_to_all_shards" if self.path.suffix == ".json" else self.kind
+
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+        result = self.result_head(status_N)
+        usable = np.asarray(status_N) == 0
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result.update(all_to_all_tar_at_far(torch.as_tensor(emb_ND[usable]), self.labels_N[usable], MFR_FARS,
+                                            device=device, compute_dtype=self.settings.compute_dtype, rank=rank,
+                                            world_size=world_size, group=group, progress=self.settings.progress))
+        return result
+
+    @classmethod
+    def summary_lines(cls, name: str, result: dict) -> list[str]:
+        tars = ", ".join(f"{k}: {cls.percent(v['tar'], 3)}" for k, v in result["tar_at_far"].items())
+        return [f"{name} (all-to-all over {result['num_images']} images, {result['num_genuine']} genuine / "
+                f"{result['num_impostor']} impostor pairs) TAR% at FAR {tars}{cls.skipped_note(result)}"]
+
+    @classmethod
+    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
+        value = result["tar_at_far"].get("1e-06", {}).get("tar")
+        return {"MFR-style 1e-6": None if value is None else 100.0 * value}
+
+    @classmethod
+    def scalars(cls, result: dict) -> dict[str, float]:
+        """TAR@FAR=<f> for the FARs the set is large enough for (as IJB in training)."""
+        return {f"TAR@FAR={far}": point["tar"] for far, point in result["tar_at_far"].items()
+                if point["tar"] is not None}

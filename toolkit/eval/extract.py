@@ -17,16 +17,13 @@ import sys
 import numpy as np
 import torch
 
+from toolkit.data.labelled_images import SKIP_MISSING, to_model_input
 from toolkit.errors import FaceCLError
 
-SKIP_MISSING = 1     # file missing or not decodable
 SKIP_LANDMARKS = 2   # landmarks outside the image, not finite or degenerate
 SKIP_REASONS = {SKIP_MISSING: "missing or unreadable image", SKIP_LANDMARKS: "unusable landmarks"}
-
-
-def to_model_input(rgb_HW3: np.ndarray) -> torch.Tensor:
-    """uint8 H x W x 3 RGB -> 3 x H x W float32 (rgb - 127.5) / 127.5."""
-    return torch.from_numpy(np.array(rgb_HW3, dtype=np.uint8, order="C")).permute(2, 0, 1).float().sub_(127.5).div_(127.5)
+__all__ = ["SKIP_LANDMARKS", "SKIP_MISSING", "SKIP_REASONS", "check_skipped", "extract_embeddings", "skip_counts",
+           "to_model_input"]
 
 
 def skip_counts(status_N: np.ndarray) -> dict[str, int]:

@@ -1,4 +1,4 @@
-# IJB-B / IJB-C: the release layout (loose crops + meta files), template pooling, 1:1 TAR@FAR and 1:N search.
+# IJB-B / IJB-C: the release layout (loose crops + meta files), template pooling, 1:1 TAR@FAR and 1:N search; kind ijb.
 """Layout of a release folder ROOT (P = ijbc for IJB-C, ijbb for IJB-B; the prefix is detected):
 
     ROOT/loose_crop/<IMAGE>                  face crops (any format PIL reads)
@@ -20,6 +20,9 @@ media features, normalised; score = cosine; TAR at FAR by toolkit.eval.roc's con
 used (missing file, landmarks outside the image) are left out of their template and counted; a template
 with no usable image has a zero feature, so its pairs score 0 (counted as `num_pairs_with_empty_template`).
 
+`IJBBenchmark` (end of the module) is the registered benchmark kind `ijb` (toolkit.eval.benchmark); in
+training it evaluates through `IJBEvaluator`.
+
 Protocol (1:N), per gallery G1 and G2 and the mean of both: a probe template is mated when its subject has a
 template in the gallery. Subject score = best score over the subject's gallery templates. Rank-k accuracy =
 share of mated probes whose subject is among the k best-scoring subjects, rank = number of subjects scoring
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.errors import FaceCLError
+from toolkit.eval.benchmark import Benchmark, register_benchmark
 from toolkit.eval.roc import DEFAULT_FARS, far_key, num_accepted_impostors, roc_points, tar_at_far
 
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
@@ -369,13 +373,14 @@ class IJBEvaluator:
     rest) and embeds only the images of their templates, so an evaluation fits in a training run; numbers
     on a subset track progress and are not the benchmark's. Images are aligned on every call by DataLoader
     workers (the aligned IJB-C would take 18 GB to cache). Under several ranks each embeds a slice.
+    `release`: an IJBRelease already read from `root` (the `ijb` benchmark's), instead of reading it again.
     """
 
     def __init__(self, root: str | Path, *, max_pairs: int | None = None, image_size: int = 112,
                  batch_size: int = 128, num_workers: int = 2, flip: bool = True,
                  detector_score_weighting: bool = False, fars: Sequence[float] = (1e-5, 1e-4, 1e-3),
-                 max_skipped_fraction: float = 0.01, seed: int = 0):
-        self.release = load_release(root)
+                 max_skipped_fraction: float = 0.01, seed: int = 0, release: IJBRelease | None = None):
+        self.release = release if release is not None else load_release(root)
         self.name = self.release.name
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.flip, self.detector_score_weighting, self.fars = flip, detector_score_weighting, tuple(fars)
@@ -418,3 +423,103 @@ class IJBEvaluator:
         out = {f"TAR@FAR={k}": v["tar"] for k, v in result["tar_at_far"].items()}
         out.update(num_pairs=result["num_pairs"], num_skipped=int(np.count_nonzero(status_S)))
         return out
+
+
+# ----- the benchmark kind ----------------------------------------------------------------------------------
+
+_RELEASE_NAMES = {"ijbc": "IJB-C", "ijbb": "IJB-B"}
+_TABLE_CELLS = {"IJB-B": (("IJB-B 1e-4", "1e-04"),), "IJB-C": (("IJB-C 1e-5", "1e-05"), ("IJB-C 1e-4", "1e-04"))}
+
+
+@register_benchmark("ijb", order=20)
+class IJBBenchmark(Benchmark):
+    """An IJB-B / IJB-C release folder: 1:1 TAR at FAR (and 1:N when the CSVs are there) in reports; in
+    training, `IJBEvaluator`'s TAR@FAR on a seeded subset of `settings.max_pairs` pairs (None: every pair)."""
+
+    description = "an IJB-B/IJB-C release folder with meta/ijbc_face_tid_mid.txt or meta/ijbb_face_tid_mid.txt"
+    columns = ("IJB-B 1e-4", "IJB-C 1e-5", "IJB-C 1e-4")
+
+    def __init__(self, name, path, settings=None):
+        super().__init__(name, path, settings)
+        self._release: IJBRelease | None = None
+        self._evaluator: IJBEvaluator | None = None
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_dir() and detect_prefix(path) is not None
+
+    @classmethod
+    def default_name(cls, path: Path) -> str:
+        """IJB-C or IJB-B (the trainer's name of the set)."""
+        return _RELEASE_NAMES[detect_prefix(path)]
+
+    @property
+    def release(self) -> IJBRelease:
+        if self._release is None:
+            self._release = load_release(self.path)
+        return self._release
+
+    def load(self) -> "IJBBenchmark":
+        self.release
+        return self
+
+    @property
+    def num_images(self) -> int:
+        return self.release.num_images
+
+    def images(self, image_size: int):
+        return IJBImages(self.release, image_size)
+
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+        from toolkit.eval.roc import plot_roc
+
+        release, s = self.release, self.settings
+        result = self.result_head(status_N)
+        verification, extras = verification_1to1(release, emb_ND, status_N,
+                                                 detector_score_weighting=s.detector_score_weighting, fars=s.fars)
+        result["benchmark"] = release.name
+        result["verification"] = verification
+        result["identification"] = identification_report(release, extras["template_ids"],
+                                                         extras["template_features"])
+        if output_dir is not None and rank == 0:
+            png = plot_roc({self.name: extras["roc"]}, Path(output_dir) / f"roc_{self.name}.png",
+                           title=f"{release.name} 1:1 ROC ({self.name})")
+            result["roc_png"] = str(png)
+        return result
+
+    @classmethod
+    def summary_lines(cls, name: str, result: dict) -> list[str]:
+        tars = ", ".join(f"{k}: {cls.percent(v['tar'])}" for k, v in result["verification"]["tar_at_far"].items())
+        lines = [f"{name} ({result['benchmark']} 1:1) TAR% at FAR {tars}{cls.skipped_note(result)}"]
+        ident = result.get("identification")
+        if ident:
+            m = ident["mean"]
+            tpir = ", ".join(f"{k}: {cls.percent(v)}" for k, v in m["tpir_at_fpir"].items())
+            lines.append(f"{name} ({result['benchmark']} 1:N, mean of G1/G2) rank-1 {cls.percent(m['rank1'])}% "
+                         f"rank-5 {cls.percent(m['rank5'])}% TPIR% at FPIR {tpir}")
+        return lines
+
+    @classmethod
+    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
+        """IJB-B: TAR at FAR 1e-4; IJB-C: at 1e-5 and 1e-4 (None where the set is too small for that FAR)."""
+        tar = result["verification"]["tar_at_far"]
+        cells = {}
+        for column, far in _TABLE_CELLS.get(result["benchmark"], ()):
+            value = tar.get(far, {}).get("tar")
+            cells[column] = None if value is None else 100.0 * value
+        return cells
+
+    def evaluate(self, embed, *, device="cpu", rank=0, world_size=1, group=None) -> dict:
+        """{"TAR@FAR=<f>": tar or None, ..., "num_pairs", "num_skipped"} (IJBEvaluator.evaluate)."""
+        if self._evaluator is None:
+            s = self.settings
+            self._evaluator = IJBEvaluator(self.path, max_pairs=s.max_pairs, image_size=s.image_size,
+                                           batch_size=s.batch_size, num_workers=s.num_workers, flip=s.flip,
+                                           detector_score_weighting=s.detector_score_weighting, fars=s.fars,
+                                           max_skipped_fraction=s.max_skipped_fraction, seed=s.seed,
+                                           release=self.release)
+        return self._evaluator.evaluate(embed, device=device, rank=rank, world_size=world_size, group=group)
+
+    @classmethod
+    def scalars(cls, result: dict) -> dict[str, float]:
+        return {key: value for key, value in result.items() if key.startswith("TAR@FAR=") and value is not None}

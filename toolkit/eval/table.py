@@ -1,5 +1,7 @@
 # The results table papers print: one row per model, LFW .. MFR-style columns, as markdown and JSON.
-"""Columns and where each number comes from (all in percent, 2 decimals in markdown):
+"""Columns and where each number comes from (all in percent, 2 decimals in markdown): every registered
+benchmark kind declares its columns and fills them from its report entries (`Benchmark.table_cells`,
+toolkit.eval.benchmark); the built-in ones:
 
 | column | source |
 |---|---|
@@ -14,45 +16,35 @@ A column whose benchmark was not run (or whose FAR the set is too small for) sho
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from toolkit.errors import FaceCLError
+from toolkit.eval.benchmark import benchmark_class, table_columns
 
-COLUMNS = ("LFW", "CFP-FP", "AgeDB-30", "IJB-B 1e-4", "IJB-C 1e-5", "IJB-C 1e-4", "MFR-style 1e-6")
-_VERIFICATION_COLUMNS = {"lfw": "LFW", "cfpfp": "CFP-FP", "agedb30": "AgeDB-30"}
 _REPORT_NAME = "evaluation.json"
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def table_row(report: dict) -> dict:
-    """{column: percent or None} of one evaluation report."""
-    row: dict = {c: None for c in COLUMNS}
+    """{column: percent or None} of one evaluation report (entries of kinds not registered here are left out)."""
+    row: dict = {c: None for c in table_columns()}
     for name, result in report.get("benchmarks", {}).items():
-        kind = result.get("kind")
-        if kind == "verification" and _key(name) in _VERIFICATION_COLUMNS:
-            row[_VERIFICATION_COLUMNS[_key(name)]] = 100.0 * result["accuracy_mean"]
-        elif kind == "ijb":
-            tar = result["verification"]["tar_at_far"]
-            wanted = {"IJB-B": (("IJB-B 1e-4", "1e-04"),),
-                      "IJB-C": (("IJB-C 1e-5", "1e-05"), ("IJB-C 1e-4", "1e-04"))}.get(result["benchmark"], ())
-            for column, far in wanted:
-                value = tar.get(far, {}).get("tar")
-                row[column] = None if value is None else 100.0 * value
-        elif kind == "all_to_all":
-            value = result["tar_at_far"].get("1e-06", {}).get("tar")
-            row["MFR-style 1e-6"] = None if value is None else 100.0 * value
+        kind = benchmark_class(result.get("kind"))
+        if kind is None:
+            continue
+        cells = kind.table_cells(name, result)
+        undeclared = set(cells) - set(kind.columns)
+        if undeclared:
+            raise ValueError(f"benchmark kind {kind.kind!r} fills columns it does not declare: {sorted(undeclared)}")
+        row.update(cells)
     return row
 
 
 def format_markdown(rows: dict[str, dict]) -> str:
     """Markdown table, one row per model name."""
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = table_columns()
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, row in rows.items():
-        cells = ["-" if row.get(c) is None else f"{row[c]:.2f}" for c in COLUMNS]
+        cells = ["-" if row.get(c) is None else f"{row[c]:.2f}" for c in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,19 +1,28 @@
-# Pair verification protocol (LFW / CFP-FP / AgeDB style): flip-sum embeddings, 10 folds, best threshold.
+# Pair verification (LFW / CFP-FP / AgeDB style): flip-sum embeddings, 10 folds, best threshold; kind verification.
 """The standard verification protocol.
 
 embedding = normalise(f(img) + f(flip(img))); distance = squared L2 between normalised embeddings (in
 [0, 4]); the pairs are split into `num_folds` consecutive folds (no shuffle); on each fold the threshold
 in [0, 4) step 0.01 that maximises accuracy on the other folds is applied to the held-out fold. The
 result is the mean and std of the held-out accuracies.
+
+`PairVerification` (end of the module) is the registered benchmark kind `verification`
+(toolkit.eval.benchmark): a .bin set, or the synthetic held-out pairs of training.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from toolkit.errors import FaceCLError
+from toolkit.eval.benchmark import Benchmark, register_benchmark
 
 THRESHOLDS = torch.arange(0.0, 4.0, 0.01, dtype=torch.float64)  # T
 
@@ -99,3 +108,115 @@ def evaluate_pairs(embed: Callable[[torch.Tensor], torch.Tensor], pair_images, i
                            world_size=world_size, group=group)
     dist_P = (emb_ND[0::2] - emb_ND[1::2]).pow(2).sum(dim=1)
     return verification_accuracy(dist_P, is_same_P, num_folds)
+
+
+# ----- the benchmark kind: an insightface .bin set (launch/evaluate.py, eval.sets) or pairs in memory -----
+
+_TABLE_COLUMNS = {"lfw": "LFW", "cfpfp": "CFP-FP", "agedb30": "AgeDB-30"}  # by the set's name, see table_cells
+
+
+class _PairImages(torch.utils.data.Dataset):
+    """Pair images as (image, status) items; an image that cannot be decoded is skipped and counted."""
+
+    def __init__(self, pairs, image_size: int):
+        self.pairs, self.image_size = pairs, image_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        from toolkit.eval.extract import SKIP_MISSING
+
+        try:
+            return self.pairs[i], 0
+        except FaceCLError:
+            return torch.zeros(3, self.image_size, self.image_size), SKIP_MISSING
+
+
+@register_benchmark("verification", order=10)
+class PairVerification(Benchmark):
+    """10-fold pair verification (the protocol above) on an insightface `.bin` set (toolkit.data.verification_bin)
+    or on pairs already in memory (`from_pairs`: the synthetic held-out pairs of training). Like the pairs it
+    holds, it is the sequence of pair images (image 2k, 2k+1 = pair k) with `is_same_P`."""
+
+    description = "a .bin verification set"
+    columns = ("LFW", "CFP-FP", "AgeDB-30")
+    reports_verification_accuracy = True
+
+    def __init__(self, name, path, settings=None):
+        super().__init__(name, path, settings)
+        self._pairs = None
+
+    @classmethod
+    def from_pairs(cls, name: str, pairs, settings=None) -> "PairVerification":
+        """A benchmark over `pairs` (len = images, [i] = image i, `is_same_P`), with no file behind it."""
+        benchmark = cls(name, None, settings)
+        benchmark._pairs = pairs
+        return benchmark
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".bin"
+
+    def pairs(self, image_size: int | None = None):
+        """The pair set; a .bin set is read once and decodes to `image_size` (default: the settings')."""
+        if self._pairs is None:
+            from toolkit.data.verification_bin import VerificationBin
+
+            self._pairs = VerificationBin(self.path, image_size=image_size or self.settings.image_size)
+        if self.path is not None and image_size is not None and self._pairs.image_size != image_size:
+            resized = copy.copy(self._pairs)   # the same JPEG bytes, decoded to another size
+            resized.image_size = image_size
+            return resized
+        return self._pairs
+
+    def load(self) -> "PairVerification":
+        pairs, folds = self.pairs(), self.settings.num_folds
+        if pairs.num_pairs % folds:
+            raise FaceCLError(f"{self.path} has {pairs.num_pairs} pairs, not divisible into {folds} folds")
+        return self
+
+    @property
+    def is_same_P(self) -> torch.Tensor:
+        return self.pairs().is_same_P
+
+    def __len__(self) -> int:
+        return len(self.pairs())
+
+    def __getitem__(self, image_index: int) -> torch.Tensor:
+        return self.pairs()[image_index]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.pairs())
+
+    def images(self, image_size: int):
+        return _PairImages(self.pairs(image_size), image_size)
+
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+        result = self.result_head(status_N)
+        emb = F.normalize(torch.as_tensor(emb_ND), dim=1)
+        dist_P = (emb[0::2] - emb[1::2]).pow(2).sum(dim=1)
+        result.update(verification_accuracy(dist_P, self.is_same_P, self.settings.num_folds).as_dict())
+        return result
+
+    @classmethod
+    def summary_lines(cls, name: str, result: dict) -> list[str]:
+        return [f"{name}: accuracy {cls.percent(result['accuracy_mean'])}% +- {cls.percent(result['accuracy_std'])}% "
+                f"on {result['num_pairs']} pairs{cls.skipped_note(result)}"]
+
+    @classmethod
+    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
+        """LFW / CFP-FP / AgeDB-30 from the sets named lfw, cfp_fp, agedb_30 (case, '-' and '_' ignored)."""
+        column = _TABLE_COLUMNS.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+        return {column: 100.0 * result["accuracy_mean"]} if column else {}
+
+    def evaluate(self, embed, *, device="cpu", rank=0, world_size=1, group=None) -> dict:
+        """{"accuracy_mean", "accuracy_std", "best_thresholds", "num_pairs"}: `evaluate_pairs` on the pairs."""
+        return evaluate_pairs(embed, self.pairs(), self.is_same_P, device=torch.device(device),
+                              batch_size=self.settings.batch_size, num_folds=self.settings.num_folds, rank=rank,
+                              world_size=world_size, group=group).as_dict()
+
+    @classmethod
+    def scalars(cls, result: dict) -> dict[str, float]:
+        return {"accuracy": result["accuracy_mean"], "std": result["accuracy_std"]}

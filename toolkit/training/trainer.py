@@ -35,7 +35,6 @@ from toolkit.distributed import DistributedContext
 from toolkit.distributed.collectives import all_gather_no_grad
 from toolkit.distributed.signals import StopSignals
 from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
-from toolkit.eval import evaluate_pairs
 from toolkit.training import builders
 from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.optim import build_scheduler, scaled_lr
@@ -294,22 +293,16 @@ class Trainer:
 
     # ----- evaluation and the loop ----------------------------------------------------------------------
     def evaluate(self) -> list[dict]:
-        """Verification on every set; every rank takes part (sharded engines need all ranks in a forward).
-        Returns one entry per set, the primary (first) set first."""
+        """Every benchmark of eval.sets (toolkit.eval.benchmark); every rank takes part (sharded engines need all
+        ranks in a forward). Returns one entry per set, in eval.sets order."""
         self.backbone.sync_buffers()
         self.backbone.train(False)
         entries = []
         try:
-            for name, evaluation in self.val_sets.items():
-                if hasattr(evaluation, "evaluate"):   # an IJB release: TAR at FAR over template pairs
-                    result = evaluation.evaluate(self._embed, device=self.device, rank=self.ctx.rank,
-                                                 world_size=self.ctx.world_size, group=self.ctx.group)
-                    entries.append({"step": self.step, "set": name, **result})
-                    continue
-                result = evaluate_pairs(self._embed, evaluation, evaluation.is_same_P, device=self.device,
-                                        batch_size=self.recipe.eval.batch_size, num_folds=self.recipe.eval.num_folds,
-                                        rank=self.ctx.rank, world_size=self.ctx.world_size, group=self.ctx.group)
-                entries.append({"step": self.step, "set": name, **result.as_dict()})
+            for name, benchmark in self.val_sets.items():
+                result = benchmark.evaluate(self._embed, device=self.device, rank=self.ctx.rank,
+                                            world_size=self.ctx.world_size, group=self.ctx.group)
+                entries.append({"step": self.step, "set": name, **result})
         finally:
             self.backbone.train(True)
         self.result.evaluations.extend(entries)
@@ -385,7 +378,7 @@ class Trainer:
                 if self.val_sets and not stopping and (
                         (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
-                        reporter.log_eval(self.step, entry["set"], evaluation_scalars(entry))
+                        reporter.log_eval(self.step, entry["set"], self.val_sets[entry["set"]].scalars(entry))
                     reporter.restart_clock()
                     if watchdog is not None:
                         watchdog.beat(self.step)
@@ -422,11 +415,12 @@ class Trainer:
         return self.ctx.all_gather_objects(self.head.shard_state())
 
     def final_verification(self) -> dict | None:
-        """The last evaluation of the primary (first) verification set."""
-        pair_sets = [name for name, evaluation in self.val_sets.items() if not hasattr(evaluation, "evaluate")]
-        if not pair_sets:
+        """The last evaluation of the primary verification set: the first whose kind reports the 10-fold pair
+        accuracy (accuracy_mean, accuracy_std, num_pairs); None without one."""
+        primary = next((name for name, benchmark in self.val_sets.items()
+                        if benchmark.reports_verification_accuracy), None)
+        if primary is None:
             return None
-        primary = pair_sets[0]
         entries = [e for e in self.result.evaluations if e.get("set", primary) == primary]
         return entries[-1] if entries else None
 
@@ -498,10 +492,3 @@ def recipe_changes(source: Path, recipe: Recipe, limit: int = 20) -> list[str]:
     if len(changed) > limit:
         lines.append(f"recipe change on resume: ... and {len(changed) - limit} more (compare {saved_file})")
     return lines
-
-
-def evaluation_scalars(entry: dict) -> dict[str, float]:
-    """What the log line and TensorBoard show of one evaluation: accuracy for pair sets, TAR@FAR for IJB."""
-    if "accuracy_mean" in entry:
-        return {"accuracy": entry["accuracy_mean"], "std": entry["accuracy_std"]}
-    return {key: value for key, value in entry.items() if key.startswith("TAR@FAR=") and value is not None}
