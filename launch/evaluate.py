@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.eval.runner import run_evaluation, summary_lines
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, group = 0, None
+    rank = 0
     if world_size > 1:  # started by torchrun: each rank embeds a slice, rank 0 reports
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -110,10 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from toolkit.errors import run_reporting_user_errors
+    from toolkit.errors import command_main
 
-    return run_reporting_user_errors(lambda: run(args), debug=args.debug)
+    return command_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

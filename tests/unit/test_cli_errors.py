@@ -277,4 +277,28 @@ def test_print_config_checks_names_as_training_does(cheap_recipe):
                              "model.backbone", "unknown backbone 'resnet50'")
     assert "valid backbones:" in line
     assert_user_error(run_train("--recipe", cheap_recipe, "--set", "eval.sets=[lfw.txt]", "--print-config"),
-                      "eval.sets: lfw.txt is neither a .bin verification file nor an IJB-B/IJB-C release folder")
+                      "eval.sets: path not found: lfw.txt")
+
+
+def test_print_config_checks_eval_sets_with_the_benchmark_registry(cheap_recipe, tmp_path):
+    """--print-config takes and refuses eval.sets entries exactly as training's benchmark lookup does."""
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    line = assert_user_error(run_train("--recipe", cheap_recipe, "--set", f"eval.sets=[{empty}]", "--print-config"),
+                             f"eval.sets: {empty} is no benchmark input")
+    assert "(verification)" in line and "(ijb)" in line and "(all_to_all)" in line, line
+    features = tmp_path / "features.npz"
+    features.write_bytes(b"")
+    assert_user_error(run_train("--recipe", cheap_recipe, "--set", f"eval.sets=[{features}]", "--print-config"),
+                      "holds its own features, not images")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "lfw.bin").write_bytes(b"")
+    assert_user_error(run_train("--recipe", cheap_recipe, "--set",
+                                f"eval.sets=[{tmp_path / 'a' / 'lfw.bin'},{tmp_path / 'b' / 'lfw.bin'}]",
+                                "--print-config"),
+                      "are both named 'lfw'", "would overwrite each other")
+    identities = tmp_path / "identities"
+    (identities / "person_0").mkdir(parents=True)
+    shown = run_train("--recipe", cheap_recipe, "--set", f"eval.sets=[{identities}]", "--print-config")
+    assert shown.returncode == 0, shown.stderr

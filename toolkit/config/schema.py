@@ -264,8 +264,9 @@ class EvalConfig:
 
     every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0)
     sets: list[str] = doc(
-        "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) and IJB-B/IJB-C release "
-        "folders (1:1 TAR at FAR 1e-5/1e-4/1e-3); the first .bin set is the one reported last. Empty: the "
+        "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...), IJB-B/IJB-C release "
+        "folders (1:1 TAR at FAR 1e-5/1e-4/1e-3) and labelled images scored all-to-all (a folder of identity "
+        "sub-folders or a shard manifest.json); the first .bin set is the one reported last. Empty: the "
         "synthetic held-out pairs with the synthetic backend, nothing with real data.", default_factory=list, path=True)
     ijb_max_pairs: int = doc(
         "IJB folders in eval.sets: score a seeded subset of this many template pairs (all genuine pairs up to "

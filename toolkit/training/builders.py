@@ -32,9 +32,7 @@ class RunShape:
 def check_names(recipe: Recipe) -> None:
     """The names a recipe refers to exist, as training would find them (also for --print-config): the
     backbone in the model registry, the engine among the strategies and its settings, each eval.sets entry
-    a .bin file or an IJB release folder. A ConfigError naming the value otherwise."""
-    from pathlib import Path
-
+    an input of a registered benchmark kind. A ConfigError naming the value otherwise."""
     from toolkit.models import check_backbone_name
     from toolkit.parallel import get_strategy
 
@@ -44,9 +42,32 @@ def check_names(recipe: Recipe) -> None:
         raise ConfigError(f"model.backbone: {exc}") from None
     strategy = get_strategy(recipe.parallel.engine)
     strategy.check_settings(recipe.parallel)
+    eval_set_benchmarks(recipe)
+
+
+def eval_set_benchmarks(recipe: Recipe, settings=None) -> list:
+    """Each eval.sets path as the registered benchmark kind it is (toolkit.eval.benchmark), metadata not yet
+    read. One ConfigError line for a path that is missing, that no kind takes, that holds features instead of
+    images, or whose name another entry already has (two lfw.bin from different folders would overwrite each
+    other's results)."""
+    from toolkit.errors import FaceCLError
+    from toolkit.eval.benchmark import benchmark_for
+
+    benchmarks, paths_by_name = [], {}
     for path in recipe.eval.sets:
-        if not (str(path).endswith(".bin") or Path(path).is_dir()):
-            raise ConfigError(f"eval.sets: {path} is neither a .bin verification file nor an IJB-B/IJB-C release folder")
+        try:
+            benchmark = benchmark_for(path, settings=settings, source="eval.sets")
+        except FaceCLError as exc:
+            raise ConfigError(str(exc)) from None
+        if benchmark.carries_embeddings:
+            raise ConfigError(f"eval.sets: {path} holds its own features, not images: it cannot evaluate the "
+                              "model being trained")
+        if benchmark.name in paths_by_name:
+            raise ConfigError(f"eval.sets: {path} and {paths_by_name[benchmark.name]} are both named "
+                              f"'{benchmark.name}'; their results would overwrite each other (rename one)")
+        paths_by_name[benchmark.name] = path
+        benchmarks.append(benchmark)
+    return benchmarks
 
 
 def build_device(recipe: Recipe, local_rank: int = 0) -> torch.device:
@@ -222,7 +243,7 @@ def build_val_sets(recipe: Recipe) -> dict:
     synthetic backend and no paths, the synthetic held-out pairs as a verification benchmark; with real data
     and no paths, nothing (never synthetic faces for a model trained on real ones)."""
     from toolkit.errors import FaceCLError
-    from toolkit.eval.benchmark import EvalSettings, benchmark_for
+    from toolkit.eval.benchmark import EvalSettings
     from toolkit.eval.verification import PairVerification
 
     settings = EvalSettings(image_size=recipe.data.image_size, batch_size=recipe.eval.batch_size,
@@ -234,14 +255,7 @@ def build_val_sets(recipe: Recipe) -> dict:
             return {}
         return {"synthetic": PairVerification.from_pairs("synthetic", build_val_pairs(recipe), settings)}
     sets = {}
-    for path in recipe.eval.sets:
-        try:
-            benchmark = benchmark_for(path, settings=settings, source="eval.sets")
-        except FaceCLError as exc:
-            raise ConfigError(str(exc)) from None
-        if benchmark.carries_embeddings:
-            raise ConfigError(f"eval.sets: {path} holds its own features, not images: it cannot evaluate the "
-                              "model being trained")
+    for benchmark in eval_set_benchmarks(recipe, settings):
         try:
             sets[benchmark.name] = benchmark.load()
         except FaceCLError as exc:   # the same on every rank: a recipe error
