@@ -1,4 +1,9 @@
 # Shared fixtures: repository paths and a fast variant of the smoke recipe.
+import contextlib
+import os
+import signal
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,3 +30,49 @@ def tiny_recipe(tmp_path):
         return load_config(SMOKE_RECIPE, [*TINY_OVERRIDES, f"run.output_dir={tmp_path}", *extra])
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Leaked processes. A test that starts jobs (torchrun, deepspeed, elastic nodes, killed runs) must end them all: a
+# process left behind keeps the terminal's pipe open, and a CI runner that waits for the end of the output then
+# waits until its own time limit although every test passed. Each test's processes inherit a marker in their
+# environment (children of children too, orphans included), so after the test every survivor is found in /proc,
+# given a few seconds to finish, then killed, and the test fails naming it.
+PROCESS_MARKER = "FACECL_TEST_PROCESS"
+LEAK_GRACE_S = 10.0
+_SESSION = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def processes_marked(prefix: str) -> dict[int, str]:
+    """pid -> command line of every live process (not this one) whose marker starts with `prefix`."""
+    needle = f"\0{PROCESS_MARKER}={prefix}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+            command = Path(entry.path, "cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in b"\0" + environ:  # a zombie has an empty environ: it holds no pipe and is skipped
+            found[int(entry.name)] = command.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(request):
+    if not Path("/proc/self/environ").is_file():  # only Linux has /proc; CI runs on Linux
+        yield
+        return
+    os.environ[PROCESS_MARKER] = f"{_SESSION}/{request.node.nodeid}"
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while (left := processes_marked(_SESSION)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        pytest.fail(f"{len(left)} process(es) still running {LEAK_GRACE_S:.0f} s after the test, now killed: "
+                    + "; ".join(f"pid {pid}: {command}" for pid, command in sorted(left.items())), pytrace=False)
