@@ -6,9 +6,10 @@
     python launch/prepare_data.py webface --root DIR --subset webface4m --out OUT  # DIR/0..9/IDENTITY/IMAGE
     python launch/prepare_data.py verify --manifest OUT/manifest.json              # recheck sizes and checksums
 
-Options: --shard-size (images per shard, default 2000), --group-size (images of one identity kept
-together, default 2; UniMoCo's data.samples_per_label must divide it), --image-size (112), --seed,
---workers (processes), --overwrite (start over in an OUT that holds another conversion), --no-progress.
+Options: --shard-size (images per shard; default 2000, fewer for small sets so that they make about 64
+shards), --group-size (images of one identity kept together, default 2; UniMoCo's data.samples_per_label
+must divide it), --image-size (112), --seed, --workers (processes), --overwrite (start over in an OUT that
+holds another conversion), --no-progress.
 A rerun with the same arguments skips finished shards and rewrites interrupted ones. User errors print
 one line `error: ...` on stderr and exit with status 2; `--debug` shows the traceback instead.
 """
@@ -31,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     def add_common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
-        sub.add_argument("--shard-size", type=int, default=2000, help="images per shard (default 2000)")
+        sub.add_argument("--shard-size", type=int, default=None,
+                         help="images per shard (default: 2000, or fewer for a set under 128,000 images so that it "
+                              "still makes about 64 shards: every rank x loader worker reads shards of its own)")
         sub.add_argument("--group-size", type=int, default=2,
                          help="images of one identity stored together (default 2; 1 = none)")
         sub.add_argument("--image-size", type=int, default=112, help="stored face size (default 112)")

@@ -202,3 +202,14 @@ def test_cli_converts_and_verifies(tmp_path):
     missing = subprocess.run([sys.executable, script, "folder", "--root", str(tmp_path / "nowhere"), "--out",
                               str(tmp_path / "o2")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: image folder not found")
+
+
+def test_without_a_shard_size_a_small_set_still_makes_many_shards(tmp_path):
+    tree = {f"id{i:02d}": [(f"{j}.jpg", face_jpeg(i, j)) for j in range(9)] for i in range(16)}  # 144 images
+    write_folder_tree(tmp_path / "src", tree)
+    lines = []
+    manifest = convert(ImageFolderSource(tmp_path / "src"), tmp_path / "out", ConvertSettings(group_size=1, image_size=16),
+                       progress=False, log=lines.append)
+    assert converters.auto_shard_size(144, 1) == 2 and converters.auto_shard_size(10**7, 2) == 2000
+    assert any(line.startswith("shard size: 2 images (chosen for 144 images") for line in lines), lines
+    assert len(manifest.shards) == 72 >= converters.MIN_AUTO_SHARDS

@@ -6,9 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.data.factories import identify
+from tests.data.conftest import quiet
+from tests.data.factories import face_jpeg, identify, write_folder_tree
+from toolkit.data.converters import ConvertSettings, ImageFolderSource, convert
 from toolkit.data.transforms import ViewAugmentation
-from toolkit.data.shard_stream import ShardBatchStream, ShardedTrainSet, StreamPlan, _SubStreamReader
+from toolkit.data.shard_stream import ShardBatchStream, ShardedTrainSet, StreamPlan, _SubStreamReader, epoch_repeats
 from toolkit.errors import FaceCLError
 
 
@@ -188,3 +190,51 @@ def test_real_data_without_eval_sets_evaluates_nothing(even_shards, tiny_recipe,
     assert trainer.result.evaluations == [] and trainer.final_verification() is None
     results = trainer.write_results()
     assert '"final_verification": null' in results.read_text()
+
+
+# ----- repeated samples when there are too few shards for the readers -----------------------------------------
+
+@pytest.fixture(scope="module")
+def one_big_shard(tmp_path_factory):
+    """The 80 images of even_shards in a single shard: every reader beyond the first reads resampled copies."""
+    root = tmp_path_factory.mktemp("one_shard")
+    tree = {f"id{i:02d}": [(f"{j}.jpg", face_jpeg(i, j)) for j in range(5)] for i in range(16)}
+    write_folder_tree(root / "src", tree)
+    convert(ImageFolderSource(root / "src"), root / "out", ConvertSettings(shard_size=100, group_size=1, image_size=16),
+            progress=False, log=quiet)
+    return root / "out" / "manifest.json"
+
+
+def read_one_epoch(ranks: list[ShardBatchStream]) -> Counter:
+    counts = Counter()
+    for _ in range(ranks[0].batches_per_epoch):
+        for rank in ranks:
+            counts.update(identify(image) for image in rank.next_batch()[0])
+    return counts
+
+
+@pytest.mark.parametrize("manifest, world_size, window", [("one_big_shard", 2, 4), ("even_shards", 3, 1),
+                                                          ("even_shards", 2, 2)])
+def test_predicted_repeats_equal_what_the_ranks_really_read(manifest, world_size, window, request):
+    path = request.getfixturevalue(manifest)
+    ranks = [stream(path, rank=r, world_size=world_size, window_shards=window) for r in range(world_size)]
+    counts = read_one_epoch(ranks)
+    predicted = epoch_repeats(ranks[0].train_set, ranks[0].plan, ranks[0].batches_per_epoch)
+    assert (predicted.units_read, predicted.distinct_units) == (sum(counts.values()), len(counts))
+    if manifest == "one_big_shard":  # both ranks read from the one shard: many images twice
+        assert len(counts) < 0.8 * sum(counts.values())
+
+
+def test_many_repeats_are_one_warning_on_rank_zero_with_the_advice(one_big_shard, even_shards, caplog):
+    caplog.set_level("WARNING", logger="toolkit.data")
+    ranks = [stream(one_big_shard, rank=r, world_size=2, window_shards=4) for r in range(2)]
+    counts = read_one_epoch(ranks)
+    lines = [r.getMessage() for r in caplog.records if "repeats" in r.getMessage()]
+    assert len(lines) == 1, lines  # rank 0 only
+    distinct, read = len(counts), sum(counts.values())
+    assert f"({distinct} distinct of {read} read)" in lines[0]
+    assert f"{100 * (1 - distinct / read):.0f}% of each epoch's samples are repeats" in lines[0]
+    assert "1 usable shard(s) for 2 reader(s)" in lines[0] and "--shard-size 10 gives about 8" in lines[0]
+    caplog.clear()
+    [stream(even_shards, rank=r, world_size=2, window_shards=2) for r in range(2)]  # 8 shards, every one read once
+    assert not [r for r in caplog.records if "repeats" in r.getMessage()]

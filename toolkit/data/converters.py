@@ -25,7 +25,7 @@ import multiprocessing
 import re
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -48,7 +48,7 @@ class ConversionError(FaceCLError):
 
 @dataclass(frozen=True)
 class ConvertSettings:
-    shard_size: int = 2000      # images per shard (shards are cut at chunk boundaries, so about this many)
+    shard_size: int | None = None   # images per shard (cut at chunk boundaries, so about this many); None: auto
     group_size: int = 2         # images of one identity kept together (a multiple of samples_per_label)
     image_size: int = 112       # side of the stored faces; other sizes are resized
     seed: int = 0               # of the global shuffle
@@ -56,10 +56,22 @@ class ConvertSettings:
 
     def check(self) -> None:
         for name in ("shard_size", "group_size", "image_size", "num_workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConversionError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.shard_size < self.group_size:
+        if self.shard_size is not None and self.shard_size < self.group_size:
             raise ConversionError(f"shard_size ({self.shard_size}) must be >= group_size ({self.group_size})")
+
+
+DEFAULT_SHARD_SIZE = 2000   # images per shard of a large set: about 100-250 MB of 112 x 112 JPEGs
+MIN_AUTO_SHARDS = 64        # a smaller set gets smaller shards, so that it still makes about this many
+
+
+def auto_shard_size(num_images: int, group_size: int) -> int:
+    """The shard size when none is given: DEFAULT_SHARD_SIZE images, or fewer for sets under 128,000 images so
+    that they still make about MIN_AUTO_SHARDS shards. A training job hands each of its readers (ranks x
+    loader workers) shards of its own, window by window; a set in fewer shards than that repeats samples
+    across readers in every epoch. Never below group_size (a shard holds whole identity chunks)."""
+    return max(group_size, min(DEFAULT_SHARD_SIZE, num_images // MIN_AUTO_SHARDS))
 
 
 @dataclass
@@ -379,6 +391,11 @@ def convert(source, out_dir: str | Path, settings: ConvertSettings = ConvertSett
     listing = source.list_items()
     for note in listing.notes:
         log(f"note: {note}")
+    if settings.shard_size is None:
+        settings = replace(settings, shard_size=auto_shard_size(len(listing.refs), settings.group_size))
+        log(f"shard size: {settings.shard_size} images (chosen for {len(listing.refs)} images: "
+            f"{DEFAULT_SHARD_SIZE}, or fewer so that a small set still makes about {MIN_AUTO_SHARDS} shards; "
+            f"--shard-size to choose)")
     plans = plan_shards(listing.labels, settings)
     _check_plan(out_dir, plan_fingerprint(source, listing, settings), len(plans), overwrite)
     done = _finished_results(out_dir, [p.name for p in plans])

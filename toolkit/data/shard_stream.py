@@ -61,6 +61,10 @@ MIN_SAMPLES_TO_JUDGE = 1000
 _IMAGE_KEYS = (IMAGE_EXT, "jpeg", "png")
 _SALT_SHARD_ORDER, _SALT_RESAMPLE, _SALT_WINDOW, _SALT_AUGMENT = 11, 12, 13, 14
 _WARNINGS_PER_REASON = 5
+# An epoch that repeats more of its samples than this is reported at start. Shards that split unevenly
+# among the readers repeat a little by design (WebFace42M in 21,000 shards of 2,000 images over 64 ranks x 8
+# workers: 1.8%); too few shards for the readers repeat a quarter or more.
+REPEATS_WARNING_FRACTION = 0.05
 
 
 class DataSkipError(FaceCLError):
@@ -162,6 +166,49 @@ def reader_windows(train_set: ShardedTrainSet, plan: StreamPlan, epoch: int,
         window += 1
 
 
+def window_order(plan: StreamPlan, epoch: int, reader: int, window: int, num_units: int) -> np.ndarray:
+    """The order in which a reader takes the units of one window (a permutation of its units)."""
+    return _rng(plan.seed, _SALT_WINDOW, epoch, reader, window).permutation(num_units)
+
+
+@dataclass(frozen=True)
+class EpochRepeats:
+    """How many of one epoch's units all readers together take, and how many distinct ones among them."""
+
+    units_read: int
+    distinct_units: int
+
+    @property
+    def repeated_fraction(self) -> float:
+        return 1.0 - self.distinct_units / self.units_read if self.units_read else 0.0
+
+
+def epoch_repeats(train_set: ShardedTrainSet, plan: StreamPlan, batches_per_epoch: int, epoch: int = 0) -> EpochRepeats:
+    """Replays the shard plan of one epoch for every reader of the job (all ranks, all loader streams) using
+    the manifest's counts only, without reading a shard, and counts the units read and the distinct ones.
+    A reader with too few shards of its own reads resampled ones, which repeat what others read: with one
+    shard for two ranks, both ranks read the same images every epoch. O(units of the epoch) in time, one
+    byte per unit in memory."""
+    offsets = np.concatenate([[0], np.cumsum(train_set.units_per_shard)])
+    seen = np.zeros(int(offsets[-1]), dtype=bool)      # unit id = offset of its shard + position in the shard
+    units_read = 0
+    for rank in range(plan.world_size):
+        for stream in range(plan.num_streams):
+            # stream s of a rank serves batches s, s + S, s + 2S, ... of the epoch (as _EpochBatches does)
+            needed = len(range(stream, batches_per_epoch, plan.num_streams)) * plan.units_per_batch
+            reader = rank * plan.num_streams + stream
+            windows = reader_windows(train_set, plan, epoch, reader)
+            while needed > 0:
+                number, shards, count = next(windows)
+                ids = np.concatenate([np.arange(offsets[shard], offsets[shard + 1]) for shard in shards])
+                if count > needed:  # the last window of the epoch is read in part, in the reader's order
+                    ids = ids[window_order(plan, epoch, reader, number, count)[:needed]]
+                seen[ids] = True
+                units_read += len(ids)
+                needed -= len(ids)
+    return EpochRepeats(units_read, int(seen.sum()))
+
+
 # ----- reading windows (worker side) -------------------------------------------------------------------
 
 @dataclass
@@ -251,7 +298,7 @@ class _SubStreamReader:
 
     def _load(self, number: int, shards: list[int]) -> None:
         self._units = [unit for shard in shards for unit in _shard_units(self.train_set, shard)]
-        self._order = _rng(self.plan.seed, _SALT_WINDOW, self.epoch, self.reader, number).permutation(len(self._units))
+        self._order = window_order(self.plan, self.epoch, self.reader, number, len(self._units))
         self._next = 0
 
     def take(self, count: int) -> list[list[SampleSlot]]:
@@ -414,6 +461,37 @@ class ShardBatchStream(EpochStream):
         if train_set.num_empty_shards:
             logger.warning("data: %d shard(s) of %s hold no usable sample and are passed over",
                            train_set.num_empty_shards, train_set.manifest_path)
+        if rank == 0:
+            warning = self.repeats_warning()
+            if warning:
+                logger.warning(warning)
+
+    def repeats_warning(self) -> str | None:
+        """One line when an epoch reads some samples more than once because there are too few shards for the
+        job's readers (ranks x loader streams) and their windows; None under REPEATS_WARNING_FRACTION."""
+        repeats = epoch_repeats(self.train_set, self.plan, self.batches_per_epoch)
+        if repeats.repeated_fraction < REPEATS_WARNING_FRACTION:
+            return None
+        plan, manifest = self.plan, self.train_set.manifest
+        usable = len(self.train_set.eligible_shards)
+        shards_wanted = plan.num_readers * plan.window_shards
+        if usable < shards_wanted:
+            cause = f"{usable} usable shard(s) for {plan.num_readers} reader(s)"
+            target = shards_wanted
+        else:  # enough shards, but they do not split evenly: some readers run out before the epoch ends
+            cause = f"{usable} usable shards split unevenly among {plan.num_readers} readers"
+            target = 4 * usable
+        shard_size = manifest.num_samples // target
+        if shard_size >= manifest.group_size:
+            advice = (f"prepare the data with smaller shards (launch/prepare_data.py --shard-size {shard_size} gives "
+                      f"about {target})")
+        else:
+            advice = "the data set is too small to split further: lower data.num_workers or data.webdataset.window_shards"
+        k = self.train_set.samples_per_label
+        return (f"data: {100 * repeats.repeated_fraction:.0f}% of each epoch's samples are repeats "
+                f"({repeats.distinct_units * k} distinct of {repeats.units_read * k} read): {cause} "
+                f"({plan.world_size} rank(s) x {plan.num_streams} loader stream(s), windows of {plan.window_shards} "
+                f"shard(s)) in {self.train_set.manifest_path}; {advice}")
 
     # ----- position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
