@@ -15,7 +15,6 @@ overwritten by default).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from toolkit.command_line import CommandParser  # noqa: E402
 
 MFR_ALL_IMAGES = 1_624_305
 
@@ -36,17 +36,20 @@ def peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=512)
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--num-images", type=int, default=100_000, help="synthetic images of the gallery")
+    parser.add_argument("--dim", type=int, default=512, help="feature size")
     parser.add_argument("--images-per-identity", type=int, default=7, help="MFR-ALL has ~6.7")
-    parser.add_argument("--fars", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compute-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--fars", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4],
+                        help="false accept rates whose TAR is measured")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the scores are computed (cuda when there is a GPU)")
+    parser.add_argument("--compute-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="dtype of the score products")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--row-block", type=int, default=2048)
-    parser.add_argument("--col-block", type=int, default=8192)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--row-block", type=int, default=2048, help="query rows per score block")
+    parser.add_argument("--col-block", type=int, default=8192, help="gallery columns per score block")
+    parser.add_argument("--seed", type=int, default=0, help="of the synthetic features")
     parser.add_argument("--projection-images", type=int, default=30_000,
                         help="also time the two-pass (histogram) path on this many images: MFR-ALL with FAR 1e-4 "
                              "in the list takes that path, so its throughput gives the 1.6M projection (0: skip)")

@@ -13,7 +13,6 @@ warm-up, with CUDA events on a GPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from results_file import results_path  # noqa: E402
+from toolkit.command_line import CommandParser  # noqa: E402
 
 MARGINS = {"cosface": (64.0, 1.0, 0.0, 0.4, 0.0), "arcface": (64.0, 1.0, 0.5, 0.0, 0.0)}  # s, m1, m2, m3, filter
 
@@ -51,14 +51,15 @@ def seconds(run, device: torch.device, repeat: int) -> float:
 
 def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"])
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"],
+                        help="cuda when there is a GPU")
     parser.add_argument("--rows", type=int, default=4096, help="N rows of the cosine buffer")
     parser.add_argument("--classes", type=int, default=None, help="C columns (default 250000 GPU, 20000 CPU)")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (median reported)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output (default benchmarks/results/bandwidth_<device>.json, or a new time-stamped file)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     from toolkit import ops
 

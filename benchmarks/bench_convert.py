@@ -12,7 +12,6 @@ Results go to a NEW file benchmarks/results/bench_convert_<UTC time>.json unless
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from toolkit.command_line import CommandParser  # noqa: E402
 
 WEBFACE42M_CLASSES = 2_059_906
 EMBEDDING = 512
@@ -99,9 +100,10 @@ def run_child(code: str) -> tuple[int, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-classes", type=int, default=WEBFACE42M_CLASSES)
-    parser.add_argument("--world-size", type=int, default=8)
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--num-classes", type=int, default=WEBFACE42M_CLASSES,
+                        help="identity centers of the synthetic checkpoint (WebFace42M's count)")
+    parser.add_argument("--world-size", type=int, default=8, help="ranks the centers are sharded over")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
                         help="folder for the synthetic checkpoint and the output (needs ~2.2x the head size)")
     parser.add_argument("--output", type=Path, default=None, help="JSON result file (default: a new file)")

@@ -14,7 +14,6 @@ images per second over a measured window after a warm-up.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from toolkit.command_line import CommandParser  # noqa: E402
 from toolkit.data.dali_stream import DaliOptions  # noqa: E402
 from toolkit.data.transforms import ViewAugmentation  # noqa: E402
 from toolkit.data import SyntheticFaces  # noqa: E402
@@ -120,9 +120,9 @@ def bench_dali(manifest: Path, batch_size: int, num_threads: int, seconds: float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--images", type=int, default=6000, help="images in the benchmark set (20 per identity)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per figure")
     parser.add_argument("--out", type=Path, default=None,
                         help="output JSON (default: results/bench_data.json, or a new time-stamped file beside it "

@@ -41,7 +41,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from measure import peak_bytes, silenced_stderr  # noqa: E402
-from results_file import results_path  # noqa: E402
+from results_file import QUICK_MODE_NOTE, results_path  # noqa: E402
+from toolkit.command_line import CommandParser  # noqa: E402
 
 IMPLEMENTATIONS = ("reference", "fused", "fused_linear")
 MIB = 2**20
@@ -49,18 +50,23 @@ MIB = 2**20
 
 def parse_args(argv=None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"])
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"],
+                        help="cuda when there is a GPU")
     parser.add_argument("--ranks", type=int, default=None, help="gloo ranks on CPU (default 2); CUDA runs 1 rank")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
-    parser.add_argument("--classes-per-rank", type=int, nargs="+", default=[10_000, 100_000, 250_000])
+    parser.add_argument("--classes-per-rank", type=int, nargs="+", default=[10_000, 100_000, 250_000],
+                        help="C_local: identity centers on each rank, one case per value")
     parser.add_argument("--rows", type=int, default=512, help="gathered rows N (all ranks together)")
     parser.add_argument("--dim", type=int, default=512, help="embedding size D")
-    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.2])
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.2],
+                        help="Partial FC sample rates r, one case per value")
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                        help="heads to time")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case")
     parser.add_argument("--repeat", type=int, default=3, help="timed steps per case (median reported)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: checks that it runs, its timings mean nothing; "
+                        "written to a temporary file unless --json")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file (default benchmarks/results/head_<device>.json, or a new time-stamped "
                              "file beside it when that exists)")
@@ -232,12 +238,15 @@ def main(argv=None) -> int:
     if not ops.FUSED_KERNELS_AVAILABLE:
         print(f"warning: fused kernels unavailable ({ops.UNAVAILABLE_REASON}): 'fused' rows run the reference",
               file=sys.stderr)
-    output = results_path(args.json, f"head_{args.device}{'_quick' if args.quick else ''}", overwrite=args.overwrite)
+    output = results_path(args.json, f"head_{args.device}{'_quick' if args.quick else ''}", overwrite=args.overwrite,
+                          quick=args.quick)
     load_before = os.getloadavg()
     where = (f"{args.ranks} gloo ranks x {args.threads} thread(s)" if args.device == "cpu"
              else torch.cuda.get_device_name())
     print(f"bench_head: N={args.rows} gathered rows, D={args.dim}, {where}; load average {load_before[0]:.2f}",
           flush=True)
+    if args.quick:
+        print(QUICK_MODE_NOTE, flush=True)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     port = free_port()
@@ -250,12 +259,14 @@ def main(argv=None) -> int:
     if failed:
         raise SystemExit(f"error: rank(s) {failed} failed (exit codes {[processes[i].exitcode for i in failed]})")
     records = queue.get()
-    table = markdown(records)
+    table = markdown(records) + (f"\n\n{QUICK_MODE_NOTE}" if args.quick else "")
     print(table)
     environment = {"device": args.device, "where": where, "torch": torch.__version__, "host": platform.node(),
                    "cpus": os.cpu_count(), "fused_kernels": ops.FUSED_KERNELS_AVAILABLE,
                    "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.quick:
+        environment["note"] = QUICK_MODE_NOTE
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"environment": environment, "args": {k: str(v) for k, v in vars(args).items()},
                                   "results": records}, indent=2) + "\n")

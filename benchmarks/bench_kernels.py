@@ -32,11 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
 import toolkit.ops as ops  # noqa: E402
 from toolkit.heads.margin import Margin  # noqa: E402
 from toolkit.ops import unfused as reference  # noqa: E402
 from measure import peak_bytes, silenced_stderr  # noqa: E402
-from results_file import results_path  # noqa: E402
+from results_file import QUICK_MODE_NOTE, results_path  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MARGIN = Margin(scale=64.0, m1=1.0, m2=0.0, m3=0.4)
@@ -44,8 +45,9 @@ MARGIN = Margin(scale=64.0, m1=1.0, m2=0.0, m3=0.4)
 
 def parse_args() -> argparse.Namespace:
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"])
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"],
+                        help="cuda when there is a GPU")
     parser.add_argument("--rows", type=int, default=None, help="head rows N (default 4096)")
     parser.add_argument("--classes", type=int, default=None,
                         help="head classes C on this rank (default 20000 on CPU, 250000 on GPU)")
@@ -54,8 +56,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=65536, help="UniCon keys K (queue length)")
     parser.add_argument("--unicon-dim", type=int, default=128, help="UniCon projection size")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
-    parser.add_argument("--cases", default="margin_softmax_ce,linear_margin_softmax_ce,unicon_loss")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
+    parser.add_argument("--cases", default="margin_softmax_ce,linear_margin_softmax_ce,unicon_loss",
+                        help="comma-separated kernels to time")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: checks that it runs, its timings mean nothing; "
+                        "written to a temporary file unless --json")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file (default benchmarks/results/kernels_<device>.json, or a new time-stamped "
                              "file beside it when that exists)")
@@ -172,10 +176,15 @@ def main() -> None:
         print(f"{row['case']:<26}{row['shape']:<26}{row['fused_ms']:>10.1f}{row['reference_ms']:>10.1f}"
               f"{row['time_ratio']:>8.2f}{row['fused_peak_mb']:>10.1f}{row['reference_peak_mb']:>10.1f}"
               f"{row['memory_ratio']:>8.3f}")
-    output = results_path(args.json, f"kernels_{device}{'_quick' if args.quick else ''}", overwrite=args.overwrite)
+    if args.quick:
+        print(QUICK_MODE_NOTE)
+    output = results_path(args.json, f"kernels_{device}{'_quick' if args.quick else ''}", overwrite=args.overwrite,
+                          quick=args.quick)
     output.parent.mkdir(parents=True, exist_ok=True)
     environment = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    if args.quick:
+        environment["note"] = QUICK_MODE_NOTE
     output.write_text(json.dumps({"environment": environment, "args": {k: str(v) for k, v in vars(args).items()},
                                   "results": records}, indent=2) + "\n")
     print(f"written: {output}")

@@ -33,7 +33,6 @@ the markdown table beside it as .md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -55,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_file import results_path  # noqa: E402
+from toolkit.command_line import CommandParser  # noqa: E402
 
 PHASES = ("data", "forward", "head", "backward", "optimizer", "other")
 SHORT_ENGINE_NAMES = {"zero0": "deepspeed:0", "zero1": "deepspeed:1", "zero2": "deepspeed:2", "zero3": "deepspeed:3",
@@ -122,24 +122,24 @@ def non_negative_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Training throughput of the toolkit's step vs a bare PyTorch loop "
+    parser = CommandParser(description="Training throughput of the toolkit's step vs a bare PyTorch loop "
                                                  "(synthetic in-memory batches).")
     parser.add_argument("--backbone", default="iresnet50", help="registered backbone name (toolkit/models)")
     parser.add_argument("--engines", default="single",
                         help="comma-separated: single, ddp, fsdp, deepspeed:N (ZeRO stage N; zero1..3 and fsdp2 "
                              "accepted too)")
     parser.add_argument("--ranks", type=positive(int), default=2, help="ranks of each multi-rank engine")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision")
     parser.add_argument("--batch-size", type=positive(int), default=32, help="samples per rank per step")
-    parser.add_argument("--image-size", type=positive(int), default=112)
+    parser.add_argument("--image-size", type=positive(int), default=112, help="side of the square inputs")
     parser.add_argument("--num-classes", type=positive(int), default=1000, help="identities of the head (all ranks)")
-    parser.add_argument("--embedding-size", type=positive(int), default=512)
+    parser.add_argument("--embedding-size", type=positive(int), default=512, help="backbone output size")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=2, help="unmeasured steps of each side")
     parser.add_argument("--steps", type=positive(int), default=10, help="measured steps of each side")
     parser.add_argument("--distinct-batches", type=positive(int), default=4,
                         help="pre-made batches per rank, cycled")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of both sides")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is a GPU")
     parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="torch threads per rank (0: CPU cores / ranks, at least 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -23,9 +23,11 @@ from pathlib import Path
 # Running `python launch/convert.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Inspect, consolidate and export FaceCL checkpoints.")
+    parser = CommandParser(description="Inspect, consolidate and export FaceCL checkpoints.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     export = commands.add_parser("export", help="the backbone alone, for deployment")
     export.add_argument("path", help="run folder, checkpoints folder, checkpoint or consolidated file")
-    export.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"])
+    export.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"],
+                        help="output kind")
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

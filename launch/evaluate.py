@@ -23,19 +23,25 @@ from pathlib import Path
 # Running `python launch/evaluate.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a face-recognition model on standard benchmarks.")
+    parser = CommandParser(description="Evaluate a face-recognition model on standard benchmarks.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="run folder, checkpoint, exported .safetensors/.pt backbone or .onnx file")
-    source.add_argument("--features", metavar="FILE", help="re-score the features saved by --save-features")
+    source.add_argument("--model", help="run folder, checkpoint, exported .safetensors/.pt backbone or .onnx file "
+                        "(default: none; one of --model, --features and --compare is needed)")
+    source.add_argument("--features", metavar="FILE",
+                        help="re-score the features saved by --save-features (default: none)")
     source.add_argument("--compare", nargs="+", metavar="EVAL", help="print the results table of several "
-                        "evaluation.json files (or folders holding one) side by side")
+                        "evaluation.json files (or folders holding one) side by side (default: none)")
     parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
-                        help="a benchmark: .bin set, IJB release folder, identity folder or features .npz; repeatable")
+                        help="a benchmark: .bin verification set, IJB release folder, identity folder, shard "
+                        "manifest.json or features .npz; repeatable")
     parser.add_argument("--output", metavar="DIR", help="where evaluation.json, table.md and ROC PNGs go "
                         "(default: RUN/eval for a run folder, else eval/<model name>)")
-    parser.add_argument("--save-features", metavar="FILE.npz", help="also write the extracted features here")
+    parser.add_argument("--save-features", metavar="FILE.npz",
+                        help="also write the extracted features here (default: not written)")
     parser.add_argument("--no-flip", action="store_true", help="embed images only, not also their mirror image")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes (default 2)")

@@ -17,10 +17,12 @@ from pathlib import Path
 # Running `python launch/plan.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Print the per-rank memory plan of a recipe on N ranks.")
+    parser = CommandParser(description="Print the per-rank memory plan of a recipe on N ranks.")
     parser.add_argument("--recipe", required=True, help="recipe YAML file")
     parser.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks (GPUs)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="C",

@@ -24,10 +24,12 @@ from pathlib import Path
 # Running `python launch/prepare_data.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convert face data sets to shuffled WebDataset shards.")
+    parser = CommandParser(description="Convert face data sets to shuffled WebDataset shards.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_common(sub: argparse.ArgumentParser) -> None:
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     choice.add_argument("--parts", help="comma-separated part numbers, e.g. 0,1,2")
     add_common(webface)
     verify = commands.add_parser("verify", help="check the shards of a manifest: presence, sizes, checksums")
-    verify.add_argument("--manifest", required=True, type=Path)
+    verify.add_argument("--manifest", required=True, type=Path, help="the manifest.json written by a conversion")
     verify.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser.parse_args(argv)
 

@@ -26,10 +26,12 @@ from pathlib import Path
 # Running `python launch/train.py` from a checkout works even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit.command_line import CommandParser  # noqa: E402
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a face-recognition model from a YAML recipe.")
+    parser = CommandParser(description="Train a face-recognition model from a YAML recipe.")
     parser.add_argument("--recipe", required=True, help="recipe YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (parsed as a YAML scalar); repeatable")

@@ -1,5 +1,10 @@
 # Benchmarks never overwrite committed results unless asked.
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +41,23 @@ def test_an_explicit_existing_output_needs_overwrite(tmp_path):
 def test_benchmarks_use_it(script):
     text = (REPO / "benchmarks" / script).read_text()
     assert "results_path(" in text and "--overwrite" in text
+
+
+def test_quick_mode_writes_to_a_temporary_file_unless_given_one(tmp_path, monkeypatch):
+    module = _module()
+    monkeypatch.setattr(module, "RESULTS_DIR", tmp_path)
+    quick = module.results_path(None, "bench_x_quick", quick=True)
+    assert tmp_path not in quick.parents and quick.parent.is_dir() and not quick.exists()
+    assert module.results_path(tmp_path / "mine.json", "bench_x_quick", quick=True) == tmp_path / "mine.json"
+
+
+def test_a_quick_run_says_its_timings_mean_nothing_and_leaves_results_alone():
+    results = REPO / "benchmarks" / "results"
+    before = sorted(results.iterdir())
+    done = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--quick", "--device", "cpu"], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "its timings and ratios mean nothing" in done.stdout
+    written = Path(done.stdout.split("written: ")[1].split()[0])
+    assert results not in written.parents and json.loads(written.read_text())["environment"]["note"].startswith("quick")
+    assert sorted(results.iterdir()) == before
