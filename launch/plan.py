@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True, help="recipe YAML file")
     parser.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks (GPUs)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="C",
-                        help="training identities (default: the recipe's data.synthetic.num_identities)")
+                        help="training identities (default: the recipe's data: data.synthetic.num_identities, or the "
+                             "class count of the shard manifest data.manifest)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (parsed as a YAML scalar); repeatable")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
-    from toolkit.training.memory_plan import default_num_classes, format_activations, format_plan, plan_memory
+    from toolkit.training.memory_plan import default_num_classes, estimate_activations, format_plan, plan_memory
     from toolkit.errors import FaceCLError
 
     if args.world_size < 1:
@@ -46,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_config(args.recipe, args.overrides, expand_env=args.num_classes is None)
     num_classes = args.num_classes if args.num_classes is not None else default_num_classes(recipe)
     plan = plan_memory(recipe, args.world_size, num_classes)
-    print(format_plan(plan))
-    print(format_activations(recipe, args.world_size, plan.gpu_total))
+    print(format_plan(plan, estimate_activations(recipe, args.world_size)))
     return 0
 
 

@@ -259,9 +259,19 @@ def test_plan_cli_prints_the_webface42m_plan():
     lines = proc.stdout.splitlines()
     assert any("C = 2,059,906" in line for line in lines), proc.stdout
     assert any(line.strip().startswith("center shard weights (257,489 x 512") for line in lines), proc.stdout
-    assert any(line.strip().startswith("logits buffers, head.implementation ") and "2,048 x 51,497" in line
-               for line in lines), proc.stdout
-    assert any(line.strip().startswith("total GPU per rank") for line in lines), proc.stdout
+    assert any("logits N x S = 2,048 gathered rows x 51,497 sampled columns (head.implementation fused_linear "
+               "keeps no N x S buffer" in line for line in lines), proc.stdout
+    # one total (model states + the recipe's activations), no empty CPU section, no row of nothing
+    totals = [line for line in lines if "total" in line and "per rank" in line]
+    assert len(totals) == 1 and totals[0].split()[:4] == ["total", "GPU", "per", "rank"], proc.stdout
+    assert "CPU memory" not in proc.stdout and not any(line.rstrip().endswith(" 0") for line in lines), proc.stdout
+    gpu_rows = [line.strip() for line in lines[lines.index("  GPU memory per rank") + 1:]
+                if line.strip().endswith(("MiB", "GiB"))]
+    sizes = {row.rsplit("  ", 1)[0].strip(): float(row.split()[-2]) * {"MiB": 2**20, "GiB": 2**30}[row.split()[-1]]
+             for row in gpu_rows}
+    total = sizes.pop("total GPU per rank")
+    assert total == pytest.approx(sum(sizes.values()), rel=2e-3), sizes
+    assert any(name.startswith("backbone activations (256 samples, bf16, not checkpointed)") for name in sizes)
 
 
 @pytest.mark.parametrize("args, needle", [

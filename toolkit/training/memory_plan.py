@@ -362,8 +362,41 @@ def format_bytes(num_bytes: int) -> str:
     return f"{num_bytes / 2**10:.1f} KiB"
 
 
-def format_plan(plan: MemoryPlan) -> str:
-    """A readable table: the inputs, then one named line per buffer, GPU and CPU totals per rank."""
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Backbone activations kept for backward on one rank, per micro-step, with and without checkpointing."""
+
+    samples: int                 # per rank per micro-step
+    precision: str
+    checkpointed_units: int      # blocks activation checkpointing wraps
+    with_checkpointing: int      # bytes
+    without_checkpointing: int   # bytes
+    recipe_checkpoints: bool     # model.activation_checkpointing
+
+    @property
+    def chosen(self) -> int:
+        return self.with_checkpointing if self.recipe_checkpoints else self.without_checkpointing
+
+
+def estimate_activations(recipe: Recipe, world_size: int) -> ActivationEstimate:
+    """Traced on fake tensors (toolkit.models.memory): the recipe's backbone, image size and precision, times
+    the per-rank micro-batch."""
+    from toolkit.models.memory import activation_footprint
+    from toolkit.training.builders import build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(recipe)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.parallel.precision]
+    footprint = activation_footprint(backbone, recipe.data.image_size, dtype)
+    batch = per_rank_batch(recipe, world_size)
+    return ActivationEstimate(batch, recipe.parallel.precision, footprint.num_units,
+                              footprint.bytes_per_sample(True) * batch, footprint.bytes_per_sample(False) * batch,
+                              recipe.model.activation_checkpointing)
+
+
+def format_plan(plan: MemoryPlan, activations: ActivationEstimate | None = None) -> str:
+    """A readable table: the inputs, then one named line per buffer and one GPU total per rank (model states,
+    plus the backbone activations of the recipe's setting when given); a CPU section only under offload."""
     inp, bb, head, logits = plan.inputs, plan.backbone, plan.head, plan.logits
     world = inp.world_size
 
@@ -371,6 +404,8 @@ def format_plan(plan: MemoryPlan) -> str:
         return f"1/{world} partition" if partitioned and world > 1 else "full copy"
 
     shard_shape = f"{head.shard_classes:,} x {inp.embedding_size}"
+    logits_note = (f" (head.implementation {logits.implementation} keeps no N x S buffer: it works a block of "
+                   f"classes at a time)" if not logits.fp32_buffers else "")
     lines = [
         "Memory plan per rank (largest center shard = rank 0)",
         f"  classes C = {inp.num_classes:,}; world size W = {world}; global batch {inp.global_batch:,} "
@@ -381,7 +416,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"head optimizer {inp.head_optimizer}",
         f"  head: sample rate {inp.sample_rate:g}, inter-class filter {inp.interclass_filter or 'off'}; center shard "
         f"{head.shard_classes:,} classes; logits N x S = {logits.gathered_rows:,} gathered rows x "
-        f"{logits.sampled_columns:,} sampled columns",
+        f"{logits.sampled_columns:,} sampled columns{logits_note}",
         "",
     ]
     # (name, bytes, in CPU memory)
@@ -398,9 +433,10 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"center shard weights ({shard_shape} fp32)", head.center_weights, False),
         (f"center shard gradient ({shard_shape} fp32, dense)", head.center_grad, False),
         (f"center shard optimizer states ({inp.head_states_per_param} x fp32)", head.optimizer_states, False),
-        (f"logits buffers, head.implementation {logits.implementation} ({logits.live_fp32_buffers} live x "
-         f"{logits.gathered_rows:,} x {logits.sampled_columns:,} fp32)", logits.fp32_buffers, False),
     ]
+    if logits.fp32_buffers:
+        rows.append((f"logits buffers, head.implementation {logits.implementation} ({logits.live_fp32_buffers} live "
+                     f"x {logits.gathered_rows:,} x {logits.sampled_columns:,} fp32)", logits.fp32_buffers, False))
     if logits.block_buffers:
         how = "cosines kept in the gradient's memory" if logits.cosines_cached else "N > D: cosines recomputed"
         rows.append((f"fused linear kernel: one block of classes ({how})", logits.block_buffers, False))
@@ -410,41 +446,28 @@ def format_plan(plan: MemoryPlan) -> str:
     if logits.filter_mask:
         rows.append((f"inter-class filter mask ({logits.gathered_rows:,} x {logits.sampled_columns:,} bool)",
                      logits.filter_mask, False))
+    gpu_total, other = plan.gpu_total, None
+    if activations is not None:
+        setting = "checkpointed" if activations.recipe_checkpoints else "not checkpointed"
+        rows.append((f"backbone activations ({activations.samples} samples, {activations.precision}, {setting})",
+                     activations.chosen, False))
+        gpu_total += activations.chosen
+        other = (f"with model.activation_checkpointing ({activations.checkpointed_units} blocks) the activations "
+                 f"take {format_bytes(activations.with_checkpointing)}" if not activations.recipe_checkpoints else
+                 f"without model.activation_checkpointing the activations take "
+                 f"{format_bytes(activations.without_checkpointing)}")
     width = max(len(name) for name, _, _ in rows) + 2
-    for title, on_cpu, total_name, total in (("GPU memory per rank", False, "total GPU per rank", plan.gpu_total),
-                                             ("CPU memory per rank (optimizer offload)", True,
-                                              "total CPU per rank", plan.cpu_total)):
-        lines.append(f"  {title}")
-        lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if cpu == on_cpu]
-        lines.append(f"    {total_name:<{width}}{format_bytes(total):>11}")
+    lines.append("  GPU memory per rank")
+    lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if not cpu]
+    lines.append(f"    {'total GPU per rank':<{width}}{format_bytes(gpu_total):>11}")
+    if other:
+        lines.append(f"    ({other})")
+    lines.append("")
+    if plan.cpu_total:
+        lines.append("  CPU memory per rank (optimizer offload)")
+        lines += [f"    {name:<{width}}{format_bytes(size):>11}" for name, size, cpu in rows if cpu]
+        lines.append(f"    {'total CPU per rank':<{width}}{format_bytes(plan.cpu_total):>11}")
         lines.append("")
     lines.append("  not included: gathered embeddings, normalised centers (reference and fused), "
                  "communication buckets, CUDA context, allocator fragmentation")
-    return "\n".join(lines)
-
-
-def format_activations(recipe: Recipe, world_size: int, gpu_total: int) -> str:
-    """Backbone activations kept for backward on one rank, with and without activation checkpointing.
-
-    Traced on fake tensors (toolkit.models.memory): the recipe's backbone, image size and precision, times
-    the per-rank micro-batch. Added to the model-state total of the plan for the recipe's own setting."""
-    from toolkit.models.memory import activation_footprint
-    from toolkit.training.builders import build_backbone
-
-    with torch.device("meta"):
-        backbone = build_backbone(recipe)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.parallel.precision]
-    footprint = activation_footprint(backbone, recipe.data.image_size, dtype)
-    batch = per_rank_batch(recipe, world_size)
-    chosen = recipe.model.activation_checkpointing
-    rows = [(f"with activation checkpointing ({footprint.num_units} blocks)", True),
-            ("without activation checkpointing", False)]
-    width = max(len(name) for name, _ in rows) + 14
-    lines = [f"  Backbone activations per rank ({batch} samples per micro-step, {recipe.parallel.precision})"]
-    for name, checkpointing in rows:
-        size = footprint.bytes_per_sample(checkpointing) * batch
-        mark = "  <- recipe" if checkpointing == chosen else ""
-        lines.append(f"    {name:<{width}}{format_bytes(size):>11}{mark}")
-    total = gpu_total + footprint.bytes_per_sample(chosen) * batch
-    lines.append(f"    {'total GPU per rank with activations':<{width}}{format_bytes(total):>11}")
     return "\n".join(lines)
