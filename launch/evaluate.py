@@ -3,12 +3,15 @@
 
     python launch/evaluate.py --model MODEL --benchmark NAME=PATH [--benchmark NAME=PATH ...]
     python launch/evaluate.py --features FILE.npz --benchmark NAME=PATH ...     # re-score cached features
-    python launch/evaluate.py --compare eval/run_a eval/run_b                    # results table side by side
+    python launch/evaluate.py --compare runs/a runs/b eval_results/m             # results table side by side
     torchrun --nproc_per_node 8 launch/evaluate.py --model MODEL --benchmark ... # each rank embeds a slice
 
 MODEL: a run folder, a checkpoint, an exported .safetensors/.pt backbone, or an .onnx file. NAME=PATH: a
 .bin verification set, an IJB-B/IJB-C release folder, a folder of identity sub-folders or a .npz of
-features + labels (all-to-all). See toolkit/eval/runner.py and docs/evaluation.md. User errors print one
+features + labels (all-to-all). Each evaluation writes a new folder (RUN/eval/<UTC time> for a run folder,
+else eval_results/<model name>/<UTC time>) and moves the link `latest` beside it there; an --output DIR that
+holds results is refused unless --overwrite. See toolkit/eval/runner.py, toolkit/eval/outputs.py and
+docs/evaluation.md. User errors print one
 line `error: ...` on stderr and exit with status 2; `--debug` shows the traceback instead.
 """
 
@@ -38,8 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
                         help="a benchmark: .bin verification set, IJB release folder, identity folder, shard "
                         "manifest.json or features .npz; repeatable")
-    parser.add_argument("--output", metavar="DIR", help="where evaluation.json, table.md and ROC PNGs go "
-                        "(default: RUN/eval for a run folder, else eval/<model name>)")
+    parser.add_argument("--output", metavar="DIR", help="where evaluation.json, table.md and ROC PNGs go; refused "
+                        "when DIR holds results, unless --overwrite (default: a new folder RUN/eval/<UTC time> for a "
+                        "run folder, else eval_results/<model name>/<UTC time>, and a link 'latest' beside it)")
+    parser.add_argument("--name", help="label of the default output's new folder: <UTC time>-NAME (default: none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results held by --output DIR, the "
+                        "--save-features file or --compare's --output files (default: refuse them)")
     parser.add_argument("--save-features", metavar="FILE.npz",
                         help="also write the extracted features here (default: not written)")
     parser.add_argument("--no-flip", action="store_true", help="embed images only, not also their mirror image")
@@ -65,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         from toolkit.eval.table import compare
 
+        if args.output:
+            check_comparison_output(Path(args.output), args.overwrite)
         markdown, rows = compare(args.compare)
         print(markdown)
         if args.output:  # the table as JSON too: {model: {column: percent or null}}
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, num_workers=args.num_workers, device=device,
             detector_score_weighting=args.detector_score_weighting,
             max_skipped_fraction=args.max_skipped_fraction, compute_dtype=dtype, rank=rank,
-            world_size=world_size, progress=not args.no_progress)
+            world_size=world_size, progress=not args.no_progress, overwrite=args.overwrite, name=args.name)
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -111,8 +120,22 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         print()
         print(format_markdown({report["model"]: report["table_row"]}))
-        print(f"\nwritten: {report['output_dir']}/evaluation.json")
+        latest = f" ({report['latest']} points here)" if report.get("latest") else ""
+        print(f"\nwritten: {report['output_dir']}/evaluation.json{latest}")
     return 0
+
+
+def check_comparison_output(out: Path, overwrite: bool) -> None:
+    """Before reading any report: --compare's --output is a writable folder without an earlier comparison
+    (unless --overwrite)."""
+    from toolkit.errors import FaceCLError
+    from toolkit.eval.outputs import COMPARISON_FILES, check_writable_folder, refuse_earlier_results
+
+    if out.exists() and not out.is_dir():
+        raise FaceCLError(f"--output {out} exists and is not a folder; give a folder for comparison.json and "
+                          f"comparison.md")
+    refuse_earlier_results(out, overwrite, COMPARISON_FILES, plots=False)
+    check_writable_folder(out, "--output")
 
 
 def main(argv: list[str] | None = None) -> int:

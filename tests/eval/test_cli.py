@@ -65,7 +65,7 @@ def test_onnx_model_every_benchmark_then_rescore_from_features(data, tmp_path, c
     capsys.readouterr()
     assert main(["--compare", str(out), str(out2 / "evaluation.json"), "--output", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert len(table) >= 4 and table[2].startswith("| colour |")
+    assert len(table) >= 4 and table[2].startswith(f"| colour ({out}) |")   # one model twice: labelled by folder
     rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert len(rows) == 2 and all(row["LFW"] == report["table_row"]["LFW"] for row in rows.values())
 
@@ -170,9 +170,11 @@ def test_missing_image_is_skipped_and_counted_below_the_threshold(data, tmp_path
     result = json.loads((out / "evaluation.json").read_text())["benchmarks"]["ijbc"]
     assert result["num_skipped"] == 1 and result["skipped"] == {"missing or unreadable image": 1}
     assert "1 skipped" in capsys.readouterr().out
-    # Above the threshold the run fails with one line and status 2.
-    assert run_cli(*args, "--max-skipped-fraction", "0.001") == 2
+    # Above the threshold the run fails with one line and status 2, and the results it was to replace stay.
+    earlier = (out / "evaluation.json").read_bytes()
+    assert run_cli(*args, "--max-skipped-fraction", "0.001", "--overwrite") == 2
     assert "1 of 120 images skipped" in one_error_line(capsys)
+    assert (out / "evaluation.json").read_bytes() == earlier
 
 
 def test_landmarks_outside_the_image_are_skipped_and_counted(data, tmp_path, capsys):
@@ -254,7 +256,7 @@ def test_default_output_of_a_run_folder_is_its_eval_folder(data, tmp_path, monke
     run = tmp_path / "runs" / "r1"
     (run / "checkpoints").mkdir(parents=True)
     assert run_cli("--model", str(run), "--benchmark", f"lfw={data / 'lfw.bin'}") == 0
-    assert (run / "eval" / "evaluation.json").is_file()
+    assert (run / "eval" / "latest" / "evaluation.json").is_file()
     capsys.readouterr()
     assert main(["--compare", str(run)]) == 0
     assert "| r1 |" in capsys.readouterr().out

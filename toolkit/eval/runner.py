@@ -12,7 +12,8 @@ order (toolkit.eval.benchmark.benchmark_for). The built-in kinds:
 Embeddings come from `model` (toolkit.eval.models.load_model), from a feature file written by an earlier
 run (`features_in`, toolkit.eval.features), or from the benchmark's input itself (a .npz of features). Each
 benchmark scores them and words its console lines and table cells; this module names no kind. Rank 0
-writes `evaluation.json`, `table.md` and one ROC PNG per IJB benchmark into `output_dir`.
+writes `evaluation.json`, `table.md` and one ROC PNG per IJB benchmark into `output_dir`, or by default into a
+new folder per evaluation (toolkit.eval.outputs: no evaluation replaces another unless told to).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import torch
 from toolkit.errors import FaceCLError
 from toolkit.eval.benchmark import Benchmark, EvalSettings, benchmark_class, benchmark_for
 from toolkit.eval.extract import check_skipped, extract_embeddings
+from toolkit.eval.outputs import (check_default_base, check_evaluation_name, check_features_output, check_output_folder,
+                                  default_output_base, earlier_results, first_missing, new_evaluation_folder,
+                                  point_latest_at, remove_if_empty, remove_stale_plots)
 
 
 def parse_benchmark(spec: str, settings: EvalSettings | None = None) -> Benchmark:
@@ -39,26 +43,17 @@ def parse_benchmark(spec: str, settings: EvalSettings | None = None) -> Benchmar
     return benchmark_for(Path(raw), name, settings)
 
 
-def default_output_dir(model: str | None, model_name: str) -> Path:
-    """RUN/eval for a run folder (or RUN/checkpoints), so `--compare RUN_A RUN_B` finds it; else
-    eval/<model name> in the working directory."""
-    if model is not None and Path(model).is_dir():
-        run = Path(model)
-        if run.name == "checkpoints":
-            run = run.parent
-        return run / "eval"
-    return Path("eval") / model_name
-
-
 def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in: str | None = None,
                    save_features: str | None = None, output_dir: str | Path | None = None, flip: bool = True,
                    batch_size: int = 128, num_workers: int = 2, device: str | None = None,
                    detector_score_weighting: bool = False, max_skipped_fraction: float = 0.01,
                    compute_dtype: torch.dtype | None = None, fars=None, rank: int = 0, world_size: int = 1,
-                   group=None, progress: bool = True) -> dict:
+                   group=None, progress: bool = True, overwrite: bool = False, name: str | None = None) -> dict:
     """Evaluate one model (or cached features) on every benchmark; returns the report (rank 0 writes it).
     Every input and output is checked before any image is embedded: a bad one is one FaceCLError line and
-    leaves nothing behind."""
+    leaves nothing behind. Without `output_dir` the results go into a new folder (`name` labels it) of the
+    model's default output base, and its `latest` link moves there (toolkit.eval.outputs); an `output_dir`
+    that holds results is refused unless `overwrite`."""
     from toolkit.eval.features import load_features
     from toolkit.eval.roc import DEFAULT_FARS
 
@@ -80,8 +75,7 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
     if needs_embeddings and model is None and features_in is None:
         raise FaceCLError(f"benchmark(s) {', '.join(needs_embeddings)} need embeddings: give --model MODEL or "
                           f"--features FILE")
-    if save_features is not None:
-        check_features_output(Path(save_features))
+    check_given_outputs(output_dir, save_features, name, overwrite)
 
     embedder, cached, cached_meta = None, {}, {}
     if features_in is not None:
@@ -95,61 +89,53 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
         model_name = embedder.name
     else:
         model_name = "+".join(Path(b.path).stem for b in parsed)
-    out = Path(output_dir) if output_dir is not None else default_output_dir(model, model_name)
-    check_output_folder(out)
-    created = rank == 0 and not out.exists()
+    base = None if output_dir is not None else default_output_base(model, model_name)
+    if base is not None:
+        check_default_base(base)
+    out, created = _open_output(output_dir, base, name, rank)
+    earlier = earlier_results(out) if output_dir is not None and rank == 0 else []
     try:
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        return _evaluate(parsed, embedder, cached, features_in, save_features, out, model, model_name, flip,
-                         settings, rank, world_size, group)
+        report = _evaluate(parsed, embedder, cached, features_in, save_features, out, model, model_name, flip,
+                           settings, rank, world_size, group)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()   # an evaluation that failed leaves no empty output folder behind
+        if out is not None:
+            remove_if_empty(out, created)   # an evaluation that failed leaves no empty output folder behind
         raise
+    if rank == 0:
+        remove_stale_plots(out, earlier, report)
+        if base is not None:
+            report["latest"] = str(point_latest_at(out))
+    return report
 
 
-def _check_writable_folder(folder: Path, option: str, given: Path | None = None) -> None:
-    """`folder` exists as a folder this process can write a file into, or can be created: tried for real (a
-    probe file; what the probe created is removed again), since permission bits do not tell about read-only or
-    special file systems. A one-line FaceCLError otherwise."""
-    import shutil
-    import tempfile
-
-    missing = []
-    probe_root = folder
-    while not probe_root.exists() and probe_root != probe_root.parent:
-        missing.append(probe_root)
-        probe_root = probe_root.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".facecl-write-test."):
-            pass
-    except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else \
-            (exc.strerror or str(exc)).lower()
-        where = f"{given}: cannot write its folder {folder}" if given is not None else f"{folder}: cannot write there"
-        raise FaceCLError(f"{option} {where} ({reason})") from None
-    finally:
-        if missing:
-            shutil.rmtree(missing[-1], ignore_errors=True)
+def check_given_outputs(output_dir: str | Path | None, save_features: str | None, name: str | None,
+                        overwrite: bool) -> None:
+    """Before the model is loaded: --name, --output and --save-features (no earlier results unless overwrite)."""
+    check_evaluation_name(name)
+    if output_dir is not None:
+        if name is not None:
+            raise FaceCLError("--name labels the new folder of the default output; with --output DIR, name DIR itself")
+        check_output_folder(Path(output_dir), overwrite)
+    if save_features is not None:
+        check_features_output(Path(save_features), overwrite)
 
 
-def check_output_folder(out: Path) -> None:
-    """Before any work: the output folder is a folder this process can write (or create)."""
-    if out.exists() and not out.is_dir():
-        raise FaceCLError(f"--output {out} exists and is not a folder; give a folder for evaluation.json, table.md "
-                          f"and the ROC plots")
-    _check_writable_folder(out, "--output")
-
-
-def check_features_output(path: Path) -> None:
-    """Before any work: --save-features names a .npz file in a writable folder."""
-    if path.suffix != ".npz":
-        raise FaceCLError(f"--save-features {path}: feature files are .npz archives")
-    if path.is_dir():
-        raise FaceCLError(f"--save-features {path} is a folder; give a .npz file name")
-    _check_writable_folder(path.parent, "--save-features", given=path)
+def _open_output(output_dir: str | Path | None, base: Path | None, name: str | None,
+                 rank: int) -> tuple[Path | None, Path | None]:
+    """(the folder rank 0 writes into, the outermost folder created for it, to remove when the evaluation fails
+    and leaves it empty). Other ranks write nothing: (the given folder or None, None)."""
+    if output_dir is not None:
+        out = Path(output_dir)
+        if rank != 0:
+            return out, None
+        created = first_missing(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out, created
+    if rank != 0:
+        return None, None
+    created = first_missing(base)
+    folder = new_evaluation_folder(base, name)
+    return folder, created or folder
 
 
 def _embeddings(benchmark: Benchmark, embedder, cached: dict, features_in, flip: bool, settings: EvalSettings,

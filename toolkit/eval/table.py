@@ -20,9 +20,7 @@ from pathlib import Path
 
 from toolkit.errors import FaceCLError
 from toolkit.eval.benchmark import benchmark_class, table_columns
-
-_REPORT_NAME = "evaluation.json"
-
+from toolkit.eval.outputs import find_report
 
 def table_row(report: dict) -> dict:
     """{column: percent or None} of one evaluation report (entries of kinds not registered here are left out)."""
@@ -49,26 +47,21 @@ def format_markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def find_report(path: str | Path) -> Path:
-    """An evaluation.json, or a folder holding one directly or in eval/."""
-    path = Path(path)
-    for candidate in (path, path / _REPORT_NAME, path / "eval" / _REPORT_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FaceCLError(f"no {_REPORT_NAME} at {path} (give an evaluation.json or the folder that holds it)")
-
-
 def compare(paths: list[str | Path]) -> tuple[str, dict]:
-    """(markdown, {model: row}) of several evaluation reports, side by side."""
+    """(markdown, {model: row}) of several evaluation reports, side by side; a model evaluated more than once is
+    labelled with each evaluation's folder."""
+    reports = [(report_path, read_report(report_path)) for report_path in map(find_report, paths)]
+    names = [report.get("model") or report_path.parent.name for report_path, report in reports]
     rows: dict[str, dict] = {}
-    for path in paths:
-        report_path = find_report(path)
-        try:
-            report = json.loads(report_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FaceCLError(f"{report_path} is not JSON ({exc})") from None
-        name = report.get("model") or report_path.parent.name
-        if name in rows:
-            name = f"{name} ({report_path.parent})"
-        rows[name] = table_row(report)
+    for name, (report_path, report) in zip(names, reports):
+        label = f"{name} ({report_path.parent})" if names.count(name) > 1 else name
+        rows[label] = table_row(report)
     return format_markdown(rows), rows
+
+
+def read_report(report_path: Path) -> dict:
+    """One evaluation.json; a file that is not JSON is one FaceCLError line."""
+    try:
+        return json.loads(report_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FaceCLError(f"{report_path} is not JSON ({exc})") from None
