@@ -39,6 +39,9 @@ def tiny_recipe(tmp_path):
 # environment (children of children too, orphans included), so after the test every survivor is found in /proc,
 # given a few seconds to finish, then killed, and the test fails naming it.
 PROCESS_MARKER = "FACECL_TEST_PROCESS"
+# Helpers that a library starts once for the pytest process itself and that end with it (they watch a pipe
+# from it): multiprocessing's resource tracker and fork server, torch.compile's worker pool.
+SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker")
 LEAK_GRACE_S = 10.0
 _SESSION = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -55,9 +58,21 @@ def processes_marked(prefix: str) -> dict[int, str]:
             command = Path(entry.path, "cmdline").read_bytes()
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if needle in b"\0" + environ:  # a zombie has an empty environ: it holds no pipe and is skipped
-            found[int(entry.name)] = command.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+        if needle not in b"\0" + environ:  # a zombie has an empty environ: it holds no pipe and is skipped
+            continue
+        text = command.replace(b"\0", b" ").decode(errors="replace").strip()
+        if parent_pid(entry.path) == os.getpid() and any(helper in text for helper in SESSION_HELPERS):
+            continue
+        found[int(entry.name)] = text[:200]
     return found
+
+
+def parent_pid(proc_path: str) -> int | None:
+    try:
+        stat = Path(proc_path, "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(command)": state, ppid, ...
 
 
 @pytest.fixture(autouse=True)
