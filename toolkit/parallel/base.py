@@ -286,7 +286,7 @@ class ParallelStrategy:
         self.scaler.update()
         return not (self.scaler.is_enabled() and self.loss_scale() < scale_before)
 
-    def grad_norm_after_step(self) -> float | None:
+    def grad_norm_after_step(self) -> torch.Tensor | float | None:
         """Engines that clip inside step() report the norm here; the others return None."""
         return None
 

@@ -181,9 +181,8 @@ class DeepSpeedZero(ParallelStrategy):
             del inner.step
         return False
 
-    def grad_norm_after_step(self) -> float | None:
-        norm = self.module.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def grad_norm_after_step(self) -> torch.Tensor | float | None:
+        return self.module.get_global_grad_norm()   # a device tensor under ZeRO: no host sync here
 
     def zero_grad(self) -> None:
         self.module.zero_grad()

@@ -1,5 +1,10 @@
 # Console progress lines and TensorBoard scalars for the training loop.
-"""Progress reporting: one console line per logging step and TensorBoard scalars of the same values."""
+"""Progress reporting: one console line per logging step and TensorBoard scalars of the same values and more.
+
+The line holds loss (with its parts), lr, grad norms, throughput and ETA and fits in 160 characters; statistics
+that would make it longer (UniMoCo's queue) go to TensorBoard only. Loss, loss parts and grad norms are means
+over the steps since the previous line (training/interval_means.py), as are samples/s and the ETA's step time.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,22 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+def loss_text(means: dict[str, float]) -> str:
+    """`loss 58.01 (id 50.57, con 7.433)`: the loss with its parts (loss_<part>) when there are any."""
+    parts = [f"{name.removeprefix('loss_')} {value:.4g}" for name, value in means.items() if name.startswith("loss_")]
+    return f"loss {means['loss']:.4g}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def grad_norm_text(means: dict[str, float]) -> str | None:
+    """`grad norm backbone 11.78, head 6.235` (grad_norm_<part>); None when no norm was measured."""
+    norms = [f"{name.removeprefix('grad_norm_')} {value:.4g}" for name, value in means.items()
+             if name.startswith("grad_norm_")]
+    return f"grad norm {', '.join(norms)}" if norms else None
+
+
 class ProgressReporter:
-    """Prints `step/total epoch loss lr samples/s ETA` and mirrors scalars to TensorBoard (rank 0 only)."""
+    """Prints `step/total epoch loss lr grad-norm samples/s ETA` and writes those and more scalars to TensorBoard
+    (rank 0 only)."""
 
     def __init__(self, total_steps: int, global_batch_size: int, tensorboard_dir: Path | None, *,
                  enabled: bool = True, stream=None):
@@ -41,7 +60,18 @@ class ProgressReporter:
     def step_done(self) -> None:
         self._window_steps += 1
 
-    def log(self, step: int, epoch: float, scalars: dict[str, float]) -> None:
+    def print_header(self, log_every: int, tensorboard_only: str = "") -> None:
+        """One line at start saying what the progress lines hold."""
+        if not self.enabled:
+            return
+        where = "TensorBoard only" if self.writer is not None else "not shown (run.tensorboard is off)"
+        print(f"progress every {log_every} steps (loss, loss parts, grad norms: means since the previous line)"
+              + (f"; {tensorboard_only}: {where}" if tensorboard_only else ""), file=self.stream, flush=True)
+
+    def log(self, step: int, epoch: float, *, lr: float, means: dict[str, float], counters: dict[str, float],
+            tensorboard_only: dict[str, float] | None = None) -> None:
+        """`means`: loss, loss_<part>, grad_norm_<part> over the interval; `counters`: totals so far (skipped
+        inputs, non-finite steps), usually none."""
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
         samples_per_s = self._window_steps * self.global_batch_size / elapsed
@@ -50,12 +80,12 @@ class ProgressReporter:
         self._window_start, self._window_steps = now, 0
         if not self.enabled:
             return
-        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}"]
-        parts += [f"{name} {value:.4g}" for name, value in scalars.items()]
-        parts += [f"{samples_per_s:.1f} samples/s", f"ETA {format_duration(eta)}"]
-        print(" | ".join(parts), file=self.stream, flush=True)
+        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}", loss_text(means), f"lr {lr:.4g}",
+                 grad_norm_text(means), *(f"{name} {value:g}" for name, value in counters.items()),
+                 f"{samples_per_s:.1f} samples/s", f"ETA {format_duration(eta)}"]
+        print(" | ".join(part for part in parts if part), file=self.stream, flush=True)
         if self.writer is not None:
-            for name, value in scalars.items():
+            for name, value in {**means, "lr": lr, **counters, **(tensorboard_only or {})}.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
             self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
 

@@ -37,6 +37,7 @@ from toolkit.distributed.signals import StopSignals
 from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
 from toolkit.training import builders
 from toolkit.training.divergence import NonfiniteSteps
+from toolkit.training.interval_means import IntervalMeans
 from toolkit.training.optim import build_scheduler, scaled_lr
 from toolkit.training.parts import part_sizes
 from toolkit.training.progress import ProgressReporter
@@ -99,6 +100,9 @@ class Trainer:
         self.result = TrainResult(final_step=0)
         self.last_grad_norms: dict[str, float | torch.Tensor | None] = {}
         self.last_loss_parts: dict[str, torch.Tensor] = {}
+        # Loss, loss parts and grad norms of every step since the last progress line, summed on the device. Not
+        # in checkpoints: after a resume the first line's means cover the steps since the resume.
+        self.interval = IntervalMeans(self.device)
         self.num_skipped_steps = 0          # steps not applied, for any reason (fp16 overflow, non-finite)
         self.nonfinite = NonfiniteSteps(recipe.train.max_nonfinite_steps, self._say)
         self.stop_signals: StopSignals | None = None   # set by fit()
@@ -180,11 +184,12 @@ class Trainer:
         self._say(f"resumed from {restored.source} at step {self.step}")
 
     # ----- the step -----------------------------------------------------------------------------------
-    def train_step(self, measure_grad_norm: bool = False) -> torch.Tensor:
+    def train_step(self, measure_grad_norm: bool = True) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss (no sync).
 
         Gradient norms (before clipping) are kept in `last_grad_norms` when clipping is on or
-        `measure_grad_norm` is set (logging steps).
+        `measure_grad_norm` is set (every step of fit(): the progress line shows their mean). The step's loss,
+        loss parts and, when the step is applied, its grad norms are added to `interval` (on the device).
         """
         accum = self.shape.grad_accum_steps
         step_loss = torch.zeros((), device=self.device)
@@ -241,6 +246,11 @@ class Trainer:
             part.zero_grad()
         for sched in self.schedulers.values():
             sched.step()
+        self.interval.add("loss", step_loss / accum)
+        if applied:   # a skipped step's gradients were never used
+            for name, norm in self.last_grad_norms.items():
+                if norm is not None:
+                    self.interval.add(f"grad_norm_{name}", norm)
         return step_loss / accum
 
     def _micro_step_loss(self, images: torch.Tensor, labels_B: torch.Tensor, micro_step: int) -> torch.Tensor:
@@ -254,6 +264,7 @@ class Trainer:
             loss_id = self.head.loss(emb_BD, labels_B)
             total = total + recipe.head.weight * loss_id
             self.last_loss_parts["loss_id"] = loss_id.detach()
+            self.interval.add("loss_id", self.last_loss_parts["loss_id"])
         if self.unimoco is not None:
             keys_NP = self.unimoco.keys(self.backbone, images[:, 1], micro_step)
             labels_N = all_gather_no_grad(labels_B, self.ctx.group)
@@ -261,6 +272,7 @@ class Trainer:
             self.unimoco.enqueue(keys_NP, labels_N)
             total = total + recipe.contrastive.weight * loss_con
             self.last_loss_parts["loss_con"] = loss_con.detach()
+            self.interval.add("loss_con", self.last_loss_parts["loss_con"])
         return total
 
     @property
@@ -274,10 +286,13 @@ class Trainer:
         output = self.backbone.forward(images)
         return output[0] if self.contrastive_on else output
 
-    def _loss_parts_for_log(self) -> dict[str, float]:
-        if len(self.last_loss_parts) < 2:
-            return {}
-        return {name: float(value) for name, value in self.last_loss_parts.items()}
+    def _interval_means_for_log(self) -> dict[str, float]:
+        """Loss, loss parts (when there are two) and grad norms: means over the steps since the last progress
+        line and over the ranks (a collective: every rank calls it on logging steps)."""
+        means = self.interval.take(self.ctx.all_reduce_mean_)
+        if len(self.last_loss_parts) < 2:   # one part: its loss is the loss
+            means = {name: value for name, value in means.items() if name not in self.last_loss_parts}
+        return means
 
     def _unimoco_stats_for_log(self) -> dict[str, float]:
         if self.unimoco is None:
@@ -287,9 +302,6 @@ class Trainer:
     def _skipped_inputs_for_log(self) -> dict[str, float]:
         """Inputs the data stream skipped so far (corrupt image, missing key, ...), by reason; this rank's."""
         return {f"skipped_{reason}": float(count) for reason, count in self.stream.skip_stats().items() if count}
-
-    def _grad_norms_for_log(self) -> dict[str, float]:
-        return {f"grad_norm_{part}": float(norm) for part, norm in self.last_grad_norms.items() if norm is not None}
 
     # ----- evaluation and the loop ----------------------------------------------------------------------
     def evaluate(self) -> list[dict]:
@@ -343,6 +355,8 @@ class Trainer:
                       "eval.sets to verify during training")
         tb_dir = self.run_dir / "tensorboard" if recipe.run.tensorboard else None
         reporter = ProgressReporter(shape.total_steps, shape.global_batch_size, tb_dir, enabled=self.verbose)
+        reporter.print_header(recipe.run.log_every, tensorboard_only="UniMoCo queue statistics and momentum"
+                              if self.unimoco is not None else "")
         pending_losses: list[tuple[int, torch.Tensor]] = []
         for part in self.parts.values():
             part.train(True)
@@ -354,8 +368,7 @@ class Trainer:
         try:
             while self.step < shape.total_steps:
                 lr = self.schedulers["backbone"].get_last_lr()[0]
-                will_log = (self.step + 1) % recipe.run.log_every == 0 or self.step + 1 == shape.total_steps
-                loss = self.train_step(measure_grad_norm=will_log)
+                loss = self.train_step()
                 self.step += 1
                 if watchdog is not None:
                     watchdog.beat(self.step)
@@ -363,18 +376,22 @@ class Trainer:
                 pending_losses.append((self.step, loss))
                 last = self.step == shape.total_steps
                 stopping = self.stop_code > 0 and not last
+                # The last line covers the steps since the one before: a partial interval at the end or at a stop.
+                will_log = self.step % recipe.run.log_every == 0 or last or stopping
                 will_save = (recipe.checkpoint.every_steps and self.step % recipe.checkpoint.every_steps == 0) or (
                     last and recipe.checkpoint.save_final) or stopping
                 if will_log or will_save:
-                    # The only host sync of the loop: the window's losses, averaged over ranks, on log steps (and
-                    # before a save, so that the checkpoint's loss history is complete).
-                    values = self._flush_losses(pending_losses)
+                    # The loop's host syncs beside the step's own: the window's per-step losses, averaged over ranks,
+                    # on log steps (and before a save, so that the checkpoint's loss history is complete), and the
+                    # interval means on log steps.
+                    self._flush_losses(pending_losses)
                 if will_log:
-                    reporter.log(self.step, self.step / shape.steps_per_epoch,
-                                 {"loss": values[-1], "lr": lr, **self._loss_parts_for_log(),
-                                  **self._grad_norms_for_log(), **self._unimoco_stats_for_log(),
-                                  **self._skipped_inputs_for_log(),
-                                  **({"nonfinite_steps": float(self.nonfinite.total)} if self.nonfinite.total else {})})
+                    reporter.log(self.step, self.step / shape.steps_per_epoch, lr=lr,
+                                 means=self._interval_means_for_log(),
+                                 counters={**self._skipped_inputs_for_log(),
+                                           **({"nonfinite_steps": float(self.nonfinite.total)}
+                                              if self.nonfinite.total else {})},
+                                 tensorboard_only=self._unimoco_stats_for_log())
                 if self.val_sets and not stopping and (
                         (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
