@@ -4,6 +4,7 @@
     python launch/evaluate.py --model MODEL --benchmark NAME=PATH [--benchmark NAME=PATH ...]
     python launch/evaluate.py --features FILE.npz --benchmark NAME=PATH ...     # re-score cached features
     python launch/evaluate.py --compare runs/a runs/b eval_results/m             # results table side by side
+    python launch/evaluate.py --compare runs/a --columns "LFW,IJB-C 1e-4"       # chosen columns
     torchrun --nproc_per_node 8 launch/evaluate.py --model MODEL --benchmark ... # each rank embeds a slice
 
 MODEL: a run folder, a checkpoint, an exported .safetensors/.pt backbone, or an .onnx file. NAME=PATH: a
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="re-score the features saved by --save-features (default: none)")
     source.add_argument("--compare", nargs="+", metavar="EVAL", help="print the results table of several "
                         "evaluation.json files (or folders holding one) side by side (default: none)")
+    parser.add_argument("--columns", metavar="NAMES", help="with --compare: the table's columns, in this order, "
+                        "by name as the table heads them, e.g. 'LFW,IJB-C 1e-4' (default: every metric the "
+                        "evaluations measured, in the order of docs/evaluation.md)")
     parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
                         help="a benchmark: .bin verification set, IJB release folder, identity folder, shard "
                         "manifest.json or features .npz; repeatable")
@@ -70,19 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.errors import FaceCLError
 
     if args.compare:
-        from toolkit.eval.table import compare
-
-        if args.output:
-            check_comparison_output(Path(args.output), args.overwrite)
-        markdown, rows = compare(args.compare)
-        print(markdown)
-        if args.output:  # the table as JSON too: {model: {column: percent or null}}
-            out = Path(args.output)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
-            (out / "comparison.md").write_text(markdown + "\n")
-            print(f"\nwritten: {out}/comparison.json")
-        return 0
+        return run_compare(args)
+    if args.columns is not None:
+        raise FaceCLError("--columns selects the columns of a --compare table; after this evaluation, run "
+                          "--compare OUTPUT --columns ... on it")
     if args.model is None and args.features is None and not args.benchmark:
         raise FaceCLError("give --model MODEL or --features FILE, and --benchmark NAME=PATH (or --compare EVAL ...)")
     if args.batch_size < 1 or args.num_workers < 0:
@@ -114,14 +109,33 @@ def run(args: argparse.Namespace) -> int:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:
-        from toolkit.eval.table import format_markdown
+        from toolkit.eval.table import evaluation_markdown
 
         for line in summary_lines(report):
             print(line)
         print()
-        print(format_markdown({report["model"]: report["table_row"]}))
+        print(evaluation_markdown(report))
         latest = f" ({report['latest']} points here)" if report.get("latest") else ""
         print(f"\nwritten: {report['output_dir']}/evaluation.json{latest}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """--compare: the results table of earlier evaluations; with --output also as comparison.json / .md."""
+    from toolkit.eval.table import compare, format_markdown, parse_columns, table_json
+
+    columns = parse_columns(args.columns) if args.columns is not None else None
+    if args.output:
+        check_comparison_output(Path(args.output), args.overwrite)
+    table = compare(args.compare, columns)
+    markdown = format_markdown(table)
+    print(markdown)
+    if args.output:  # the table as JSON too: columns, {row: {column: percent or null}}, {row: {column: reason}}
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(table_json(table), indent=2) + "\n")
+        (out / "comparison.md").write_text(markdown + "\n")
+        print(f"\nwritten: {out}/comparison.json")
     return 0
 
 

@@ -41,7 +41,7 @@ def test_onnx_model_every_benchmark_then_rescore_from_features(data, tmp_path, c
                    "--output", str(out), "--save-features", str(feats))
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| model | LFW | CFP-FP |" in printed
+    assert "| model | LFW | IJB-C 1e-6 |" in printed
     report = json.loads((out / "evaluation.json").read_text())
     lfw, ijbc, mfr = (report["benchmarks"][k] for k in ("lfw", "ijbc", "mfr"))
     assert lfw["num_pairs"] == 40 and 0.5 <= lfw["accuracy_mean"] <= 1.0
@@ -66,7 +66,7 @@ def test_onnx_model_every_benchmark_then_rescore_from_features(data, tmp_path, c
     assert main(["--compare", str(out), str(out2 / "evaluation.json"), "--output", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) >= 4 and table[2].startswith(f"| colour ({out}) |")   # one model twice: labelled by folder
-    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
     assert len(rows) == 2 and all(row["LFW"] == report["table_row"]["LFW"] for row in rows.values())
 
 

@@ -9,7 +9,6 @@ import pytest
 from launch.evaluate import main
 from tests.conftest import REPO
 from tests.eval.factories import ColourNet, export_onnx, write_bin, write_ijb_release
-from toolkit.eval.outputs import new_evaluation_folder
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +81,8 @@ def test_a_model_file_evaluates_into_eval_results_which_git_ignores(data, tmp_pa
 
 
 def test_evaluations_in_the_same_second_get_their_own_folders(tmp_path):
+    from toolkit.eval.outputs import new_evaluation_folder
+
     now = datetime(2025, 3, 1, 14, 25, 1, tzinfo=timezone.utc)
     folders = [new_evaluation_folder(tmp_path, "x", now=now) for _ in range(3)]
     assert [f.name for f in folders] == ["20250301T142501Z-x", "20250301T142501Z-x-2", "20250301T142501Z-x-3"]

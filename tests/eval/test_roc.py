@@ -29,7 +29,10 @@ def test_ties_accept_every_equal_score():
 def test_too_few_impostors_gives_none():
     out = tar_at_far(np.ones(3), np.zeros(1000), (1e-3, 1e-4))
     assert out["1e-03"]["tar"] == 1.0
-    assert out["1e-04"] == {"tar": None, "threshold": None, "achieved_far": None}
+    assert out["1e-04"] == {"tar": None, "threshold": None, "achieved_far": None,
+                            "reason": "FAR 1e-4 needs at least 10,000 impostor pairs, this set has 1,000"}
+    assert tar_at_far(np.ones(3), np.zeros(9_999), (1e-4,))["1e-04"]["tar"] is None      # one short
+    assert tar_at_far(np.ones(3), np.zeros(10_000), (1e-4,))["1e-04"]["tar"] == 1.0      # exactly enough
 
 
 def test_k_is_exact_at_round_numbers():

@@ -46,8 +46,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from toolkit.eval.benchmark import Benchmark, register_benchmark
-from toolkit.eval.roc import far_key, num_accepted_impostors, operating_point
+from toolkit.eval.benchmark import Benchmark, TableCell, benchmark_label, register_benchmark, tar_at_far_cells
+from toolkit.eval.roc import far_key, num_accepted_impostors, operating_point, unmeasured_point
 
 MFR_FARS = (1e-6, 1e-5, 1e-4)
 
@@ -160,7 +160,8 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     """Exact TAR at each FAR over all pairs of (emb_ND, labels_N); see the module docstring.
 
     Returns {"num_images", "num_identities", "num_genuine", "num_impostor", "num_passes",
-    "tar_at_far": {far_key: {"tar", "threshold", "achieved_far"}}}; TAR is None where f * num_impostor < 1.
+    "tar_at_far": {far_key: {"tar", "threshold", "achieved_far"}}}; TAR is None where f * num_impostor < 1,
+    and that point carries the `reason`.
     `normalize=False` scores raw dot products (tests use integer features to get exact ties).
     """
     labels_N = torch.as_tensor(np.asarray(labels_N)).long().reshape(-1)
@@ -199,7 +200,7 @@ def all_to_all_tar_at_far(emb_ND: torch.Tensor, labels_N: torch.Tensor | np.ndar
     brackets: list[_Bracket] = []
     for far in fars:
         if num_impostor == 0 or far * num_impostor < 1.0 - 1e-9:
-            results[far_key(far)] = {"tar": None, "threshold": None, "achieved_far": None}
+            results[far_key(far)] = unmeasured_point(far, num_impostor)
             continue
         brackets.append(_Bracket(far=far, k=num_accepted_impostors(far, num_impostor), lo=-radius, hi=radius,
                                  mode="hist"))
@@ -339,7 +340,6 @@ class AllToAll(Benchmark):
     all-to-all benchmark (toolkit.eval.features.load_labelled_features: it needs no model)."""
 
     description = "a folder of identity sub-folders, a shard manifest.json or a .npz of features and labels"
-    columns = ("MFR-style 1e-6",)
 
     def __init__(self, name, path, settings=None):
         super().__init__(name, path, settings)
@@ -421,9 +421,9 @@ class AllToAll(Benchmark):
                 f"{result['num_impostor']} impostor pairs) TAR% at FAR {tars}{cls.skipped_note(result)}"]
 
     @classmethod
-    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
-        value = result["tar_at_far"].get("1e-06", {}).get("tar")
-        return {"MFR-style 1e-6": None if value is None else 100.0 * value}
+    def table_cells(cls, name: str, result: dict) -> list[TableCell]:
+        """TAR at every FAR of the entry, 'NAME 1e-6' ... (the FARs the set is too small for say why)."""
+        return tar_at_far_cells(benchmark_label(name), result["tar_at_far"], result.get("num_impostor"))
 
     @classmethod
     def scalars(cls, result: dict) -> dict[str, float]:

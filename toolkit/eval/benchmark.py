@@ -7,8 +7,9 @@
   `num_images`, read from the metadata without decoding an image (to check cached features); a kind whose
   input already holds embeddings (`carries_embeddings`) returns them from `own_embeddings()` instead;
 - how to score raw flip-summed embeddings (`score`, the dict of evaluation.json, whose "kind" is the
-  registered kind), turn that into console lines (`summary_lines`) and results-table cells (`table_cells`
-  for the `columns` it declares);
+  registered kind), turn that into console lines (`summary_lines`) and results-table cells (`table_cells`:
+  one `TableCell` per metric the entry holds, in the kind's order, named after `benchmark_label(name)`; a
+  metric the entry could not measure is a cell without value that says why);
 - how to evaluate the model being trained (`evaluate`, the fields of the trainer's entry in results.json)
   and which of those numbers the training log and TensorBoard show (`scalars`).
 
@@ -56,13 +57,52 @@ class EvalSettings:
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class TableCell:
+    """One results-table cell: `value` in percent, or None and the `reason` (the footnote of its '-')."""
+
+    column: str
+    value: float | None
+    reason: str | None = None
+
+    @classmethod
+    def of_fraction(cls, column: str, fraction: float | None, reason: str | None = None) -> "TableCell":
+        """A cell from a fraction in [0, 1] (None: not measured, for `reason`)."""
+        if fraction is None:
+            return cls(column, None, reason or "not measured (the results give no reason)")
+        return cls(column, 100.0 * fraction)
+
+
+def tar_at_far_cells(label: str, tar_at_far: dict, num_impostors: int | None) -> list[TableCell]:
+    """Cells 'LABEL 1e-4' of TAR at FAR points (toolkit.eval.roc), in their order. A point without TAR gives its
+    `reason`; one written before points carried it gets it from `num_impostors`."""
+    from toolkit.eval.roc import far_label, too_few_impostors
+
+    cells = []
+    for key, point in tar_at_far.items():
+        far = float(key)
+        reason = point.get("reason") or (too_few_impostors(far, num_impostors) if num_impostors is not None else None)
+        cells.append(TableCell.of_fraction(f"{label} {far_label(far)}", point.get("tar"), reason))
+    return cells
+
+
+# Benchmarks papers name: the table shows these spellings, and in this order before any other of the same kind.
+KNOWN_BENCHMARKS = ("LFW", "CFP-FP", "CFP-FF", "AgeDB-30", "CALFW", "CPLFW", "VGG2-FP", "IJB-B", "IJB-C")
+_KNOWN_BY_KEY = {label.lower().replace("-", ""): label for label in KNOWN_BENCHMARKS}
+
+
+def benchmark_label(name: str) -> str:
+    """The results table's name of benchmark `name`: a known one's usual spelling (lfw, cfp_fp, agedb_30, ijbc ->
+    LFW, CFP-FP, AgeDB-30, IJB-C; case, '-' and '_' ignored), else `name` as given."""
+    return _KNOWN_BY_KEY.get(name.lower().replace("-", "").replace("_", ""), name)
+
+
 class Benchmark(ABC):
     """One benchmark input (see the module docstring). `name` labels it in reports and logs."""
 
     kind: ClassVar[str] = ""                   # set by @register_benchmark
     order: ClassVar[int] = 50                  # detection order: lower is asked first
     description: ClassVar[str] = ""            # what its inputs are, for the error when no kind matches
-    columns: ClassVar[tuple[str, ...]] = ()    # results-table columns its table_cells may fill
     # True when the trainer's result carries accuracy_mean / accuracy_std / num_pairs (the 10-fold pair
     # protocol): the first such set is results.json's final_verification and launch/train.py's last line.
     reports_verification_accuracy: ClassVar[bool] = False
@@ -136,8 +176,9 @@ class Benchmark(ABC):
 
     @classmethod
     @abstractmethod
-    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
-        """{column: percent or None} of the results table, for columns of `columns` only."""
+    def table_cells(cls, name: str, result: dict) -> list["TableCell"]:
+        """The results-table cells of one report entry: one per metric it holds, in the kind's order; column
+        names start with `benchmark_label(name)`."""
 
     @staticmethod
     def percent(value: float | None, digits: int = 2) -> str:
@@ -218,11 +259,6 @@ def benchmark_class(kind: str) -> type[Benchmark] | None:
     """The class registered under `kind` (a report entry's "kind"), or None."""
     _load_builtin_kinds()
     return _REGISTRY.get(kind)
-
-
-def table_columns() -> tuple[str, ...]:
-    """The results-table columns: those of every registered kind, in detection order."""
-    return tuple(column for cls in registered_kinds() for column in cls.columns)
 
 
 def benchmark_for(path: str | Path, name: str | None = None, settings: EvalSettings | None = None, *,

@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.errors import FaceCLError
-from toolkit.eval.benchmark import Benchmark, register_benchmark
-from toolkit.eval.roc import DEFAULT_FARS, far_key, num_accepted_impostors, roc_points, tar_at_far
+from toolkit.eval.benchmark import Benchmark, TableCell, benchmark_label, register_benchmark, tar_at_far_cells
+from toolkit.eval.roc import (DEFAULT_FARS, far_key, far_label, num_accepted_impostors, roc_points, tar_at_far,
+                              too_few_impostors)
 
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
 IDENTIFICATION_RANKS = (1, 5)
@@ -337,7 +338,7 @@ def identification_1toN(gallery: dict[int, int], probes: dict[int, int], templat
     tpir = {}
     for fpir in fpirs:
         n = non_mated.numel()
-        if n == 0 or mated.numel() == 0 or fpir * n < 1.0 - 1e-9:
+        if _tpir_unmeasured(fpir, n, mated.numel()) is not None:
             tpir[far_key(fpir)] = None
             continue
         best_non_mated = scores_PS[non_mated].max(dim=1).values.sort(descending=True).values
@@ -345,7 +346,23 @@ def identification_1toN(gallery: dict[int, int], probes: dict[int, int], templat
         hits = (rank_M == 1) & (true_score >= threshold)
         tpir[far_key(fpir)] = float(hits.double().mean())
     result["tpir_at_fpir"] = tpir
+    not_measured = gallery_not_measured(result)
+    if not_measured:
+        result["not_measured"] = not_measured
     return result
+
+
+_NO_MATED = "no probe template's subject has a template in the gallery"
+
+
+def _tpir_unmeasured(fpir: float, num_non_mated: int, num_mated: int) -> str | None:
+    """Why TPIR at `fpir` cannot be measured (None when it can)."""
+    if num_mated == 0:
+        return _NO_MATED
+    if fpir * num_non_mated < 1.0 - 1e-9:
+        return too_few_impostors(fpir, num_non_mated, rate="FPIR", what="non-mated probe templates",
+                                 where="the gallery")
+    return None
 
 
 def identification_report(release: IJBRelease, template_ids_T: np.ndarray, template_TD: np.ndarray) -> dict | None:
@@ -362,8 +379,44 @@ def identification_report(release: IJBRelease, template_ids_T: np.ndarray, templ
     for fk in report["G1"]["tpir_at_fpir"]:
         values = [report[g]["tpir_at_fpir"][fk] for g in GALLERIES]
         mean["tpir_at_fpir"][fk] = None if None in values else float(np.mean(values))
+    not_measured = mean_not_measured(report, mean)
+    if not_measured:
+        mean["not_measured"] = not_measured
     report["mean"] = mean
     return report
+
+
+def gallery_not_measured(result: dict) -> dict:
+    """Why the None numbers of one gallery's 1:N result are None, from its counts:
+    {"rank1": reason, ..., "tpir_at_fpir": {fpir key: reason}} (only the None ones)."""
+    reasons: dict = {f"rank{k}": _NO_MATED for k in IDENTIFICATION_RANKS if result.get(f"rank{k}", 0) is None}
+    for fk, value in result["tpir_at_fpir"].items():
+        if value is None:
+            reasons.setdefault("tpir_at_fpir", {})[fk] = _tpir_unmeasured(float(fk), result["num_non_mated"],
+                                                                          result["num_mated"])
+    return reasons
+
+
+def mean_not_measured(report: dict, mean: dict) -> dict:
+    """Why the None numbers of the mean over the galleries are None: each gallery's reason, 'G1: ...; G2: ...'
+    ('G1 and G2: ...' when they agree)."""
+    per_gallery = {g: gallery_not_measured(report[g]) for g in GALLERIES}
+    reasons: dict = {}
+    for key in [f"rank{k}" for k in IDENTIFICATION_RANKS]:
+        if mean.get(key, 0) is None:
+            reasons[key] = _joined({g: r.get(key) for g, r in per_gallery.items()})
+    for fk, value in mean["tpir_at_fpir"].items():
+        if value is None:
+            reasons.setdefault("tpir_at_fpir", {})[fk] = _joined(
+                {g: r.get("tpir_at_fpir", {}).get(fk) for g, r in per_gallery.items()})
+    return reasons
+
+
+def _joined(reason_of_gallery: dict[str, str | None]) -> str:
+    reasons = {g: reason for g, reason in reason_of_gallery.items() if reason}
+    if len(set(reasons.values())) == 1:
+        return f"{' and '.join(reasons)}: {next(iter(reasons.values()))}"
+    return "; ".join(f"{g}: {reason}" for g, reason in reasons.items())
 
 
 class IJBEvaluator:
@@ -428,7 +481,19 @@ class IJBEvaluator:
 # ----- the benchmark kind ----------------------------------------------------------------------------------
 
 _RELEASE_NAMES = {"ijbc": "IJB-C", "ijbb": "IJB-B"}
-_TABLE_CELLS = {"IJB-B": (("IJB-B 1e-4", "1e-04"),), "IJB-C": (("IJB-C 1e-5", "1e-05"), ("IJB-C 1e-4", "1e-04"))}
+
+
+def _identification_cells(label: str, identification: dict) -> list[TableCell]:
+    """'LABEL rank-1', 'LABEL rank-5', 'LABEL TPIR 1e-2' ... of the 1:N mean over the galleries (the reasons of
+    results written before they were recorded: from the galleries' counts)."""
+    mean = identification["mean"]
+    reasons = mean.get("not_measured") or mean_not_measured(identification, mean)
+    cells = [TableCell.of_fraction(f"{label} rank-{k}", mean.get(f"rank{k}"), reasons.get(f"rank{k}"))
+             for k in IDENTIFICATION_RANKS if f"rank{k}" in mean]
+    for key, value in mean.get("tpir_at_fpir", {}).items():
+        cells.append(TableCell.of_fraction(f"{label} TPIR {far_label(float(key))}", value,
+                                           reasons.get("tpir_at_fpir", {}).get(key)))
+    return cells
 
 
 @register_benchmark("ijb", order=20)
@@ -437,7 +502,6 @@ class IJBBenchmark(Benchmark):
     training, `IJBEvaluator`'s TAR@FAR on a seeded subset of `settings.max_pairs` pairs (None: every pair)."""
 
     description = "an IJB-B/IJB-C release folder with meta/ijbc_face_tid_mid.txt or meta/ijbb_face_tid_mid.txt"
-    columns = ("IJB-B 1e-4", "IJB-C 1e-5", "IJB-C 1e-4")
 
     def __init__(self, name, path, settings=None):
         super().__init__(name, path, settings)
@@ -500,13 +564,14 @@ class IJBBenchmark(Benchmark):
         return lines
 
     @classmethod
-    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
-        """IJB-B: TAR at FAR 1e-4; IJB-C: at 1e-5 and 1e-4 (None where the set is too small for that FAR)."""
-        tar = result["verification"]["tar_at_far"]
-        cells = {}
-        for column, far in _TABLE_CELLS.get(result["benchmark"], ()):
-            value = tar.get(far, {}).get("tar")
-            cells[column] = None if value is None else 100.0 * value
+    def table_cells(cls, name: str, result: dict) -> list[TableCell]:
+        """1:1 TAR at every FAR of the entry ('IJB-C 1e-4'); with 1:N results, then the mean over G1 and G2 of
+        rank-1, rank-5 and TPIR at every FPIR ('IJB-C rank-1', 'IJB-C TPIR 1e-2')."""
+        label = benchmark_label(name)
+        verification = result["verification"]
+        cells = tar_at_far_cells(label, verification["tar_at_far"], verification.get("num_impostor"))
+        if result.get("identification"):
+            cells += _identification_cells(label, result["identification"])
         return cells
 
     def evaluate(self, embed, *, device="cpu", rank=0, world_size=1, group=None) -> dict:

@@ -1,4 +1,4 @@
-# Where evaluation results go: one new folder per evaluation with a `latest` link, or a given folder that is never overwritten silently.
+# Where evaluation results go: a new folder per evaluation, a `latest` link, no silent overwrite of a given folder.
 """No evaluation replaces an earlier one without being told to.
 
 Default output (no `--output`): a new folder `BASE/<UTC time>[-NAME]` per evaluation, e.g.

@@ -6,7 +6,8 @@ largest impostor score (counting ties as separate scores); a pair is accepted wh
 TAR = #(genuine >= t) / #genuine and the achieved FAR = #(impostor >= t) / n, which is k / n when no other
 impostor ties with t (so at most f + 1/n) and larger when some do; it is reported beside every TAR. When
 f * n < 1 the set has too few impostor pairs for that FAR and the TAR is None (not 0), so a tiny set never
-prints a number it cannot support.
+prints a number it cannot support; the point then carries the `reason` (`too_few_impostors`), which the
+results table prints as the footnote of its '-'.
 
 This is the point of sklearn's ``roc_curve(drop_intermediate=False)`` with the smallest FPR >= f (tested).
 insightface's IJB script instead reads the ROC point whose FPR is closest to f, which can differ from
@@ -29,6 +30,32 @@ def num_accepted_impostors(far: float, num_impostors: int) -> int:
     if not 0.0 < far <= 1.0:
         raise ValueError(f"FAR must be in (0, 1], got {far}")
     return max(1, math.ceil(round(far * num_impostors, 9)))
+
+
+def far_label(far: float) -> str:
+    """'1e-4' style, for columns and messages (FARs that are not 1 significant digit: '0.00025')."""
+    short = f"{far:.0e}"
+    if float(short) != far:
+        return f"{far:g}"
+    mantissa, exponent = short.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def minimum_impostors(far: float) -> int:
+    """The fewest impostor scores n with far * n >= 1: below that the set cannot support FAR `far`."""
+    return math.ceil(round(1.0 / far, 6))
+
+
+def too_few_impostors(far: float, num_impostors: int, *, rate: str = "FAR", what: str = "impostor pairs",
+                      where: str = "this set") -> str:
+    """Why a TAR at `far` is not measured: 'FAR 1e-5 needs at least 100,000 impostor pairs, this set has 420'."""
+    return (f"{rate} {far_label(far)} needs at least {minimum_impostors(far):,} {what}, {where} has "
+            f"{num_impostors:,}")
+
+
+def unmeasured_point(far: float, num_impostors: int) -> dict:
+    """The operating point of a FAR the set has too few impostor pairs for: no TAR, and why."""
+    return {"tar": None, "threshold": None, "achieved_far": None, "reason": too_few_impostors(far, num_impostors)}
 
 
 def far_key(far: float) -> str:
@@ -55,7 +82,7 @@ def threshold_point(genuine_asc_G: np.ndarray, impostor_desc_I: np.ndarray, far:
     """The operating point for one FAR from sorted scores (genuine ascending, impostor descending)."""
     n = impostor_desc_I.size
     if far * n < 1.0 - 1e-9:
-        return {"tar": None, "threshold": None, "achieved_far": None}
+        return unmeasured_point(far, n)
     k = num_accepted_impostors(far, n)
     threshold = float(impostor_desc_I[k - 1])
     return operating_point(genuine_asc_G, threshold,

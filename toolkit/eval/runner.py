@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import FaceCLError
-from toolkit.eval.benchmark import Benchmark, EvalSettings, benchmark_class, benchmark_for
+from toolkit.eval.benchmark import Benchmark, EvalSettings, benchmark_class, benchmark_for, benchmark_label
 from toolkit.eval.extract import check_skipped, extract_embeddings
 from toolkit.eval.outputs import (check_default_base, check_evaluation_name, check_features_output, check_output_folder,
                                   default_output_base, earlier_results, first_missing, new_evaluation_folder,
@@ -67,9 +67,7 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
     parsed = [parse_benchmark(s, settings) for s in benchmarks]
     if not parsed:
         raise FaceCLError("give at least one --benchmark NAME=PATH")
-    names = [b.name for b in parsed]
-    if len(set(names)) != len(names):
-        raise FaceCLError(f"benchmark names must be unique, got {names}")
+    check_unique_names([b.name for b in parsed])
     # A benchmark whose input holds its embeddings (a .npz of features and labels) needs no model.
     needs_embeddings = [b.name for b in parsed if not b.carries_embeddings]
     if needs_embeddings and model is None and features_in is None:
@@ -106,6 +104,17 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
         if base is not None:
             report["latest"] = str(point_latest_at(out))
     return report
+
+
+def check_unique_names(names: list[str]) -> None:
+    """Benchmark names are unique, also as the results table spells them (lfw and LFW are both its LFW)."""
+    if len(set(names)) != len(names):
+        raise FaceCLError(f"benchmark names must be unique, got {names}")
+    labels = [benchmark_label(name) for name in names]
+    clashing = sorted({name for name, label in zip(names, labels) if labels.count(label) > 1})
+    if clashing:
+        raise FaceCLError(f"benchmark names {', '.join(clashing)} are one column name of the results table "
+                          f"({benchmark_label(clashing[0])}); rename one")
 
 
 def check_given_outputs(output_dir: str | Path | None, save_features: str | None, name: str | None,
@@ -163,7 +172,7 @@ def _evaluate(benchmarks: list[Benchmark], embedder, cached, features_in, save_f
               flip, settings: EvalSettings, rank, world_size, group) -> dict:
     """Embed (or read) and score every benchmark; rank 0 writes the report into `out`."""
     from toolkit.eval.features import save_features as write_features
-    from toolkit.eval.table import format_markdown, table_row
+    from toolkit.eval.table import evaluation_markdown, table_notes, table_row
 
     report: dict = {"model": model_name, "model_path": model, "features": features_in, "flip": flip,
                     "benchmarks": {}}
@@ -186,12 +195,13 @@ def _evaluate(benchmarks: list[Benchmark], embedder, cached, features_in, save_f
                                                      world_size=world_size, group=group)
     report["embedding_size"] = embedding_size
     report["table_row"] = table_row(report)
+    report["table_notes"] = table_notes(report)
     if rank == 0:
         if save_features is not None:
             report["saved_features"] = str(write_features(save_features, to_save, kinds=kinds, model=model_name,
                                                           flip=flip))
         (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "table.md").write_text(format_markdown({model_name: report["table_row"]}) + "\n")
+        (out / "table.md").write_text(evaluation_markdown(report) + "\n")
         report["output_dir"] = str(out)
     return report
 

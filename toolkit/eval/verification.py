@@ -13,7 +13,6 @@ result is the mean and std of the held-out accuracies.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.errors import FaceCLError
-from toolkit.eval.benchmark import Benchmark, register_benchmark
+from toolkit.eval.benchmark import Benchmark, TableCell, benchmark_label, register_benchmark
 
 THRESHOLDS = torch.arange(0.0, 4.0, 0.01, dtype=torch.float64)  # T
 
@@ -112,9 +111,6 @@ def evaluate_pairs(embed: Callable[[torch.Tensor], torch.Tensor], pair_images, i
 
 # ----- the benchmark kind: an insightface .bin set (launch/evaluate.py, eval.sets) or pairs in memory -----
 
-_TABLE_COLUMNS = {"lfw": "LFW", "cfpfp": "CFP-FP", "agedb30": "AgeDB-30"}  # by the set's name, see table_cells
-
-
 class _PairImages(torch.utils.data.Dataset):
     """Pair images as (image, status) items; an image that cannot be decoded is skipped and counted."""
 
@@ -140,7 +136,6 @@ class PairVerification(Benchmark):
     holds, it is the sequence of pair images (image 2k, 2k+1 = pair k) with `is_same_P`."""
 
     description = "a .bin verification set"
-    columns = ("LFW", "CFP-FP", "AgeDB-30")
     reports_verification_accuracy = True
 
     def __init__(self, name, path, settings=None):
@@ -206,10 +201,10 @@ class PairVerification(Benchmark):
                 f"on {result['num_pairs']} pairs{cls.skipped_note(result)}"]
 
     @classmethod
-    def table_cells(cls, name: str, result: dict) -> dict[str, float | None]:
-        """LFW / CFP-FP / AgeDB-30 from the sets named lfw, cfp_fp, agedb_30 (case, '-' and '_' ignored)."""
-        column = _TABLE_COLUMNS.get(re.sub(r"[^a-z0-9]", "", name.lower()))
-        return {column: 100.0 * result["accuracy_mean"]} if column else {}
+    def table_cells(cls, name: str, result: dict) -> list[TableCell]:
+        """The mean 10-fold accuracy, in a column named after the set (lfw, cfp_fp, agedb_30 -> LFW, CFP-FP,
+        AgeDB-30; any other name as given)."""
+        return [TableCell.of_fraction(benchmark_label(name), result["accuracy_mean"])]
 
     def evaluate(self, embed, *, device="cpu", rank=0, world_size=1, group=None) -> dict:
         """{"accuracy_mean", "accuracy_std", "best_thresholds", "num_pairs"}: `evaluate_pairs` on the pairs."""
