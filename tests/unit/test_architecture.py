@@ -12,6 +12,8 @@ import ast
 from tests.conftest import REPO
 
 LAYERS = {
+    "quiet": -1,   # process setup (library message filters): imports nothing of the toolkit
+    "command_line": -1,   # the argument parser of every command: imports nothing of the toolkit
     "errors": 0,
     "_C": 1, "distributed": 1, "serialization": 1,
     "ops": 2, "checkpoint": 2,
