@@ -38,7 +38,7 @@ def toy_kind(monkeypatch):
         def images(self, image_size):
             return LabelledFolder(self.path, image_size)
 
-        def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None):
+        def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None, model_name="model"):
             result = self.result_head(status_N)
             labels = LabelledFolder(self.path).labels_N
             unit = torch.nn.functional.normalize(torch.as_tensor(emb_ND), dim=1)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from toolkit.eval.roc import num_accepted_impostors, plot_roc, roc_points, tar_at_far
+from toolkit.eval.roc import num_accepted_impostors, plot_roc, roc_figure, roc_points, tar_at_far
 
 
 def test_hand_computed_operating_points():
@@ -62,3 +62,23 @@ def test_roc_plot_is_a_png(tmp_path):
     assert np.all(np.diff(far) > 0) and np.all(np.diff(tar) >= 0)
     path = plot_roc({"model": (far, tar)}, tmp_path / "roc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roc_figure_names_the_model_steps_marks_operating_points_and_the_lowest_far():
+    rng = np.random.default_rng(1)
+    genuine, impostor = rng.normal(1.5, 1, 400), rng.normal(0, 1, 3_360)
+    far, tar = roc_points(genuine, impostor)
+    points = tar_at_far(genuine, impostor, fars=(1e-4, 1e-3, 1e-2))
+    figure = roc_figure({"r50-run": (far, tar)}, "IJB-C 1:1 ROC (ijbc)", operating_points={"r50-run": points},
+                        num_impostors=impostor.size)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "r50-run", "lowest measurable FAR: 1 / 3,360 impostor pairs"]
+    curve, *markers, lowest = ax.get_lines()
+    assert curve.get_drawstyle() == "steps-post" and np.array_equal(curve.get_xdata(), far)
+    assert points["1e-04"]["tar"] is None  # 1e-4 x 3,360 < 1: not measurable, so not marked
+    marked = sorted((float(m.get_xdata()[0]), float(m.get_ydata()[0])) for m in markers)
+    assert marked == sorted((points[k]["achieved_far"], points[k]["tar"]) for k in ("1e-03", "1e-02"))
+    labels = sorted(text.get_text() for text in ax.texts)
+    assert labels == sorted(f"{k}: {100 * points[key]['tar']:.1f}%" for k, key in (("1e-3", "1e-03"), ("1e-2", "1e-02")))
+    assert float(lowest.get_xdata()[0]) == pytest.approx(1 / 3_360)

@@ -405,7 +405,8 @@ class AllToAll(Benchmark):
     def saved_kind(self) -> str:
         return "all_to_all_shards" if self.path.suffix == ".json" else self.kind
 
-    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None,
+              model_name: str = "model") -> dict:
         result = self.result_head(status_N)
         usable = np.asarray(status_N) == 0
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -165,9 +165,9 @@ class Benchmark(ABC):
 
     @abstractmethod
     def score(self, emb_ND: np.ndarray, status_N: np.ndarray, *, output_dir: Path | None = None, rank: int = 0,
-              world_size: int = 1, group=None) -> dict:
+              world_size: int = 1, group=None, model_name: str = "model") -> dict:
         """The report entry (evaluation.json) from raw flip-summed embeddings; every rank calls it. Starts with
-        `result_head(status_N)`. Files (plots) go into `output_dir` on rank 0."""
+        `result_head(status_N)`. Files (plots, whose legends name `model_name`) go into `output_dir` on rank 0."""
 
     @classmethod
     @abstractmethod

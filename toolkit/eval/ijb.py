@@ -534,7 +534,8 @@ class IJBBenchmark(Benchmark):
     def images(self, image_size: int):
         return IJBImages(self.release, image_size)
 
-    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None,
+              model_name: str = "model") -> dict:
         from toolkit.eval.roc import plot_roc
 
         release, s = self.release, self.settings
@@ -546,8 +547,10 @@ class IJBBenchmark(Benchmark):
         result["identification"] = identification_report(release, extras["template_ids"],
                                                          extras["template_features"])
         if output_dir is not None and rank == 0:
-            png = plot_roc({self.name: extras["roc"]}, Path(output_dir) / f"roc_{self.name}.png",
-                           title=f"{release.name} 1:1 ROC ({self.name})")
+            png = plot_roc({model_name: extras["roc"]}, Path(output_dir) / f"roc_{self.name}.png",
+                           title=f"{release.name} 1:1 ROC ({self.name})",
+                           operating_points={model_name: verification["tar_at_far"]},
+                           num_impostors=verification.get("num_impostor"))
             result["roc_png"] = str(png)
         return result
 

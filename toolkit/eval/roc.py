@@ -110,8 +110,12 @@ def roc_points(genuine_G: np.ndarray, impostor_I: np.ndarray, max_points: int = 
     return far, tar
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
-    """PNG of TAR against FAR (log axis), one line per name; matplotlib's Agg backend (no display)."""
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC", *,
+               operating_points: dict[str, dict] | None = None, num_impostors: int | None = None):
+    """The ROC as a matplotlib figure (Agg backend, no display): TAR against FAR on a log axis, one step line
+    per model (a threshold's TAR holds until the next impostor is accepted, so points are joined by steps,
+    not diagonals), each model's TAR@FAR operating points marked and labelled, and a dotted line at the
+    lowest FAR the set can measure (1 / impostor pairs): the curve cannot start further left."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -119,7 +123,16 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for name, (far, tar) in curves.items():
-        ax.plot(far, tar, label=name)
+        line, = ax.step(far, tar, where="post", label=name)
+        measured = [(point["achieved_far"], point["tar"], key) for key, point in
+                    (operating_points or {}).get(name, {}).items() if point.get("tar") is not None]
+        for achieved, value, key in measured:
+            ax.plot([achieved], [value], marker="o", color=line.get_color(), linestyle="none")
+            ax.annotate(f"{far_label(float(key))}: {100 * value:.1f}%", (achieved, value), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=line.get_color())
+    if num_impostors:
+        ax.axvline(1.0 / num_impostors, color="grey", linestyle=":",
+                   label=f"lowest measurable FAR: 1 / {num_impostors:,} impostor pairs")
     ax.set_xscale("log")
     ax.set_xlim(1e-6, 1.0)
     ax.set_ylim(0.0, 1.0)
@@ -127,10 +140,19 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.set_ylabel("True accept rate")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8)  # a ROC rises to the right: the upper left stays empty
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC", *,
+             operating_points: dict[str, dict] | None = None, num_impostors: int | None = None) -> Path:
+    """PNG of `roc_figure` (see there)."""
+    import matplotlib.pyplot as plt
+
+    fig = roc_figure(curves, title, operating_points=operating_points, num_impostors=num_impostors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -192,7 +192,7 @@ def _evaluate(benchmarks: list[Benchmark], embedder, cached, features_in, save_f
             to_save[name] = {"features": emb_ND, "status": status_N, **benchmark.saved_arrays()}
             kinds[name] = benchmark.saved_kind
         report["benchmarks"][name] = benchmark.score(emb_ND, status_N, output_dir=out, rank=rank,
-                                                     world_size=world_size, group=group)
+                                                     world_size=world_size, group=group, model_name=model_name)
     report["embedding_size"] = embedding_size
     report["table_row"] = table_row(report)
     report["table_notes"] = table_notes(report)

@@ -188,7 +188,8 @@ class PairVerification(Benchmark):
     def images(self, image_size: int):
         return _PairImages(self.pairs(image_size), image_size)
 
-    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None) -> dict:
+    def score(self, emb_ND, status_N, *, output_dir=None, rank=0, world_size=1, group=None,
+              model_name: str = "model") -> dict:
         result = self.result_head(status_N)
         emb = F.normalize(torch.as_tensor(emb_ND), dim=1)
         dist_P = (emb[0::2] - emb[1::2]).pow(2).sum(dim=1)
