@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from toolkit.quiet import quiet_known_messages
+
+    quiet_known_messages()   # known-harmless library messages (DeepSpeed, torch), each listed with its reason
     args = parse_args(argv)
     from toolkit.distributed import job_errors
     from toolkit.errors import (EXIT_USER_ERROR, ConfigError, RunFolderError, TrainingDivergedError,

@@ -51,6 +51,9 @@ def run_reporting_user_errors(run: Callable[[], int], *, debug: bool = False,
 def command_main(parse_args: Callable[[list[str] | None], object], run: Callable[[object], int],
                  argv: list[str] | None = None) -> int:
     """main() of a launch/ command: parse the arguments, run; a FaceCLError is one line and status 2 (with
-    `--debug`, its traceback)."""
+    `--debug`, its traceback). Known-harmless library messages are silenced first (toolkit/quiet.py)."""
+    from toolkit.quiet import quiet_known_messages
+
+    quiet_known_messages()
     args = parse_args(argv)
     return run_reporting_user_errors(lambda: run(args), debug=bool(getattr(args, "debug", False)))

@@ -21,6 +21,11 @@ DIST_OVERRIDES = [
 ]
 JOB_TIMEOUT_S = 300
 
+# Library messages users reported on every multi-rank CPU run (toolkit/quiet.py lists what silences each and why).
+LIBRARY_NOISE = ["Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES", "untested optimizer",
+                 "No CUDA runtime is found", "FutureWarning", "all_gather_into_tensor", "return func(*args, **kwargs)",
+                 "Setting accelerator to CPU"]
+
 # Every engine as recipe overrides: the one place the tests name them (tests/export too).
 SINGLE = ["parallel.engine=single"]
 ENGINES = {

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.distributed.conftest import (ENGINES, UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port, loss_curve,
-                                        run_job, run_job_and_signal, torchrun, train_args, worker_pids)
+from tests.distributed.conftest import (ENGINES, LIBRARY_NOISE, UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port,
+                                        loss_curve, run_job, run_job_and_signal, torchrun, train_args, worker_pids)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -65,7 +65,7 @@ class EngineRuns:
         port = free_port()
         full = run_job(torchrun(2, port), train_args(root, f"{engine}_full", *overrides), port=port)
         check_ok(full)
-        runs = {"full": loss_curve(root / f"{engine}_full"), "stdout": full.stdout}
+        runs = {"full": loss_curve(root / f"{engine}_full"), "stdout": full.stdout, "stderr": full.stderr}
         if engine in PREEMPTED:
             return {**runs, **self._preempted_then_resumed(engine, overrides)}
         checkpoint = root / f"{engine}_full" / "checkpoints" / f"step_{RESUME_STEP:08d}"  # a folder: one shard per rank
@@ -141,6 +141,13 @@ def test_run_prints_the_data_parallel_shape(full_and_resumed):
     assert "batch 8/rank x 2 ranks x 1 accumulation = global batch 16" in stdout
     config = (full_and_resumed.root / "zero2_full" / "deepspeed_config.json").read_text()
     assert '"train_batch_size": 16' in config and '"stage": 2' in config
+
+
+def test_a_deepspeed_job_prints_no_known_library_noise(full_and_resumed):
+    runs = full_and_resumed("zero2")
+    assert runs["stderr"] == ""
+    assert [text for text in LIBRARY_NOISE if text in runs["stdout"]] == []
+    assert "step 10/10 | epoch" in runs["stdout"]   # the run's own lines are there
 
 
 def test_every_engine_prints_the_whole_backbone_size(full_and_resumed):

@@ -13,6 +13,18 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.14 renamed the single-tensor collectives and warns (FutureWarning) at the old names; the toolkit
+# supports torch >= 2.6, which only has the old ones. Looked up at each call (benchmarks wrap them to time them).
+def _all_gather_single(output: torch.Tensor, local: torch.Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local, group=group)
+
+
+def _reduce_scatter_single(output: torch.Tensor, full: torch.Tensor, group) -> None:
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(output, full, op=dist.ReduceOp.SUM, group=group)
+
+
 def _backend_supports_reduce_scatter(group) -> bool:
     return dist.get_backend(group) == "nccl"
 
@@ -24,7 +36,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         world = dist.get_world_size(group)
         gathered_WND = torch.empty((world * local_ND.shape[0], *local_ND.shape[1:]), dtype=local_ND.dtype,
                                    device=local_ND.device)
-        dist.all_gather_into_tensor(gathered_WND, local_ND.contiguous(), group=group)
+        _all_gather_single(gathered_WND, local_ND.contiguous(), group=group)
         return gathered_WND
 
     @staticmethod
@@ -35,7 +47,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad_WND = grad_WND.contiguous()
         if _backend_supports_reduce_scatter(group):
             grad_ND = torch.empty((rows, *grad_WND.shape[1:]), dtype=grad_WND.dtype, device=grad_WND.device)
-            dist.reduce_scatter_tensor(grad_ND, grad_WND, op=dist.ReduceOp.SUM, group=group)
+            _reduce_scatter_single(grad_ND, grad_WND, group=group)
         else:  # gloo has no reduce-scatter: sum everywhere, keep our rows
             summed = grad_WND.clone()
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
@@ -57,7 +69,7 @@ def all_gather_no_grad(local_N: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     gathered = torch.empty((world * local_N.shape[0], *local_N.shape[1:]), dtype=local_N.dtype,
                            device=local_N.device)
-    dist.all_gather_into_tensor(gathered, local_N.contiguous(), group=group)
+    _all_gather_single(gathered, local_N.contiguous(), group=group)
     return gathered
 
 
