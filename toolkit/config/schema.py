@@ -34,7 +34,8 @@ class RunConfig:
     name: str = required("Run name; the run folder is OUTPUT_DIR/NAME.")
     output_dir: str = doc("Parent folder of run folders.", "runs", path=True)
     seed: int = doc("Seed for model init, data order and augmentation.", 0)
-    log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps.", 10)
+    log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps and at the last; "
+                         "loss and grad norms are means over those steps.", 10)
     tensorboard: bool = doc("Write TensorBoard event files into the run folder's tensorboard/.", True)
 
 
