@@ -85,6 +85,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
              f"optim.reference_batch_size must be >= 0, got {optim.reference_batch_size}")
     sched = recipe.schedule
     _require(sched.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {sched.warmup_steps}")
+    _require(sched.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {sched.warmup_epochs}")
+    _require(sched.warmup_steps == 0 or sched.warmup_epochs == 0,
+             f"give at most one of schedule.warmup_steps and schedule.warmup_epochs (0 = not given); "
+             f"got schedule.warmup_steps={sched.warmup_steps}, schedule.warmup_epochs={sched.warmup_epochs}")
     _require(0.0 <= sched.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {sched.min_lr_ratio}")
     par = recipe.parallel
     _require(par.grad_accum_steps >= 1, f"parallel.grad_accum_steps must be >= 1, got {par.grad_accum_steps}")

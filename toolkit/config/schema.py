@@ -208,7 +208,13 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning rate over optimizer steps: linear warmup, then cosine or polynomial decay."""
 
-    warmup_steps: int = doc("Linear warmup from 0 to the peak lr over this many optimizer steps.", 0)
+    warmup_steps: int = doc("Linear warmup from 0 to the peak lr over this many optimizer steps. Give this or "
+                            "warmup_epochs, not both (0 = not given).", 0)
+    warmup_epochs: float = doc(
+        "Linear warmup over this many epochs (may be fractional), turned into optimizer steps with the run's own "
+        "steps per epoch (nearest step, halves up, at least 1), so that warmup keeps its share of the run at any "
+        "world size or batch; the startup line says how many steps. Give this or warmup_steps, not both "
+        "(0 = not given).", 0.0)
     decay: Literal["cosine", "poly", "constant"] = doc("Decay after warmup.", "cosine")
     poly_power: float = doc("Exponent of polynomial decay.", 2.0)
     min_lr_ratio: float = doc("Final lr as a fraction of the peak lr.", 0.0)

@@ -46,12 +46,25 @@ def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module], lr: float) -
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, then cosine / poly / constant."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+def warmup_steps_of(cfg: ScheduleConfig, steps_per_epoch: int) -> int:
+    """Warmup length in optimizer steps: schedule.warmup_steps, or schedule.warmup_epochs times this run's steps
+    per epoch, rounded to the nearest step (halves up) and at least 1."""
+    if cfg.warmup_epochs == 0:
+        return cfg.warmup_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"schedule.warmup_epochs={cfg.warmup_epochs} needs the run's steps per epoch, "
+                         f"got steps_per_epoch={steps_per_epoch}")
+    return max(1, math.floor(cfg.warmup_epochs * steps_per_epoch + 0.5))
+
+
+def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig, steps_per_epoch: int = 0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, then cosine / poly / constant.
+    `steps_per_epoch` is needed only when the warmup is given in epochs."""
+    warmup = warmup_steps_of(cfg, steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif cfg.decay == "poly":
@@ -61,6 +74,9 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig):
-    """LambdaLR stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig,
+                    steps_per_epoch: int = 0):
+    """LambdaLR stepped once per optimizer step; `steps_per_epoch` turns schedule.warmup_epochs into steps."""
+    warmup_steps_of(cfg, steps_per_epoch)   # a warmup in epochs without the run's steps per epoch fails here
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg, steps_per_epoch))

@@ -38,7 +38,7 @@ from toolkit.errors import CheckpointError, FaceCLError, TrainingDivergedError
 from toolkit.training import builders
 from toolkit.training.divergence import NonfiniteSteps
 from toolkit.training.interval_means import IntervalMeans
-from toolkit.training.optim import build_scheduler, scaled_lr
+from toolkit.training.optim import build_scheduler, scaled_lr, warmup_steps_of
 from toolkit.training.parts import part_sizes
 from toolkit.training.progress import ProgressReporter
 from toolkit.training.run_files import RUN_STATUSES, TrainResult, write_results_json
@@ -93,7 +93,8 @@ class Trainer:
         self.unimoco = builders.build_unimoco(recipe, self.shape, self.ctx) if self.contrastive_on else None
         # The parts step in this order; the backbone first, because DeepSpeed may skip its step on its own.
         self.parts = {"backbone": self.backbone, **({"head": self.head} if self.head is not None else {})}
-        self.schedulers = {name: build_scheduler(part.lr_optimizer, self.shape.total_steps, recipe.schedule)
+        self.schedulers = {name: build_scheduler(part.lr_optimizer, self.shape.total_steps, recipe.schedule,
+                                                 self.shape.steps_per_epoch)
                            for name, part in self.parts.items()}
         self.fp16 = recipe.parallel.precision == "fp16"
         self.step = 0
@@ -333,7 +334,16 @@ class Trainer:
         self._say(" | ".join(part_sizes(self.backbone, self.head, self.recipe.model.backbone, self.contrastive_on)))
         self._say(f"batch {shape.batch_size}/rank x {shape.world_size} ranks x {shape.grad_accum_steps} accumulation "
                   f"= global batch {shape.global_batch_size} | {shape.steps_per_epoch} steps/epoch | "
-                  f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g}")
+                  f"{shape.total_steps} steps | peak lr {self.peak_lr:.4g} | {self._warmup_text()}")
+
+    def _warmup_text(self) -> str:
+        """The warmup in steps, and where it was given in epochs, what those became."""
+        schedule = self.recipe.schedule
+        steps = warmup_steps_of(schedule, self.shape.steps_per_epoch)
+        if schedule.warmup_epochs == 0:
+            return f"warmup {steps} steps"
+        return (f"warmup {steps} steps (schedule.warmup_epochs={schedule.warmup_epochs:g} x "
+                f"{self.shape.steps_per_epoch} steps/epoch)")
 
     def _flush_losses(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
         """Average the pending steps' losses over ranks (collective), record them; returns the values."""
