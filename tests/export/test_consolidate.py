@@ -5,13 +5,17 @@ from safetensors import safe_open
 
 from tests.export.conftest import SAVE_STEP, probed_run
 from toolkit.export import consolidate, load_backbone
-from toolkit.export.consolidate import ENCODER_EXTRA_PREFIXES, FORMAT_NAME, HEAD_KEY
+from toolkit.export.consolidate import ENCODER_EXTRA_PREFIXES, FORMAT_NAME, HEAD_KEY, METADATA_FORMAT
+from toolkit.export.files import toolkit_metadata
 from toolkit.models import create_backbone
 
 
 def read_all(path):
+    """(the toolkit's metadata, prefixes removed; every tensor) of a .safetensors file, read by the library."""
     with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata()), {key: handle.get_tensor(key) for key in handle.keys()}
+        stored = dict(handle.metadata())
+        assert stored["format"] == "pt", stored
+        return toolkit_metadata(stored), {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def check_against_trainer(run, out, engine):
@@ -27,7 +31,7 @@ def check_against_trainer(run, out, engine):
     for key, value in backbone.items():
         assert torch.equal(value, trainer_backbone[key].to(value.dtype)), (engine, key)
     assert torch.equal(tensors[HEAD_KEY], run.centers), engine
-    assert metadata["format"] == FORMAT_NAME and metadata["step"] == str(SAVE_STEP)
+    assert metadata["format"] == METADATA_FORMAT and metadata["step"] == str(SAVE_STEP)
     assert metadata["input_normalisation"] == "rgb, (x - 127.5) / 127.5"
     assert metadata["num_classes"] == str(run.centers.shape[0]) and len(metadata["recipe_sha256"]) == 64
     assert result.num_bytes == out.stat().st_size

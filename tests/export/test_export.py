@@ -100,7 +100,7 @@ def test_safetensors_export_is_the_backbone_alone(consolidated, tmp_path):
     model, meta = load_backbone(consolidated)
     with safe_open(str(out), framework="pt") as handle:
         assert set(handle.keys()) == set(model.state_dict())
-        assert handle.metadata()["backbone"] == meta["backbone"]
+        assert handle.metadata()["format"] == "pt" and handle.metadata()["facecl_backbone"] == meta["backbone"]
         for key, value in model.state_dict().items():
             assert torch.equal(handle.get_tensor(key), value)
 

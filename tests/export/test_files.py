@@ -16,7 +16,8 @@ def test_streamed_safetensors_reads_back_with_the_library(tmp_path):
     path = tmp_path / "x.safetensors"
     write_safetensors(path, entries, {"step": "4", "backbone": "iresnet18"})
     with safe_open(str(path), framework="pt") as handle:
-        assert handle.metadata() == {"step": "4", "backbone": "iresnet18"}
+        # format: pt for Hugging Face loaders; the toolkit's keys under facecl_.
+        assert handle.metadata() == {"format": "pt", "facecl_step": "4", "facecl_backbone": "iresnet18"}
         for name, value in {"big": big, "ints": ints, "scalar": scalar, "bf": bf}.items():
             assert torch.equal(handle.get_tensor(name), value)
 

@@ -4,15 +4,16 @@ checkpoint of any engine and world size, on CPU, without a process group:
 
 - the backbone's full fp32 state dict, keys exactly those of `toolkit.models.create_backbone(name)`, so
   `model.load_state_dict(state, strict=True)` works;
-- string metadata: format + version, backbone, embedding_size, image_size, input_normalisation, step,
-  recipe_sha256, num_classes, engine, world_size;
+- string metadata: format (consolidated) + version, backbone, embedding_size, image_size, input_normalisation,
+  step, recipe_sha256, num_classes, engine, world_size;
 - with `with_head`, `facecl_head.centers`: the C x D identity-center matrix merged from every rank's
   shard in class order (streamed shard by shard, chunk by chunk);
 - with `with_key_encoder` (UniMoCo runs), the momentum encoder and both projections under
   `facecl_key_backbone.`, `facecl_key_projection.` and `facecl_projection.`.
 
 Every extra key starts with EXTRA_PREFIX, which no backbone parameter does; `load_backbone` ignores them.
-`.safetensors` (default) is streamed; `.pt` is a torch.save'd dict (tensors only) and is built in memory.
+`.safetensors` (default) is streamed, its metadata under facecl_ next to `format: pt` (toolkit.export.files);
+`.pt` is a torch.save'd dict (tensors only, tagged FORMAT_NAME) and is built in memory.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from toolkit.parallel import format_of
 from toolkit.export.files import (Progress, TensorEntry, atomic_output, check_output_path, row_chunks,
                                   tensor_entry, write_safetensors)
 
-FORMAT_NAME = "facecl-consolidated"
+FORMAT_NAME = "facecl-consolidated"   # tag of a consolidated .pt file; the metadata format of earlier versions
+METADATA_FORMAT = "consolidated"       # metadata `format` (in a .safetensors file: facecl_format, next to format: pt)
 FORMAT_VERSION = 1
 EXTRA_PREFIX = "facecl_"
 HEAD_KEY = "facecl_head.centers"
@@ -115,7 +117,7 @@ def merged_centers_entry(name: str, shards: list[dict[str, Any]], num_classes: i
 def source_metadata(source: CheckpointSource) -> dict[str, str]:
     config = source.model_config
     fmt = format_of(source)
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "backbone": config["backbone"],
+    meta = {"format": METADATA_FORMAT, "format_version": str(FORMAT_VERSION), "backbone": config["backbone"],
             "embedding_size": str(config["embedding_size"]), "image_size": str(config["image_size"]),
             "input_normalisation": INPUT_NORMALISATION, "step": str(source.step),
             "recipe_sha256": source.recipe_sha256 or "", "num_classes": str(source.num_classes or ""),
@@ -182,7 +184,7 @@ def save_consolidated(out: str | Path, backbone: torch.nn.Module, model_config: 
     out = Path(out)
     check_output_path(out, overwrite)
     state = _fp32(backbone.state_dict())
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "backbone": model_config["backbone"],
+    metadata = {"format": METADATA_FORMAT, "format_version": str(FORMAT_VERSION), "backbone": model_config["backbone"],
                 "embedding_size": str(model_config["embedding_size"]), "image_size": str(model_config["image_size"]),
                 "input_normalisation": INPUT_NORMALISATION, "step": str(step), "recipe_sha256": "",
                 "num_classes": str(num_classes or ""), "engine": "none", "world_size": "1",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from toolkit.errors import FaceCLError
-from toolkit.export.consolidate import FORMAT_NAME, FORMAT_VERSION
+from toolkit.export.consolidate import FORMAT_VERSION, METADATA_FORMAT
 from toolkit.export.files import atomic_output, check_output_path, tensor_entry, write_safetensors
 from toolkit.export.load import load_backbone
 
@@ -46,7 +46,7 @@ class ExportResult:
 
 
 def _string_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    return {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+    return {"format": METADATA_FORMAT, "format_version": str(FORMAT_VERSION),
             **{k: str(v) for k, v in meta.items() if v is not None}}
 
 

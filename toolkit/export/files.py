@@ -3,10 +3,13 @@
 
 `.safetensors` is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape, byte
 range in the data section; plus `__metadata__`, a str -> str map) and the raw little-endian tensor bytes,
-back to back. Because the header only needs shapes and dtypes, it is written first and each tensor is then
-streamed in row chunks: a 4.2 GB identity-center matrix never exists in memory. Rows of memory-mapped
-inputs are dropped from memory after they are copied (`release_pages`), so the resident set stays at a
-chunk, not at the size of the input.
+back to back. `__metadata__` holds `format: pt`, the value Hugging Face loaders (transformers, accelerate)
+require there, and the toolkit's own keys each under the prefix `facecl_` (`facecl_format: consolidated`,
+`facecl_backbone`, ...); files written before this convention (`format: facecl-consolidated`, keys without
+prefix) are read as they are. Because the header only needs shapes and dtypes, it is written first and each
+tensor is then streamed in row chunks: a 4.2 GB identity-center matrix never exists in memory. Rows of
+memory-mapped inputs are dropped from memory after they are copied (`release_pages`), so the resident set
+stays at a chunk, not at the size of the input.
 
 Every output goes to a temporary file in the destination folder, is fsync'ed and renamed over the final
 name: an interrupted conversion leaves no partial output.
@@ -153,8 +156,26 @@ def row_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, *, release:
             release_pages(piece)
 
 
+SAFETENSORS_FORMAT = "pt"      # __metadata__["format"] that Hugging Face loaders check for
+METADATA_PREFIX = "facecl_"    # the toolkit's own __metadata__ keys, next to `format`
+
+
+def file_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A .safetensors file's __metadata__ for the toolkit's string metadata: `format: pt`, every key under
+    facecl_."""
+    return {"format": SAFETENSORS_FORMAT, **{METADATA_PREFIX + str(k): str(v) for k, v in metadata.items()}}
+
+
+def toolkit_metadata(stored: dict[str, str]) -> dict[str, str]:
+    """The toolkit's string metadata from a .safetensors file's __metadata__: the facecl_ keys without their
+    prefix; a file written before them (`format: facecl-consolidated`, bare keys) as it is."""
+    if stored.get("format") != SAFETENSORS_FORMAT:
+        return dict(stored)
+    return {k[len(METADATA_PREFIX):]: v for k, v in stored.items() if k.startswith(METADATA_PREFIX)}
+
+
 def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    header: dict[str, object] = {"__metadata__": file_metadata(metadata)}
     offset = 0
     seen = set()
     for entry in entries:
@@ -173,7 +194,8 @@ def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) ->
 
 def write_safetensors(path: Path, entries: list[TensorEntry], metadata: dict[str, str],
                       progress: "Progress | None" = None) -> None:
-    """Write `entries` to `path` (a fresh file) streaming each tensor's chunks after the header."""
+    """Write `entries` to `path` (a fresh file) streaming each tensor's chunks after the header; `metadata`
+    (the toolkit's keys) goes under facecl_ next to `format: pt` (file_metadata)."""
     with open(path, "wb") as handle:
         handle.write(_safetensors_header(entries, metadata))
         for entry in entries:
@@ -191,11 +213,12 @@ def write_safetensors(path: Path, entries: list[TensorEntry], metadata: dict[str
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The toolkit's string metadata of a .safetensors file (toolkit_metadata), prefixes removed."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            return toolkit_metadata(dict(handle.metadata() or {}))
     except Exception as exc:
         raise FaceCLError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:120]})") from None
 

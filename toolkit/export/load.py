@@ -18,9 +18,10 @@ from toolkit.errors import CheckpointError
 from toolkit.checkpoint import FORMAT as TRAINING_FORMAT
 from toolkit.checkpoint import FORMAT_VERSION as TRAINING_FORMAT_VERSION
 from toolkit.checkpoint import INPUT_NORMALISATION, CheckpointSource, open_checkpoint, source_of
-from toolkit.export.consolidate import (EXTRA_PREFIX, FORMAT_NAME, FORMAT_VERSION, build_registry_backbone,
-                                        check_backbone_keys, source_metadata)
+from toolkit.export.consolidate import (EXTRA_PREFIX, FORMAT_NAME, FORMAT_VERSION, METADATA_FORMAT,
+                                        build_registry_backbone, check_backbone_keys, source_metadata)
 from toolkit.export.engine_state import encoder_parts
+from toolkit.export.files import toolkit_metadata
 from toolkit.serialization import safe_torch_load
 
 
@@ -74,7 +75,7 @@ def _read_safetensors(path: Path, extras: bool) -> tuple[dict[str, str], dict[st
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+            metadata = toolkit_metadata(dict(handle.metadata() or {}))
             tensors = {key: handle.get_tensor(key) for key in handle.keys()
                        if extras or not key.startswith(EXTRA_PREFIX)}
     except Exception as exc:
@@ -84,9 +85,9 @@ def _read_safetensors(path: Path, extras: bool) -> tuple[dict[str, str], dict[st
 
 
 def _checked_metadata(metadata: dict[str, str], path: Path) -> dict[str, str]:
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not a FaceCL consolidated file (metadata format "
-                              f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})")
+    if metadata.get("format") not in (METADATA_FORMAT, FORMAT_NAME):   # FORMAT_NAME: files of earlier versions
+        raise CheckpointError(f"{path} is not a FaceCL consolidated file (its FaceCL metadata format is "
+                              f"{metadata.get('format')!r}, expected {METADATA_FORMAT!r})")
     if str(metadata.get("format_version")) != str(FORMAT_VERSION):
         raise CheckpointError(f"{path} has consolidated format version {metadata.get('format_version')}, this "
                               f"toolkit reads version {FORMAT_VERSION}")
