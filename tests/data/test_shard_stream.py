@@ -238,3 +238,29 @@ def test_many_repeats_are_one_warning_on_rank_zero_with_the_advice(one_big_shard
     caplog.clear()
     [stream(even_shards, rank=r, world_size=2, window_shards=2) for r in range(2)]  # 8 shards, every one read once
     assert not [r for r in caplog.records if "repeats" in r.getMessage()]
+
+
+def test_a_process_that_never_closes_its_stream_still_exits(even_shards):
+    """Loader workers ignore SIGTERM (a scheduler's signal must not kill them mid-step), which is the signal
+    multiprocessing's exit handler stops daemonic children with before joining them: without closing open
+    streams at exit first, a process that leaves a stream open waits for its workers forever (the test suite
+    itself once hung after its last test that way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = ("import sys; from toolkit.data.shard_stream import ShardBatchStream, ShardedTrainSet; "
+              f"s = ShardBatchStream(ShardedTrainSet({str(even_shards)!r}), 4, seed=0, image_size=16, num_workers=2); "
+              "s.next_batch(); print('took a batch', flush=True)")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the process did not exit within 60 s: its loader workers were never stopped")
+    assert job.returncode == 0 and out.strip() == "took a batch", err

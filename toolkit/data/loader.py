@@ -13,12 +13,31 @@ ahead, but the position counts what the trainer took.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from toolkit.distributed.signals import ignore_stop_signals_in_worker
+
+# Streams whose epoch iterator may hold DataLoader worker processes. The workers ignore SIGTERM (a scheduler
+# signals every process of the job; see ignore_stop_signals_in_worker), but multiprocessing's exit handler
+# stops daemonic children with SIGTERM and then joins them: a stream still open when the process ends (an
+# exception on the way out, a script that never calls close()) would keep the process waiting forever. So every
+# open stream is closed at exit first, which ends its workers the regular way (DataLoader's shutdown). This
+# handler is registered after multiprocessing's (torch imported it above), and atexit runs handlers last-in
+# first-out, so it runs before it.
+_OPEN_STREAMS: "weakref.WeakSet[EpochStream]" = weakref.WeakSet()
+
+
+def close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
+atexit.register(close_open_streams)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -106,6 +125,7 @@ class EpochStream:
             self._iterator = None
         if self._iterator is None:
             self._iterator = self._start_epoch()
+            _OPEN_STREAMS.add(self)
         return next(self._iterator)
 
     @property
