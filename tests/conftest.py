@@ -91,3 +91,38 @@ def no_leaked_processes(request):
     if left:
         pytest.fail(f"{len(left)} process(es) still running {LEAK_GRACE_S:.0f} s after the test, now killed: "
                     + "; ".join(f"pid {pid}: {command}" for pid, command in sorted(left.items())), pytrace=False)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live descendant of `pid` (forked children included: they do not show the
+    marker, /proc/PID/environ holds the environment a program was started with)."""
+    children: dict[int, list[int]] = {}
+    commands = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (parent := parent_pid(entry.path)) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+            with contextlib.suppress(OSError):
+                commands[int(entry.name)] = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace").strip()[:200]
+    found, stack = {}, list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found[child] = commands.get(child, "?")
+        stack.extend(children.get(child, []))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Processes the session's own code forked or started and left running (e.g. the loader workers of a stream
+    a test never closed) are named and killed here, so that the pytest process can always exit: at exit,
+    multiprocessing joins its children, and a child that does not end would keep CI waiting until its limit."""
+    if not Path("/proc/self/stat").is_file():
+        return
+    left = {pid: command for pid, command in descendants(os.getpid()).items()
+            if command and not any(helper in command for helper in SESSION_HELPERS)}
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        print(f"\nconftest: {len(left)} process(es) of this session still running at its end, killed: "
+              + "; ".join(f"pid {pid}: {command}" for pid, command in sorted(left.items())), flush=True)
