@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    console_log = None
+    if rank == 0 and not args.print_config:
+        from toolkit.training.console_log import ConsoleLog
+
+        console_log = ConsoleLog.start()   # RUN/train.log gets what this console shows, once the folder exists
 
     def report(exc) -> None:
         job_errors.post(str(exc))   # the other ranks end without their own traceback
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}{exc}", file=sys.stderr, flush=True)
 
     try:
-        status = run_reporting_user_errors(lambda: run(args), debug=args.debug, report=report)
+        status = run_reporting_user_errors(lambda: run(args, console_log), debug=args.debug, report=report)
     except Exception:
         # A collective that failed because a peer ended with an error of its own: that peer said why.
         if world_size > 1 and not args.debug and job_errors.posted() is not None:
@@ -151,7 +156,7 @@ def job_id() -> str:
     return f"torchrun:{run_id}" if run_id and run_id != "none" else ""
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console_log=None) -> int:
     from toolkit.config import dump_recipe, load_config
 
     recipe = load_config(args.recipe, args.overrides)
@@ -183,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             trainer.resume(resume)
         # Only now, with the model built and the checkpoint accepted, is anything written.
         prepare_run_folder(recipe)
+        if console_log is not None:
+            console_log.attach(trainer.run_dir)   # the lines so far, then every line until the process ends
         if ctx.is_main:
             write_run_files(trainer.run_dir, recipe, trainer.backbone.run_files())
         result = trainer.fit(stop=stop)

@@ -52,3 +52,30 @@ def test_cli_resume_continues_the_loss_curve_exactly(tmp_path):
     assert [p["step"] for p in resumed_curve] == [p["step"] for p in full_curve] == list(range(1, 13))
     for a, b in zip(full_curve, resumed_curve):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+
+
+@pytest.mark.slow  # over 3 s: full suite (CI) only, not the inner loop
+def test_train_log_holds_the_console_and_a_resume_appends_to_it(tmp_path):
+    common = ["--recipe", str(SMOKE_RECIPE)]
+    for item in [*TINY_OVERRIDES, f"run.output_dir={tmp_path}", "run.name=logged", "train.num_epochs=1"]:
+        common += ["--set", item]
+    first = run_train(*common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = tmp_path / "logged" / "train.log"
+    first_log = log.read_text()
+    header, *body = first_log.splitlines()
+    assert header.startswith("==== ") and "train.py --recipe" in header
+    # every console line, stdout and stderr, in the order each stream wrote it
+    for stream in (first.stdout, first.stderr):
+        lines = iter(body)
+        assert all(any(line == logged for logged in lines) for line in stream.splitlines()), stream
+    assert len(body) == len(first.stdout.splitlines()) + len(first.stderr.splitlines())
+    assert body[-1].startswith("final verification accuracy:")
+    second = run_train(*common, "--resume", "auto", "--set", "train.num_epochs=2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    both = log.read_text()
+    assert both.startswith(first_log) and both.count("\n==== ") == 1
+    appended = both[len(first_log):].splitlines()[1:]
+    assert appended == second.stdout.splitlines() + second.stderr.splitlines() or \
+        sorted(appended) == sorted(second.stdout.splitlines() + second.stderr.splitlines())
+    assert any("resumed from" in line for line in appended) and appended[-1].startswith("final verification")
