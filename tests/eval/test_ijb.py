@@ -175,3 +175,42 @@ def test_training_evaluator_equals_the_offline_pipeline(release_dir):
     assert subset.evaluate(model)["num_pairs"] == 60
     assert len(subset.image_indices) <= release.num_images
     assert int(release.labels_P[subset.pair_indices].sum()) == 30
+
+
+def test_ijbb_galleries_named_s1_s2_are_read_as_g1_g2(tmp_path):
+    info = write_ijb_release(tmp_path, prefix="ijbb", num_subjects=4, templates_per_subject=2)
+    for gallery, new in (("G1", "S1"), ("G2", "S2")):   # insightface's ijb_1n.py names IJB-B's galleries so
+        meta = tmp_path / "meta"
+        (meta / f"ijbb_1N_gallery_{gallery}.csv").rename(meta / f"ijbb_1N_gallery_{new}.csv")
+    release = load_release(tmp_path)
+    assert set(release.identification) == {"G1", "G2", "probe"} and release.identification_skipped is None
+    assert all(release.identification["G1"][t] == info["template_subject"][t] for t in release.identification["G1"])
+
+
+def test_some_but_not_all_1n_files_is_one_line_and_1to1_still_runs(tmp_path, caplog):
+    write_ijb_release(tmp_path, num_subjects=4, templates_per_subject=2)
+    (tmp_path / "meta" / "ijbc_1N_probe_mixed.csv").unlink()
+    with caplog.at_level("WARNING", logger="toolkit.eval.ijb"):
+        release = load_release(tmp_path)
+    assert release.identification == {} and len(release.pairs_P2) > 0
+    expected = f"1:N skipped: {tmp_path / 'meta'} lacks ijbc_1N_probe_mixed.csv (1:1 still evaluated)"
+    assert release.identification_skipped == expected and [r.getMessage() for r in caplog.records] == [expected]
+    (tmp_path / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
+    assert "lacks ijbc_1N_gallery_G2.csv or ijbc_1N_gallery_S2.csv, ijbc_1N_probe_mixed.csv" in \
+        load_release(tmp_path).identification_skipped
+    (tmp_path / "meta" / "ijbc_1N_gallery_G1.csv").unlink()   # none at all: a release without 1:N, no note
+    assert load_release(tmp_path).identification_skipped is None
+
+
+def test_a_folder_holding_ijb_releases_says_so_instead_of_becoming_an_identity_folder(tmp_path):
+    from toolkit.eval.benchmark import benchmark_for
+
+    write_ijb_release(tmp_path / "IJB_release" / "IJBB", prefix="ijbb", num_subjects=3, templates_per_subject=2,
+                      with_1n=False)
+    write_ijb_release(tmp_path / "IJB_release" / "IJBC", num_subjects=3, templates_per_subject=2, with_1n=False)
+    with pytest.raises(FaceCLError) as error:
+        benchmark_for(tmp_path / "IJB_release", "ijb")
+    parent = tmp_path / "IJB_release"
+    assert str(error.value) == (f"{parent} is not an IJB release but holds 2 (IJBB, IJBC): give each its own "
+                                f"benchmark, e.g. --benchmark ijbb={parent / 'IJBB'} --benchmark ijbc={parent / 'IJBC'}")
+    assert benchmark_for(parent / "IJBC", "ijbc").kind == "ijb"

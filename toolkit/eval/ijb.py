@@ -12,7 +12,10 @@
 The two per-image files are joined by IMAGE name (every image of face_tid_mid needs landmarks). The 1:N
 CSVs are read for (TEMPLATE_ID, SUBJECT_ID) only: a template's feature is the same pooled feature as in 1:1,
 so every 1:N template id must appear in face_tid_mid. This is the layout of the original IJB-C protocol CSVs
-(ijbc_1N_gallery_G1.csv ...) copied into meta/; if your copy differs, convert it to these columns.
+(ijbc_1N_gallery_G1.csv ...) copied into meta/; if your copy differs, convert it to these columns. IJB-B's
+galleries may be named S1/S2 instead (ijbb_1N_gallery_S1.csv, as insightface's ijb_1n.py reads them). With
+some but not all three 1:N files, 1:N is skipped with one warning naming the missing ones (1:1 still runs);
+a folder that holds releases (IJB_release/ with IJBB/, IJBC/) is refused with the --benchmark lines to use.
 
 Protocol (1:1): image feature = normalise(f(x) + f(flip(x))), times the detector score when
 `detector_score_weighting`; media feature = mean of its images' features; template feature = sum of its
@@ -33,6 +36,8 @@ probes whose true subject ranks first with score >= t.
 
 from __future__ import annotations
 
+import logging
+
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +57,9 @@ IDENTIFICATION_RANKS = (1, 5)
 GALLERIES = ("G1", "G2")
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class IJBRelease:
     """Metadata of one IJB release folder; arrays are indexed by image i (I images) or pair p (P pairs)."""
@@ -66,6 +74,7 @@ class IJBRelease:
     pairs_P2: np.ndarray             # P x 2 int64 template ids
     labels_P: np.ndarray             # P int8 (1 = genuine)
     identification: dict[str, dict[int, int]] = field(default_factory=dict)  # "G1"/"G2"/"probe": template -> subject
+    identification_skipped: str | None = None   # why 1:N is not evaluated when some of its files are there
 
     @property
     def name(self) -> str:
@@ -82,6 +91,28 @@ def detect_prefix(root: Path) -> str | None:
         if (root / "meta" / f"{prefix}_face_tid_mid.txt").is_file():
             return prefix
     return None
+
+
+# 1:N files of meta/: IJB-C names its galleries G1/G2, IJB-B S1/S2 (as insightface's ijb_1n.py reads them).
+GALLERY_FILE_NAMES = {"G1": ("G1", "S1"), "G2": ("G2", "S2")}
+
+
+def identification_files(meta: Path, prefix: str) -> tuple[dict[str, str], list[str]]:
+    """({"G1", "G2", "probe"}: file name found, [expected names not found]) of a release's 1:N CSVs."""
+    found, missing = {}, []
+    for key, suffixes in GALLERY_FILE_NAMES.items():
+        names = [f"{prefix}_1N_gallery_{suffix}.csv" for suffix in suffixes]
+        present = [name for name in names if (meta / name).is_file()]
+        if present:
+            found[key] = present[0]
+        else:
+            missing.append(" or ".join(names))
+    probe = f"{prefix}_1N_probe_mixed.csv"
+    if (meta / probe).is_file():
+        found["probe"] = probe
+    else:
+        missing.append(probe)
+    return found, missing
 
 
 def _split_lines(path: Path, num_columns: int, layout: str) -> list[list[str]]:
@@ -185,9 +216,12 @@ def load_release(root: str | Path) -> IJBRelease:
     release = IJBRelease(root=root, prefix=prefix, image_names=image_names, templates_I=templates_I,
                          medias_I=medias_I, landmarks_I52=values[:, :10].reshape(-1, 5, 2),
                          detector_scores_I=values[:, 10].copy(), pairs_P2=pairs_P2, labels_P=labels_P)
-    files = {"G1": f"{prefix}_1N_gallery_G1.csv", "G2": f"{prefix}_1N_gallery_G2.csv",
-             "probe": f"{prefix}_1N_probe_mixed.csv"}
-    if all((meta / f).is_file() for f in files.values()):
+    files, missing_1n = identification_files(meta, prefix)
+    if missing_1n and len(missing_1n) < 3:
+        release.identification_skipped = (f"1:N skipped: {meta} lacks {', '.join(missing_1n)} (1:1 still "
+                                          f"evaluated)")
+        logger.warning("%s", release.identification_skipped)
+    if not missing_1n:
         known = set(np.unique(templates_I).tolist())
         for key, filename in files.items():
             mapping = _read_identification_csv(meta / filename)
@@ -510,7 +544,17 @@ class IJBBenchmark(Benchmark):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        return path.is_dir() and detect_prefix(path) is not None
+        if not path.is_dir():
+            return False
+        if detect_prefix(path) is not None:
+            return True
+        releases = [child for child in sorted(path.iterdir()) if child.is_dir() and detect_prefix(child)]
+        if releases:   # e.g. IJB_release/ holding IJBB/ and IJBC/: not an identity folder either
+            example = " ".join(f"--benchmark {detect_prefix(child)}={child}" for child in releases)
+            raise FaceCLError(f"{path} is not an IJB release but holds {len(releases)} "
+                              f"({', '.join(child.name for child in releases)}): give each its own benchmark, "
+                              f"e.g. {example}")
+        return False
 
     @classmethod
     def default_name(cls, path: Path) -> str:
@@ -546,6 +590,8 @@ class IJBBenchmark(Benchmark):
         result["verification"] = verification
         result["identification"] = identification_report(release, extras["template_ids"],
                                                          extras["template_features"])
+        if release.identification_skipped:
+            result["identification_skipped"] = release.identification_skipped
         if output_dir is not None and rank == 0:
             png = plot_roc({model_name: extras["roc"]}, Path(output_dir) / f"roc_{self.name}.png",
                            title=f"{release.name} 1:1 ROC ({self.name})",
@@ -564,6 +610,8 @@ class IJBBenchmark(Benchmark):
             tpir = ", ".join(f"{k}: {cls.percent(v)}" for k, v in m["tpir_at_fpir"].items())
             lines.append(f"{name} ({result['benchmark']} 1:N, mean of G1/G2) rank-1 {cls.percent(m['rank1'])}% "
                          f"rank-5 {cls.percent(m['rank5'])}% TPIR% at FPIR {tpir}")
+        elif result.get("identification_skipped"):
+            lines.append(f"{name}: {result['identification_skipped']}")
         return lines
 
     @classmethod
