@@ -513,3 +513,44 @@ def test_describe_schema_documents_every_field():
     assert table["data.synthetic.num_identities"][0] == "int"
     assert table["optim.betas"] == ("tuple[float, float]", "[0.9, 0.999]")
     assert table["optim.name"][0] == "one of 'sgd', 'adamw'"
+
+
+def bounded_fields(cls: type = Recipe, prefix: str = ""):
+    """(key, Bounds) of every field that declares a range in the schema."""
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[fld.name]):
+            yield from bounded_fields(hints[fld.name], f"{prefix}{fld.name}.")
+        elif fld.metadata.get("bounds") is not None:
+            yield f"{prefix}{fld.name}", fld.metadata["bounds"]
+
+
+def outside(bounds):
+    """A value just outside the range on each side it has."""
+    values = []
+    if bounds.ge is not None:
+        values.append(bounds.ge - 1)
+    if bounds.gt is not None:
+        values.append(bounds.gt)
+    if bounds.le is not None:
+        values.append(bounds.le + 1)
+    if bounds.lt is not None:
+        values.append(bounds.lt)
+    return values
+
+
+def test_every_declared_bound_is_checked_and_documented():
+    from tests.conftest import SMOKE_RECIPE
+
+    fields = dict(bounded_fields())
+    assert len(fields) >= 40 and "head.sample_rate" in fields and "train.num_epochs" in fields
+    reference = {key: text for key, _, _, text in describe_schema()}
+    for key, bounds in fields.items():
+        assert reference[key].endswith(f" Must be {bounds.describe()}."), key
+        for value in outside(bounds):
+            with pytest.raises(ConfigError) as error:
+                load_config(SMOKE_RECIPE, [f"{key}={value}"], expand_env=False)
+            message, _, got = str(error.value).rpartition(", got ")
+            assert message == f"{key} must be {bounds.describe()}" and float(got) == value, key
+    assert fields["head.interclass_filter"].describe() == "in [0, 1) (0 disables)"
+    assert fields["head.sample_rate"].describe() == "in (0, 1]" and fields["model.embedding_size"].describe() == "positive"

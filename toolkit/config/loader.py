@@ -292,5 +292,7 @@ def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str
             default = repr(recipe_to_dict(fld.default))
         else:
             default = repr(recipe_to_dict(fld.default_factory()))
-        rows.append((key, _type_name(annotation), default, fld.metadata["doc"]))
+        bounds = fld.metadata.get("bounds")
+        text = fld.metadata["doc"] + (f" Must be {bounds.describe()}." if bounds is not None else "")
+        rows.append((key, _type_name(annotation), default, text))
     return rows

@@ -14,17 +14,52 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
-def doc(text: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, path: bool = False):
-    """A field with a default and its documentation. `path=True` enables ${VAR} expansion."""
-    metadata = {"doc": text, "path": path}
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric field must lie in (ge/gt: lower, le/lt: upper; None = open); `note` is appended to
+    the error in parentheses (e.g. "0 disables"). checks.py tests every field that has one, and the recipe
+    reference prints it, so a bound is written once, here."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def contains(self, value) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """'positive', '>= 1', 'in [0, 1)', ... (as the errors say it)."""
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if low and high:
+            text = f"in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+        elif low:
+            text = "positive" if low == ("(", 0) else f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+        else:
+            text = f"{'<=' if high[1] == ']' else '<'} {high[0]:g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _bounds(ge, gt, le, lt, note) -> Bounds | None:
+    return Bounds(ge, gt, le, lt, note) if (ge, gt, le, lt) != (None, None, None, None) else None
+
+
+def doc(text: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, path: bool = False,
+        ge=None, gt=None, le=None, lt=None, note: str = ""):
+    """A field with a default and its documentation. `path=True` enables ${VAR} expansion; ge/gt/le/lt bound
+    a number (`Bounds`)."""
+    metadata = {"doc": text, "path": path, "bounds": _bounds(ge, gt, le, lt, note)}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def required(text: str, *, path: bool = False):
+def required(text: str, *, path: bool = False, ge=None, gt=None, le=None, lt=None, note: str = ""):
     """A field the recipe must set; there is deliberately no default."""
-    return field(metadata={"doc": text, "path": path, "required": True})
+    return field(metadata={"doc": text, "path": path, "required": True, "bounds": _bounds(ge, gt, le, lt, note)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +70,7 @@ class RunConfig:
     output_dir: str = doc("Parent folder of run folders.", "runs", path=True)
     seed: int = doc("Seed for model init, data order and augmentation.", 0)
     log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps and at the last; "
-                         "loss and grad norms are means over those steps.", 10)
+                         "loss and grad norms are means over those steps.", 10, ge=1)
     tensorboard: bool = doc("Write TensorBoard event files into the run folder's tensorboard/.", True)
 
 
@@ -46,8 +81,8 @@ class ModelConfig:
     backbone: str = required(
         "Registered backbone name: iresnet18/34/50/100/200/2060, mobilefacenet, mobilefacenet_large, "
         "vit_t/s/b/l/h.")
-    embedding_size: int = doc("Embedding dimension.", 512)
-    dropout: float = doc("Dropout before the embedding FC layer.", 0.0)
+    embedding_size: int = doc("Embedding dimension.", 512, gt=0)
+    dropout: float = doc("Dropout before the embedding FC layer.", 0.0, ge=0.0, lt=1.0)
     activation_checkpointing: bool = doc(
         "Recompute each block (transformer or residual) in backward to save activation memory.", False)
     drop_path: float = doc(
@@ -66,20 +101,21 @@ class ModelConfig:
 class HeadConfig:
     """Identity-center layer with combined margin: logit = s * (cos(m1 * theta + m2) - m3) on the target."""
 
-    scale: float = doc("Logit scale s.", 64.0)
-    margin_m1: float = doc("Multiplicative angular margin m1 (SphereFace); 1.0 disables it.", 1.0)
+    scale: float = doc("Logit scale s.", 64.0, gt=0)
+    margin_m1: float = doc("Multiplicative angular margin m1 (SphereFace); 1.0 disables it.", 1.0, ge=1.0,
+                           note="1 disables it")
     margin_m2: float = doc("Additive angular margin m2 (ArcFace uses 0.5).", 0.0)
     margin_m3: float = doc("Additive cosine margin m3 (CosFace uses 0.4).", 0.4)
     sample_rate: float = doc(
         "Partial FC: share of each rank's classes used per step (all positives of the global batch plus random "
-        "negatives up to int(sample_rate * local classes)); 1.0 uses every class.", 1.0)
+        "negatives up to int(sample_rate * local classes)); 1.0 uses every class.", 1.0, gt=0.0, le=1.0)
     interclass_filter: float = doc(
         "Zero negative cosines above this value (likely duplicate identities in noisy data; 0.4 in the "
-        "WebFace42M reference configs); 0 disables.", 0.0)
+        "WebFace42M reference configs); 0 disables.", 0.0, ge=0.0, lt=1.0, note="0 disables")
     optimizer: Literal["same", "sgd", "adamw"] = doc(
         "Optimizer of the center shards: 'same' as optim.name, or sgd / adamw (other settings from optim).", "same")
-    lr_multiplier: float = doc("The centers' lr is the backbone's lr times this.", 1.0)
-    weight: float = doc("w_id: weight of the margin-softmax loss in the total loss; 0 disables the head.", 1.0)
+    lr_multiplier: float = doc("The centers' lr is the backbone's lr times this.", 1.0, gt=0)
+    weight: float = doc("w_id: weight of the margin-softmax loss in the total loss; 0 disables the head.", 1.0, ge=0)
     implementation: Literal["auto", "reference", "fused", "fused_linear"] = doc(
         "Loss implementation: plain-PyTorch reference, fused kernel on the logits, fused linear kernel (never "
         "materialises the logits nor normalised centers), or auto (fused_linear when the extension is built, "
@@ -90,15 +126,15 @@ class HeadConfig:
 class ContrastiveConfig:
     """UniMoCo: momentum key encoder, label-aware queue, unified contrastive loss (UniCon)."""
 
-    weight: float = doc("w_con: weight of the UniCon loss in the total loss; 0 disables UniMoCo.", 0.0)
-    queue_size: int = doc("Keys K in the queue; a multiple of the global batch.", 65536)
-    temperature: float = doc("Softmax temperature T of the similarities.", 0.07)
+    weight: float = doc("w_con: weight of the UniCon loss in the total loss; 0 disables UniMoCo.", 0.0, ge=0)
+    queue_size: int = doc("Keys K in the queue; a multiple of the global batch.", 65536, ge=0)
+    temperature: float = doc("Softmax temperature T of the similarities.", 0.07, gt=0)
     margin: float = doc("Margin added to the negatives' similarities.", 0.0)
-    momentum: float = doc("Key-encoder EMA momentum m (key = m * key + (1 - m) * query).", 0.999)
+    momentum: float = doc("Key-encoder EMA momentum m (key = m * key + (1 - m) * query).", 0.999, ge=0.0, lt=1.0)
     momentum_schedule: Literal["constant", "cosine"] = doc(
         "'cosine' raises the momentum from `momentum` to 1 over the run (BYOL-style).", "constant")
     projection: Literal["linear", "mlp"] = doc("Projection head after the backbone embedding.", "mlp")
-    projection_dim: int = doc("Output dimension of the projection head.", 128)
+    projection_dim: int = doc("Output dimension of the projection head.", 128, gt=0)
     projection_hidden: int = doc("Hidden width of the MLP projection head.", 2048)
     key_bn: Literal["shuffle", "sync"] = doc(
         "Key-encoder batch norm across ranks: MoCo's shuffle-BN or SyncBN.", "shuffle")
@@ -123,16 +159,16 @@ class ViewsConfig:
 class SyntheticDataConfig:
     """Built-in synthetic faces: each identity has a stable pattern, each sample varies."""
 
-    num_identities: int = doc("Training identities.", 200)
-    samples_per_identity: int = doc("Images per training identity in one epoch.", 50)
-    num_val_identities: int = doc("Held-out identities for verification (disjoint from training).", 100)
+    num_identities: int = doc("Training identities.", 200, ge=2)
+    samples_per_identity: int = doc("Images per training identity in one epoch.", 50, ge=1)
+    num_val_identities: int = doc("Held-out identities for verification (disjoint from training).", 100, ge=2)
     num_val_pairs: int = doc("Verification pairs (half positive, half negative); a multiple of 20.", 1000)
     noise_std: float = doc("Per-pixel Gaussian noise (in [0, 1] pixel units).", 0.08)
     max_shift: int = doc("Largest random shift in pixels at 112x112 (scaled with image_size).", 8)
     color_jitter: float = doc("Largest relative brightness/contrast/colour change per sample.", 0.2)
     labeled_fraction: float = doc(
         "Share of training identities whose samples carry their label; the rest are labeled -1 "
-        "(unlabeled: only the contrastive objective learns from them).", 1.0)
+        "(unlabeled: only the contrastive objective learns from them).", 1.0, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,10 +177,10 @@ class WebDatasetConfig:
 
     window_shards: int = doc(
         "Shards each loader worker reads into memory and shuffles together (the sample shuffle buffer, and the "
-        "unit a resumed run re-reads); memory per worker is about this many shards of JPEG bytes.", 4)
+        "unit a resumed run re-reads); memory per worker is about this many shards of JPEG bytes.", 4, ge=1)
     decoder: Literal["auto", "simplejpeg", "pil"] = doc(
         "JPEG decoder: simplejpeg (libjpeg-turbo, about twice as fast) or PIL; 'auto' prefers simplejpeg.", "auto")
-    prefetch_batches: int = doc("Batches each loader worker prepares ahead.", 2)
+    prefetch_batches: int = doc("Batches each loader worker prepares ahead.", 2, ge=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,9 +189,9 @@ class DaliConfig:
 
     decode_device: Literal["auto", "cpu", "mixed"] = doc(
         "Where JPEGs are decoded: 'mixed' (GPU, nvJPEG), 'cpu', or 'auto' (mixed when a GPU is present).", "auto")
-    num_threads: int = doc("CPU threads of each rank's pipeline.", 4)
-    shuffle_buffer: int = doc("Samples DALI's reader holds for random shuffling (its initial_fill).", 4096)
-    prefetch_batches: int = doc("Batches the pipeline prepares ahead (prefetch_queue_depth).", 2)
+    num_threads: int = doc("CPU threads of each rank's pipeline.", 4, ge=1)
+    shuffle_buffer: int = doc("Samples DALI's reader holds for random shuffling (its initial_fill).", 4096, ge=1)
+    prefetch_batches: int = doc("Batches the pipeline prepares ahead (prefetch_queue_depth).", 2, ge=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,16 +207,17 @@ class DataConfig:
         path=True)
     max_skipped_fraction: float = doc(
         "Stop the run with an error when more than this share of the samples read could not be used (corrupt "
-        "JPEG, missing member, damaged shard); until then each is replaced in its batch and counted.", 0.01)
+        "JPEG, missing member, damaged shard); until then each is replaced in its batch and counted.", 0.01,
+        ge=0.0, le=1.0)
     batch_size: int = doc("Samples per rank per micro-step. Give this or global_batch_size, not both.", 0)
     global_batch_size: int = doc(
         "Samples per optimizer step over all ranks; the per-rank batch is derived as global / (ranks x "
         "grad_accum_steps), which must divide evenly. Give this or batch_size, not both.", 0)
     image_size: int = doc("Square input size; real faces are 112 (a multiple of 16).", 112)
-    num_workers: int = doc("DataLoader worker processes per rank (0 = load in the training process).", 2)
+    num_workers: int = doc("DataLoader worker processes per rank (0 = load in the training process).", 2, ge=0)
     flip: bool = doc("Random horizontal flip augmentation.", True)
     samples_per_label: int = doc(
-        "Images of one identity placed together in a batch (UniMoCo uses 2); 1 = plain shuffling.", 1)
+        "Images of one identity placed together in a batch (UniMoCo uses 2); 1 = plain shuffling.", 1, ge=1)
     views: ViewsConfig = doc("Augmentation of the two UniMoCo views (used when contrastive.weight > 0).",
                              default_factory=ViewsConfig)
     synthetic: SyntheticDataConfig = doc("Settings of the synthetic backend.", default_factory=SyntheticDataConfig)
@@ -193,11 +230,11 @@ class OptimConfig:
     """Optimizer of the backbone and the identity centers. Norm and bias parameters get no weight decay."""
 
     name: Literal["sgd", "adamw"] = required("Optimizer: 'sgd' or 'adamw'.")
-    lr: float = required("Peak learning rate (after warmup) at the reference batch size.")
+    lr: float = required("Peak learning rate (after warmup) at the reference batch size.", gt=0)
     reference_batch_size: int = doc(
         "Global batch that `lr` is quoted for; the used lr is lr * global_batch / reference_batch_size "
-        "(linear scaling rule). 0 means 'lr is for whatever global batch this run has'.", 0)
-    weight_decay: float = doc("Weight decay (decoupled for AdamW).", 5e-4)
+        "(linear scaling rule). 0 means 'lr is for whatever global batch this run has'.", 0, ge=0)
+    weight_decay: float = doc("Weight decay (decoupled for AdamW).", 5e-4, ge=0)
     momentum: float = doc("SGD momentum.", 0.9)
     nesterov: bool = doc("SGD Nesterov momentum.", False)
     betas: tuple[float, float] = doc("AdamW betas.", (0.9, 0.999))
@@ -209,15 +246,15 @@ class ScheduleConfig:
     """Learning rate over optimizer steps: linear warmup, then cosine or polynomial decay."""
 
     warmup_steps: int = doc("Linear warmup from 0 to the peak lr over this many optimizer steps. Give this or "
-                            "warmup_epochs, not both (0 = not given).", 0)
+                            "warmup_epochs, not both (0 = not given).", 0, ge=0)
     warmup_epochs: float = doc(
         "Linear warmup over this many epochs (may be fractional), turned into optimizer steps with the run's own "
         "steps per epoch (nearest step, halves up, at least 1), so that warmup keeps its share of the run at any "
         "world size or batch; the startup line says how many steps. Give this or warmup_steps, not both "
-        "(0 = not given).", 0.0)
+        "(0 = not given).", 0.0, ge=0)
     decay: Literal["cosine", "poly", "constant"] = doc("Decay after warmup.", "cosine")
     poly_power: float = doc("Exponent of polynomial decay.", 2.0)
-    min_lr_ratio: float = doc("Final lr as a fraction of the peak lr.", 0.0)
+    min_lr_ratio: float = doc("Final lr as a fraction of the peak lr.", 0.0, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,9 +266,10 @@ class ParallelConfig:
         "(fully_shard). The identity-center head is never handed to the engine.", "single")
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "Compute precision: bf16 autocast (CPU or GPU), fp16 autocast + loss scaling (GPU only), or fp32.", "fp32")
-    grad_accum_steps: int = doc("Micro-steps accumulated into one optimizer step.", 1)
+    grad_accum_steps: int = doc("Micro-steps accumulated into one optimizer step.", 1, ge=1)
     clip_grad_norm: float = doc(
-        "Clip the gradient norm of each part (backbone, head) to this value; 0 disables clipping.", 0.0)
+        "Clip the gradient norm of each part (backbone, head) to this value; 0 disables clipping.", 0.0,
+        ge=0, note="0 disables")
     zero_stage: int = doc("DeepSpeed ZeRO stage 0-3 (engine: deepspeed).", 2)
     offload_optimizer: bool = doc("DeepSpeed: keep ZeRO optimizer states in CPU memory (stages 1-3).", False)
     deepspeed_config: str = doc(
@@ -244,18 +282,18 @@ class ParallelConfig:
         "instead of autocast.", False)
     timeout_s: int = doc(
         "Seconds a rank may go without progress (a step, an evaluation or a save) before the job ends with a line "
-        "naming the stalled rank, instead of hanging; collectives time out just after.", 600)
+        "naming the stalled rank, instead of hanging; collectives time out just after.", 600, gt=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Length of the run."""
 
-    num_epochs: float = required("Epochs to train (may be fractional); steps are derived from the data size.")
+    num_epochs: float = required("Epochs to train (may be fractional); steps are derived from the data size.", gt=0)
     device: Literal["auto", "cpu", "cuda"] = doc("'auto' uses CUDA when available.", "auto")
     max_nonfinite_steps: int = doc(
         "A step whose loss or gradients are not finite (inf/nan) is skipped on every part and counted; after "
-        "this many consecutive skipped steps the run stops with exit status 3 (diverged).", 20)
+        "this many consecutive skipped steps the run stops with exit status 3 (diverged).", 20, ge=1)
     init_from: str = doc(
         "Start from these weights instead of a random init: a consolidated file of ours (convert.py consolidate, "
         "with its identity centers when written with --with-head), a FaceCL run or checkpoint, or an arcface_torch "
@@ -269,7 +307,7 @@ class TrainConfig:
 class EvalConfig:
     """Verification on held-out pairs with the 10-fold protocol."""
 
-    every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0)
+    every_steps: int = doc("Run verification every N optimizer steps (0 = only at the end).", 0, ge=0)
     sets: list[str] = doc(
         "insightface .bin verification files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...), IJB-B/IJB-C release "
         "folders (1:1 TAR at FAR 1e-5/1e-4/1e-3) and labelled images scored all-to-all (a folder of identity "
@@ -279,15 +317,15 @@ class EvalConfig:
         "IJB folders in eval.sets: score a seeded subset of this many template pairs (all genuine pairs up to "
         "half of it) so that evaluation fits into training; 0 = every pair (the benchmark's numbers).", 0)
     batch_size: int = doc("Images per forward pass during evaluation.", 256)
-    num_folds: int = doc("Cross-validation folds of the verification protocol.", 10)
+    num_folds: int = doc("Cross-validation folds of the verification protocol.", 10, ge=2)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Checkpoints written atomically into the run folder's checkpoints/."""
 
-    every_steps: int = doc("Save every N optimizer steps (0 = only at the end).", 0)
-    keep_last: int = doc("Keep this many most recent checkpoints (0 = keep all).", 2)
+    every_steps: int = doc("Save every N optimizer steps (0 = only at the end).", 0, ge=0)
+    keep_last: int = doc("Keep this many most recent checkpoints (0 = keep all).", 2, ge=0)
     save_final: bool = doc("Save a checkpoint when the run ends.", True)
 
 
