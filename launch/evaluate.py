@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device for checkpoints (default: cuda when present, else cpu)")
     parser.add_argument("--detector-score-weighting", action="store_true",
                         help="IJB: multiply each image feature by its detector score before pooling")
+    parser.add_argument("--keep-image-norm", action="store_true",
+                        help="IJB: pool the flip-summed image embeddings without normalising each first; with "
+                             "--detector-score-weighting this is insightface's default mode (use_norm_score, "
+                             "use_detector_score), see docs/evaluation.md")
     parser.add_argument("--max-skipped-fraction", type=float, default=0.01,
                         help="fail when more than this share of a benchmark's images is unusable (default 0.01)")
     parser.add_argument("--compute-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, benchmarks=args.benchmark, features_in=args.features,
             save_features=args.save_features, output_dir=args.output, flip=not args.no_flip,
             batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-            detector_score_weighting=args.detector_score_weighting,
+            detector_score_weighting=args.detector_score_weighting, keep_image_norm=args.keep_image_norm,
             max_skipped_fraction=args.max_skipped_fraction, compute_dtype=dtype, rank=rank,
             world_size=world_size, progress=not args.no_progress, overwrite=args.overwrite, name=args.name)
     finally:

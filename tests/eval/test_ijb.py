@@ -214,3 +214,33 @@ def test_a_folder_holding_ijb_releases_says_so_instead_of_becoming_an_identity_f
     assert str(error.value) == (f"{parent} is not an IJB release but holds 2 (IJBB, IJBC): give each its own "
                                 f"benchmark, e.g. --benchmark ijbb={parent / 'IJBB'} --benchmark ijbc={parent / 'IJBC'}")
     assert benchmark_for(parent / "IJBC", "ijbc").kind == "ijb"
+
+
+def insightface_style_templates(emb_ID, scores_I, templates_I, medias_I):
+    """insightface's eval_ijbc.py pooling written out as loops (use_norm_score=True, use_detector_score=True):
+    image feature = flip-summed embedding x detector score (no normalisation), media = mean of its images,
+    template = sum of its media, normalised."""
+    feats = emb_ID * scores_I[:, None]
+    out = {}
+    for template in np.unique(templates_I):
+        in_t = templates_I == template
+        media_feats = [feats[in_t & (medias_I == m)].mean(axis=0) for m in np.unique(medias_I[in_t])]
+        total = np.sum(media_feats, axis=0)
+        out[int(template)] = total / np.linalg.norm(total)
+    return out
+
+
+def test_keep_image_norm_with_detector_scores_is_insightfaces_default_mode():
+    rng = np.random.default_rng(3)
+    templates_I = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3])
+    medias_I = np.array([10, 10, 11, 20, 20, 30, 31, 31, 31])
+    emb_ID = rng.normal(size=(9, 6)) * rng.uniform(0.2, 5.0, size=(9, 1))   # lengths that differ a lot
+    scores_I = rng.uniform(0.3, 1.0, size=9)
+    usable_I = np.ones(9, dtype=bool)
+    expected = insightface_style_templates(emb_ID, scores_I, templates_I, medias_I)
+    feats = image_features(emb_ID, usable_I, scores_I, keep_norm=True)
+    ids, pooled = pool_templates(feats, templates_I, medias_I, usable_I)
+    for template, row in zip(ids, pooled):
+        np.testing.assert_allclose(row, expected[int(template)], rtol=1e-5, atol=1e-6)
+    _, default = pool_templates(image_features(emb_ID, usable_I, scores_I), templates_I, medias_I, usable_I)
+    assert np.abs(default - pooled).max() > 1e-2   # the default mode normalises each image first: it differs

@@ -47,6 +47,7 @@ class EvalSettings:
     num_folds: int = 10               # pair verification
     fars: tuple[float, ...] = DEFAULT_FARS   # TAR at these FARs (IJB 1:1)
     detector_score_weighting: bool = False   # IJB
+    keep_image_norm: bool = False            # IJB: insightface's use_norm_score mode (toolkit.eval.ijb)
     max_pairs: int | None = None      # IJB in training: a seeded subset of the pairs (None: every pair)
     seed: int = 0
     compute_dtype: torch.dtype | None = None  # all-to-all score matmul

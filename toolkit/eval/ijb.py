@@ -17,8 +17,9 @@ galleries may be named S1/S2 instead (ijbb_1N_gallery_S1.csv, as insightface's i
 some but not all three 1:N files, 1:N is skipped with one warning naming the missing ones (1:1 still runs);
 a folder that holds releases (IJB_release/ with IJBB/, IJBC/) is refused with the --benchmark lines to use.
 
-Protocol (1:1): image feature = normalise(f(x) + f(flip(x))), times the detector score when
-`detector_score_weighting`; media feature = mean of its images' features; template feature = sum of its
+Protocol (1:1): image feature = normalise(f(x) + f(flip(x))) (or, with `keep_image_norm`, f(x) + f(flip(x))
+as it is: insightface's use_norm_score=True), times the detector score when `detector_score_weighting`
+(insightface's use_detector_score); insightface's eval_ijbc.py / onnx_ijbc.py default is both on. Media feature = mean of its images' features; template feature = sum of its
 media features, normalised; score = cosine; TAR at FAR by toolkit.eval.roc's convention. Images that cannot be
 used (missing file, landmarks outside the image) are left out of their template and counted; a template
 with no usable image has a zero feature, so its pairs score 0 (counted as `num_pairs_with_empty_template`).
@@ -266,9 +267,13 @@ class IJBImages(torch.utils.data.Dataset):
         return to_model_input(aligned), 0
 
 
-def image_features(emb_ID: np.ndarray, usable_I: np.ndarray, detector_scores_I: np.ndarray | None) -> np.ndarray:
-    """normalise(flip-summed embedding) [x detector score]; unusable images become zero rows: I x D."""
-    feats_ID = F.normalize(torch.as_tensor(np.asarray(emb_ID, dtype=np.float32)), dim=1).numpy()
+def image_features(emb_ID: np.ndarray, usable_I: np.ndarray, detector_scores_I: np.ndarray | None, *,
+                   keep_norm: bool = False) -> np.ndarray:
+    """normalise(flip-summed embedding) [x detector score]; unusable images become zero rows: I x D. With
+    `keep_norm` the flip-summed embedding keeps its length (insightface's use_norm_score=True): a sharper
+    image, whose embedding is longer, weighs more in its media's mean."""
+    feats = torch.as_tensor(np.asarray(emb_ID, dtype=np.float32))
+    feats_ID = (feats if keep_norm else F.normalize(feats, dim=1)).numpy()
     if detector_scores_I is not None:
         feats_ID = feats_ID * np.asarray(detector_scores_I, dtype=np.float32)[:, None]
     return np.where(np.asarray(usable_I, dtype=bool)[:, None], feats_ID, 0.0).astype(np.float32)
@@ -312,10 +317,11 @@ def score_pairs(template_ids_T: np.ndarray, template_TD: np.ndarray, pairs_P2: n
 
 def verification_1to1(release: IJBRelease, emb_ID: np.ndarray, status_I: np.ndarray, *,
                       detector_score_weighting: bool = False, fars: Sequence[float] = DEFAULT_FARS,
-                      pair_indices: np.ndarray | None = None) -> tuple[dict, dict]:
+                      pair_indices: np.ndarray | None = None, keep_image_norm: bool = False) -> tuple[dict, dict]:
     """(result dict, extras with template features and ROC points) for the release's 1:1 pairs."""
     usable_I = np.asarray(status_I) == 0
-    feats_ID = image_features(emb_ID, usable_I, release.detector_scores_I if detector_score_weighting else None)
+    feats_ID = image_features(emb_ID, usable_I, release.detector_scores_I if detector_score_weighting else None,
+                              keep_norm=keep_image_norm)
     template_ids_T, template_TD = pool_templates(feats_ID, release.templates_I, release.medias_I, usable_I)
     pairs_P2, labels_P = release.pairs_P2, release.labels_P
     if pair_indices is not None:
@@ -331,7 +337,7 @@ def verification_1to1(release: IJBRelease, emb_ID: np.ndarray, status_I: np.ndar
     result = {"benchmark": release.name, "num_pairs": int(len(pairs_P2)), "num_genuine": int(genuine.size),
               "num_impostor": int(impostor.size), "num_templates": int(len(template_ids_T)),
               "num_pairs_with_empty_template": num_empty_pairs,
-              "detector_score_weighting": detector_score_weighting,
+              "detector_score_weighting": detector_score_weighting, "keep_image_norm": keep_image_norm,
               "tar_at_far": tar_at_far(genuine, impostor, fars)}
     return result, {"template_ids": template_ids_T, "template_features": template_TD,
                     "roc": roc_points(genuine, impostor)}
@@ -585,7 +591,8 @@ class IJBBenchmark(Benchmark):
         release, s = self.release, self.settings
         result = self.result_head(status_N)
         verification, extras = verification_1to1(release, emb_ND, status_N,
-                                                 detector_score_weighting=s.detector_score_weighting, fars=s.fars)
+                                                 detector_score_weighting=s.detector_score_weighting, fars=s.fars,
+                                                 keep_image_norm=s.keep_image_norm)
         result["benchmark"] = release.name
         result["verification"] = verification
         result["identification"] = identification_report(release, extras["template_ids"],

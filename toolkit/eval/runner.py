@@ -46,7 +46,8 @@ def parse_benchmark(spec: str, settings: EvalSettings | None = None) -> Benchmar
 def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in: str | None = None,
                    save_features: str | None = None, output_dir: str | Path | None = None, flip: bool = True,
                    batch_size: int = 128, num_workers: int = 2, device: str | None = None,
-                   detector_score_weighting: bool = False, max_skipped_fraction: float = 0.01,
+                   detector_score_weighting: bool = False, keep_image_norm: bool = False,
+                   max_skipped_fraction: float = 0.01,
                    compute_dtype: torch.dtype | None = None, fars=None, rank: int = 0, world_size: int = 1,
                    group=None, progress: bool = True, overwrite: bool = False, name: str | None = None) -> dict:
     """Evaluate one model (or cached features) on every benchmark; returns the report (rank 0 writes it).
@@ -62,7 +63,8 @@ def run_evaluation(*, model: str | None, benchmarks: Sequence[str], features_in:
     if not 0.0 <= max_skipped_fraction <= 1.0:
         raise FaceCLError(f"--max-skipped-fraction must be in [0, 1], got {max_skipped_fraction}")
     settings = EvalSettings(batch_size=batch_size, num_workers=num_workers, flip=flip, fars=tuple(fars or DEFAULT_FARS),
-                            detector_score_weighting=detector_score_weighting, compute_dtype=compute_dtype,
+                            detector_score_weighting=detector_score_weighting, keep_image_norm=keep_image_norm,
+                            compute_dtype=compute_dtype,
                             max_skipped_fraction=max_skipped_fraction, progress=progress)
     parsed = [parse_benchmark(s, settings) for s in benchmarks]
     if not parsed:
