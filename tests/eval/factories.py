@@ -130,3 +130,19 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> Path:
     torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["embedding"],
                       dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
     return path
+
+
+def run_cli(*argv) -> int:
+    """launch/evaluate.py's main in this process: no loader workers, no progress bars, batches of 64."""
+    from launch.evaluate import main
+
+    return main([*argv, "--num-workers", "0", "--no-progress", "--batch-size", "64"])
+
+
+def one_error_line(capsys) -> str:
+    """The command's stderr is exactly one `error:` line and no traceback; returns it."""
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return err[0]

@@ -5,8 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from launch.evaluate import main
-from tests.eval.factories import ColourNet, export_onnx, write_bin
+from tests.eval.factories import ColourNet, export_onnx, one_error_line, run_cli, write_bin
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +16,6 @@ def data(tmp_path_factory):
     rng = np.random.default_rng(0)
     np.savez(root / "mfr.npz", features=rng.normal(size=(30, 8)).astype(np.float32), labels=np.repeat(np.arange(6), 5))
     return root
-
-
-def run_cli(*argv) -> int:
-    return main([*argv, "--num-workers", "0", "--no-progress", "--batch-size", "64"])
-
-
-def one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), captured.err
-    assert "Traceback" not in captured.err
-    return err[0]
 
 
 def model_args(data) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from launch.evaluate import main
 from tests.conftest import REPO
-from tests.eval.factories import ColourNet, export_onnx, write_bin, write_ijb_release
+from tests.eval.factories import ColourNet, export_onnx, one_error_line, run_cli, write_bin, write_ijb_release
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +29,6 @@ def colour_model(monkeypatch):
 
     monkeypatch.setattr(models, "load_model", lambda path, device=None: Embedder.from_module(
         ColourNet(16), name="colour", image_size=32))
-
-
-def run_cli(*argv) -> int:
-    return main([*argv, "--num-workers", "0", "--no-progress", "--batch-size", "64"])
-
-
-def one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), captured.err
-    return err[0]
 
 
 def evaluations(base):
