@@ -23,7 +23,10 @@ def test_every_quoted_figure_equals_its_results_file():
 
 
 @pytest.mark.parametrize("results_file, at_least", [("benchmarks/results/head_cpu.json", 6),
-                                                     ("benchmarks/results/smoke_recipes.json", 14)])
+                                                     ("benchmarks/results/smoke_recipes.json", 14),
+                                                     ("benchmarks/results/kernels_cpu.json", 6),
+                                                     ("benchmarks/results/bench_train_iresnet50_single.json", 2),
+                                                     ("benchmarks/results/bench_data.json", 1)])
 def test_the_headline_figures_are_quoted_through_markers(results_file, at_least):
     module = doc_figures()
     cited = [figure for document in module.documents(REPO) for figure in module.figures_in(document)
