@@ -9,7 +9,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     its default. Options whose default is None or a flag's False say in their own words what happens without them."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, []) or "default" in (action.help or "").lower():
+        # identity, not `in`: 0 == False, and an option whose default is 0 should still show it
+        unstated = action.default is None or action.default is False or action.default == []
+        if unstated or "default" in (action.help or "").lower():
             return action.help or ""
         return super()._get_help_string(action)
 

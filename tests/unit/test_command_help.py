@@ -68,6 +68,8 @@ def test_help_shows_defaults_but_not_none_or_false():
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     parser.add_argument("--out", default=None, help="output (default: a new file)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes")
+    parser.add_argument("--threads", type=int, default=0, help="threads, 0 = torch's choice")
     text = " ".join(parser.format_help().split())
+    assert "0 = torch's choice (default: 0)" in text   # 0 == False must not hide it
     assert "measured steps (default: 10)" in text and "(default: None)" not in text and "(default: False)" not in text
     assert parser.formatter_class is HelpFormatter
