@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.arcface_torch_source import arcface_torch_copy  # noqa: F401  (a shared session fixture)
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_RECIPE = REPO / "recipes" / "smoke_synthetic.yaml"
 
