@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.arcface_torch_source import arcface_torch_copy  # noqa: F401  (a shared session fixture)
+pytest_plugins = ["tests.arcface_torch_source"]  # arcface_torch_copy: insightface's code as a reference
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_RECIPE = REPO / "recipes" / "smoke_synthetic.yaml"
