@@ -328,7 +328,7 @@ class InMemoryBatches:
 def recipe_tree(args, engine: str, world_size: int, output_dir: Path) -> dict:
     global_batch = args.batch_size * world_size
     return {
-        "run": {"name": "bench_train", "output_dir": str(output_dir), "seed": 0, "tensorboard": False,
+        "run": {"name": "bench_train", "output_dir": str(output_dir), "seed": 0, "trackers": [],
                 "log_every": 1_000_000},
         "model": {"backbone": args.backbone, "embedding_size": args.embedding_size},
         "data": {"backend": "synthetic", "batch_size": args.batch_size, "image_size": args.image_size,

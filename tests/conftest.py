@@ -18,7 +18,7 @@ TINY_OVERRIDES = [
     "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
     "data.synthetic.num_identities=12", "data.synthetic.samples_per_identity=4",
     "data.synthetic.num_val_identities=6", "data.synthetic.num_val_pairs=40",
-    "model.embedding_size=32", "run.tensorboard=false", "run.log_every=1", "eval.batch_size=40",
+    "model.embedding_size=32", "run.trackers=[]", "run.log_every=1", "eval.batch_size=40",
     "train.num_epochs=3",  # 18 steps, as before the smoke recipe itself went from 3 epochs to 1
 ]
 

@@ -15,7 +15,7 @@ DIST_OVERRIDES = [
     "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
     "data.synthetic.num_identities=12", "data.synthetic.samples_per_identity=8",
     "data.synthetic.num_val_identities=6", "data.synthetic.num_val_pairs=40",
-    "model.embedding_size=32", "run.tensorboard=false", "run.log_every=1", "eval.batch_size=40",
+    "model.embedding_size=32", "run.trackers=[]", "run.log_every=1", "eval.batch_size=40",
     "train.num_epochs=1.65", "checkpoint.every_steps=5", "checkpoint.keep_last=0", "optim.lr=0.02",
     "schedule.warmup_steps=2", "parallel.timeout_s=60",
 ]

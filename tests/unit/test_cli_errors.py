@@ -53,7 +53,7 @@ def cheap_recipe(tmp_path) -> Path:
     path = tmp_path / "cheap.yaml"
     path.write_text(yaml.safe_dump({
         "base": str(SMOKE_RECIPE),
-        "run": {"output_dir": str(tmp_path / "runs"), "tensorboard": False},
+        "run": {"output_dir": str(tmp_path / "runs"), "trackers": []},
         "data": {"batch_size": 8, "num_workers": 0,
                  "synthetic": {"num_identities": 4, "samples_per_identity": 4, "num_val_identities": 2,
                                "num_val_pairs": 20}},

@@ -13,7 +13,7 @@ from tests.conftest import REPO, SMOKE_RECIPE
 
 TINY = ["data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.synthetic.num_identities=12",
         "data.synthetic.samples_per_identity=8", "data.synthetic.num_val_pairs=40", "model.embedding_size=32",
-        "run.tensorboard=false", "eval.every_steps=0", "train.num_epochs=0.3", "checkpoint.every_steps=1",
+        "run.trackers=[]", "eval.every_steps=0", "train.num_epochs=0.3", "checkpoint.every_steps=1",
         "checkpoint.keep_last=0"]
 
 

@@ -14,7 +14,7 @@ INTERVAL_MEANS = ["loss", "loss_id", "loss_con", "grad_norm_backbone", "grad_nor
 
 
 def train(tiny_recipe, name: str, *overrides: str) -> Trainer:
-    recipe = tiny_recipe(*UNIMOCO, "run.tensorboard=true", "train.num_epochs=1.33", f"run.name={name}", *overrides)
+    recipe = tiny_recipe(*UNIMOCO, "run.trackers=[tensorboard]", "train.num_epochs=1.33", f"run.name={name}", *overrides)
     trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=True)
     trainer.fit()
     return trainer
@@ -60,7 +60,7 @@ def test_logged_loss_parts_and_grad_norms_are_means_over_the_interval(tiny_recip
 
 
 def test_unimoco_progress_line_fits_in_160_characters(tiny_recipe, capsys):
-    recipe = tiny_recipe(*UNIMOCO, "run.tensorboard=true", "train.num_epochs=0.5", "run.log_every=2", "run.name=wide")
+    recipe = tiny_recipe(*UNIMOCO, "run.trackers=[tensorboard]", "train.num_epochs=0.5", "run.log_every=2", "run.name=wide")
     trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=True)
     trainer.fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"step \d+/\d+ \| epoch", line)]

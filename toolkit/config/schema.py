@@ -71,7 +71,14 @@ class RunConfig:
     seed: int = doc("Seed for model init, data order and augmentation.", 0)
     log_every: int = doc("Print progress and write TensorBoard scalars every N optimizer steps and at the last; "
                          "loss and grad norms are means over those steps.", 10, ge=1)
-    tensorboard: bool = doc("Write TensorBoard event files into the run folder's tensorboard/.", True)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = doc(
+        "Where the training and evaluation scalars go besides the console and train.log (rank 0): tensorboard "
+        "(the run folder's tensorboard/), wandb (Weights & Biases, facecl[wandb]; set up by its WANDB_* variables, "
+        "WANDB_MODE=offline writes to the run folder only), mlflow (facecl[mlflow]; MLFLOW_TRACKING_URI, else a file "
+        "store in the run folder's mlruns/); [] for none. A resumed run continues the same W&B / MLflow run.",
+        default_factory=lambda: ["tensorboard"])
+    tracker_project: str = doc("W&B project and MLflow experiment name (WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME win).",
+                               "facecl")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,9 @@
-# Console progress lines and TensorBoard scalars for the training loop.
-"""Progress reporting: one console line per logging step and TensorBoard scalars of the same values and more.
+# Console progress lines and tracker scalars (TensorBoard, W&B, MLflow) for the training loop.
+"""Progress reporting: one console line per logging step, and the same values and more to the run's trackers
+(training/trackers.py).
 
 The line holds loss (with its parts), lr, grad norms, throughput and ETA and fits in 160 characters; statistics
-that would make it longer (UniMoCo's queue) go to TensorBoard only. Loss, loss parts and grad norms are means
+that would make it longer (UniMoCo's queue) go to the trackers only. Loss, loss parts and grad norms are means
 over the steps since the previous line (training/interval_means.py), as are samples/s and the ETA's step time.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+
+from toolkit.training.trackers import Tracker
 
 
 def format_duration(seconds: float) -> str:
@@ -34,20 +36,16 @@ def grad_norm_text(means: dict[str, float]) -> str | None:
 
 
 class ProgressReporter:
-    """Prints `step/total epoch loss lr grad-norm samples/s ETA` and writes those and more scalars to TensorBoard
-    (rank 0 only)."""
+    """Prints `step/total epoch loss lr grad-norm samples/s ETA` (when `enabled`) and writes those and more scalars
+    to the trackers (rank 0 passes its trackers, the other ranks none)."""
 
-    def __init__(self, total_steps: int, global_batch_size: int, tensorboard_dir: Path | None, *,
+    def __init__(self, total_steps: int, global_batch_size: int, trackers: list[Tracker] = (), *,
                  enabled: bool = True, stream=None):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.enabled = enabled
         self.stream = stream or sys.stdout
-        self.writer = None
-        if enabled and tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        self.trackers = list(trackers)
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._run_start = self._window_start
@@ -60,16 +58,17 @@ class ProgressReporter:
     def step_done(self) -> None:
         self._window_steps += 1
 
-    def print_header(self, log_every: int, tensorboard_only: str = "") -> None:
-        """One line at start saying what the progress lines hold."""
+    def print_header(self, log_every: int, trackers_only: str = "") -> None:
+        """One line at start saying what the progress lines hold and where the other scalars go."""
         if not self.enabled:
             return
-        where = "TensorBoard only" if self.writer is not None else "not shown (run.tensorboard is off)"
+        names = ", ".join(tracker.name for tracker in self.trackers)
+        where = f"{names} only" if names else "not shown (run.trackers is empty)"
         print(f"progress every {log_every} steps (loss, loss parts, grad norms: means since the previous line)"
-              + (f"; {tensorboard_only}: {where}" if tensorboard_only else ""), file=self.stream, flush=True)
+              + (f"; {trackers_only}: {where}" if trackers_only else ""), file=self.stream, flush=True)
 
     def log(self, step: int, epoch: float, *, lr: float, means: dict[str, float], counters: dict[str, float],
-            tensorboard_only: dict[str, float] | None = None) -> None:
+            trackers_only: dict[str, float] | None = None) -> None:
         """`means`: loss, loss_<part>, grad_norm_<part> over the interval; `counters`: totals so far (skipped
         inputs, non-finite steps), usually none."""
         now = time.perf_counter()
@@ -78,26 +77,27 @@ class ProgressReporter:
         step_time = elapsed / max(self._window_steps, 1)
         eta = step_time * (self.total_steps - step)
         self._window_start, self._window_steps = now, 0
+        scalars = {f"train/{name}": value for name, value in
+                   {**means, "lr": lr, **counters, **(trackers_only or {})}.items()}
+        self._to_trackers({**scalars, "train/samples_per_s": samples_per_s}, step)
         if not self.enabled:
             return
         parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}", loss_text(means), f"lr {lr:.4g}",
                  grad_norm_text(means), *(f"{name} {value:g}" for name, value in counters.items()),
                  f"{samples_per_s:.1f} samples/s", f"ETA {format_duration(eta)}"]
         print(" | ".join(part for part in parts if part), file=self.stream, flush=True)
-        if self.writer is not None:
-            for name, value in {**means, "lr": lr, **counters, **(tensorboard_only or {})}.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
-            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
 
     def log_eval(self, step: int, name: str, values: dict[str, float]) -> None:
+        self._to_trackers({f"eval/{name}/{key}": value for key, value in values.items()}, step)
         if not self.enabled:
             return
         text = ", ".join(f"{k} {v:.4f}" for k, v in values.items())
         print(f"step {step}/{self.total_steps} | eval {name}: {text}", file=self.stream, flush=True)
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"eval/{name}/{key}", value, step)
+
+    def _to_trackers(self, scalars: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()

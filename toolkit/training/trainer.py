@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from toolkit.checkpoint import CHECKPOINTS_DIR, Checkpointer, StateAdapter
-from toolkit.config import Recipe
+from toolkit.config import Recipe, recipe_to_dict
 from toolkit.contrastive.momentum import momentum_update_
 from toolkit.contrastive.unimoco import momentum_at
 from toolkit.distributed import DistributedContext
@@ -42,6 +42,7 @@ from toolkit.training.optim import build_scheduler, scaled_lr, warmup_steps_of
 from toolkit.training.parts import part_sizes
 from toolkit.training.progress import ProgressReporter
 from toolkit.training.run_files import RUN_STATUSES, TrainResult, write_results_json
+from toolkit.training.trackers import check_trackers_installed, open_trackers
 from toolkit.training.watchdog import StepWatchdog
 
 
@@ -57,6 +58,8 @@ class Trainer:
         self.ctx = ctx or DistributedContext(device=builders.build_device(recipe))
         self.device = self.ctx.device
         self.verbose = verbose and self.ctx.is_main
+        if self.ctx.is_main:  # a missing tracker library is found now, not after the model and data are built
+            check_trackers_installed(recipe.run.trackers)
         # Same seed on every rank: identical initial weights everywhere, before any engine wraps them.
         torch.manual_seed(recipe.run.seed)
 
@@ -363,9 +366,10 @@ class Trainer:
         if not self.val_sets:
             self._say("evaluation: none (eval.sets is empty and the data is not synthetic); list .bin sets in "
                       "eval.sets to verify during training")
-        tb_dir = self.run_dir / "tensorboard" if recipe.run.tensorboard else None
-        reporter = ProgressReporter(shape.total_steps, shape.global_batch_size, tb_dir, enabled=self.verbose)
-        reporter.print_header(recipe.run.log_every, tensorboard_only="UniMoCo queue statistics and momentum"
+        trackers = (open_trackers(recipe.run.trackers, self.run_dir, recipe.run.name, recipe.run.tracker_project,
+                                  recipe_to_dict(recipe)) if self.ctx.is_main else [])
+        reporter = ProgressReporter(shape.total_steps, shape.global_batch_size, trackers, enabled=self.verbose)
+        reporter.print_header(recipe.run.log_every, trackers_only="UniMoCo queue statistics and momentum"
                               if self.unimoco is not None else "")
         pending_losses: list[tuple[int, torch.Tensor]] = []
         for part in self.parts.values():
@@ -401,7 +405,7 @@ class Trainer:
                                  counters={**self._skipped_inputs_for_log(),
                                            **({"nonfinite_steps": float(self.nonfinite.total)}
                                               if self.nonfinite.total else {})},
-                                 tensorboard_only=self._unimoco_stats_for_log())
+                                 trackers_only=self._unimoco_stats_for_log())
                 if self.val_sets and not stopping and (
                         (recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0) or last):
                     for entry in self.evaluate():
