@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CSRC = Path("kernels") / "csrc"
 CPU_SOURCES = [CSRC / "facecl_ops.cpp", CSRC / "cpu" / "kernels_cpu.cpp"]
@@ -107,4 +107,8 @@ def extension_modules() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = extension_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# The commands in launch/ ship as the package toolkit.launch (pyproject.toml's [project.scripts] names them), so that
+# an installed wheel runs them without a checkout.
+setup(ext_modules=ext_modules, cmdclass=cmdclass,
+      packages=[*find_packages(include=["toolkit", "toolkit.*"]), "toolkit.launch"],
+      package_dir={"toolkit.launch": "launch"})

@@ -24,8 +24,10 @@ import os
 import sys
 from pathlib import Path
 
-# Running `python launch/evaluate.py` from a checkout works even before `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Running `python launch/evaluate.py` from a checkout works even before `pip install -e .` (in a wheel this file is
+# toolkit/launch/evaluate.py and the path is left alone).
+if (Path(__file__).resolve().parent.parent / "toolkit" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit.command_line import CommandParser  # noqa: E402
 

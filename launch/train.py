@@ -23,8 +23,10 @@ import socket
 import sys
 from pathlib import Path
 
-# Running `python launch/train.py` from a checkout works even before `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Running `python launch/train.py` from a checkout works even before `pip install -e .` (in a wheel this file is
+# toolkit/launch/train.py and the path is left alone).
+if (Path(__file__).resolve().parent.parent / "toolkit" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit.command_line import CommandParser  # noqa: E402
 
@@ -219,6 +221,11 @@ def run(args: argparse.Namespace, console_log=None) -> int:
         if ctx.is_distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return status
+
+
+def console_main() -> None:
+    """The facecl-train console script of an installed wheel: main(), then exit_now."""
+    exit_now(main())
 
 
 def exit_now(status: int) -> None:
