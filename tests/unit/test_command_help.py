@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import REPO
 from toolkit.command_line import CommandParser, HelpFormatter
 
-SCRIPTS = sorted([*REPO.glob("launch/*.py"), *REPO.glob("benchmarks/bench_*.py")])
+SCRIPTS = sorted([*(path for path in REPO.glob("launch/*.py") if path.name != "__init__.py"),
+                  *REPO.glob("benchmarks/bench_*.py")])
 
 
 class Parsed(Exception):
