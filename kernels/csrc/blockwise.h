@@ -10,7 +10,11 @@
 //   margin_grad_block_(cos_NB, local_target_N, col_offset, params, row_max_N, sum_exp_N, grad_loss_N)
 //       overwrites the block with d(sum_i grad_loss_i * loss_i) / d(cos);
 //   unicon_stats_block / unicon_grad_block_: the same for UniCon similarities (two statistics per row:
-//       negatives s + margin and positives -s).
+//       negatives s + margin and positives -s);
+//   sampled_center_grad_rows_(grad_rows_BD, centers_CD, kept_S, start, inv_norm_S, zero_rows_below, workspace_CD)
+//       for the sampled normalised op: row kept_S[start + j] of workspace_CD = the normalisation's backward of
+//       row j of grad_rows_BD (fp32) against the raw center row kept_S[start + j], and zeroes the rows below
+//       zero_rows_below that lie between kept_S[start + j - 1] and kept_S[start + j] (see the sampled op).
 //
 // The drivers never allocate a rows x classes tensor: the cosine-buffer op works in place on its input, the
 // linear and UniCon ops hold one rows x block fp32 buffer at a time.
@@ -147,7 +151,9 @@ struct FusedOps {
 
   // ---- fused linear margin softmax: embeddings (N x D) against centers (C x D), blockwise ------------------
 
-  static void check_linear_inputs(const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N) {
+  // num_columns: the columns local_target_N indexes (default: the centers' rows; the sampled op: the kept rows).
+  static void check_linear_inputs(const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N,
+                                  int64_t num_columns = -1) {
     check_matrix(emb_ND, "embeddings");
     check_matrix(centers_CD, "centers");
     TORCH_CHECK(emb_ND.size(1) == centers_CD.size(1), "facecl: embeddings have ", emb_ND.size(1),
@@ -155,7 +161,7 @@ struct FusedOps {
     TORCH_CHECK(emb_ND.device() == centers_CD.device(), "facecl: embeddings on ", emb_ND.device(),
                 " but centers on ", centers_CD.device());
     check_index_vector(local_target_N, emb_ND.size(0), emb_ND, "local_target");
-    check_index_range(local_target_N, centers_CD.size(0), true, "local_target");
+    check_index_range(local_target_N, num_columns < 0 ? centers_CD.size(0) : num_columns, true, "local_target");
   }
 
   static std::tuple<Tensor, Tensor, Tensor> linear_margin_softmax_ce_stats(
@@ -268,74 +274,155 @@ struct FusedOps {
     return workspace_CD.view({-1}).narrow(0, start * num_rows, num_rows * width).view({num_rows, width});
   }
 
-  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalized_linear_margin_softmax_ce_stats(
-      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N, double scale, double m1, double m2,
-      double m3, double interclass_filter, int64_t block_size) {
-    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+  // ---- sampled (Partial FC with sample rate < 1): only the kept rows of the centers take part --------------
+  //
+  // kept_S: S strictly increasing row indices into centers_CD (C x D); local_target_N indexes the S kept
+  // columns. Column j of the logits is center row kept_S[j]: each block of kept columns is gathered from the
+  // raw centers into one block-sized fp32 buffer (no S x D copy), inv_norm_S holds the S inverse norms, and
+  // the backward writes the gradient rows straight into the dense C x D workspace (row kept_S[j]), whose
+  // other rows are zero: the workspace is the gradient of the whole centers_CD parameter, with no S x D
+  // temporary and no scatter through autograd's index backward.
+  // The cosine cache works as without sampling, on kept positions: block [start, start + width) of kept
+  // columns at float offset start * N. Sorted indices make kept_S[j] >= j, so the gradient row of kept
+  // column j (float offset kept_S[j] * D >= j * D >= start * N) never overwrites cosines of a block not yet
+  // done (they end at float start * N). The forward zeroes the floats past the cache (S * N onwards); the
+  // rows that held cosines (below ceil(S * N / D)) and are not kept are zeroed by the backward, each block
+  // zeroing the non-kept rows between its kept rows (those rows also lie at or past row start), so every
+  // row of the gradient ends up written: its gradient if kept, else zero.
+  static void check_kept(const Tensor& kept_S, const Tensor& centers_CD) {
+    TORCH_CHECK(kept_S.dim() == 1, "facecl: kept must be 1-D, got shape ", kept_S.sizes());
+    check_index_vector(kept_S, kept_S.size(0), centers_CD, "kept");
+    const int64_t num_kept = kept_S.size(0);
+    TORCH_CHECK(num_kept <= centers_CD.size(0), "facecl: kept has ", num_kept, " rows but there are only ",
+                centers_CD.size(0), " centers");
+    check_index_range(kept_S, centers_CD.size(0), false, "kept");
+    // Strictly increasing (the cache layout above relies on it). Checked on the CPU only, as the ranges.
+    if (kept_S.device().is_cpu() && num_kept > 1) {
+      TORCH_CHECK((kept_S.narrow(0, 1, num_kept - 1) > kept_S.narrow(0, 0, num_kept - 1)).all().item<bool>(),
+                  "facecl: kept must be strictly increasing (sorted, no repeats)");
+    }
+  }
+
+  // Kept rows [start, start + width) of the raw centers as a contiguous width x D fp32 block: gathered into
+  // `buffer` (fp32 centers) or gathered and converted (other dtypes).
+  static Tensor gather_block_float(const Tensor& centers_CD, const Tensor& kept_S, int64_t start, int64_t width,
+                                   const Tensor& buffer) {
+    const Tensor rows_B = kept_S.narrow(0, start, width);
+    if (buffer.defined()) {
+      Tensor block_BD = scratch_view(buffer, width, centers_CD.size(1));
+      at::index_select_out(block_BD, centers_CD, 0, rows_B);
+      return block_BD;
+    }
+    return at::index_select(centers_CD, 0, rows_B).to(at::kFloat);
+  }
+
+  // Both normalised ops, with (kept_S defined) or without sampling. Without sampling this is the code the
+  // op had before sampling existed: no gather, no extra pass.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalized_stats(
+      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& kept_S, const Tensor& local_target_N, double scale,
+      double m1, double m2, double m3, double interclass_filter, int64_t block_size) {
+    const bool sampled = kept_S.defined();
+    if (sampled) {
+      check_kept(kept_S, centers_CD);
+    }
+    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0), dims = centers_CD.size(1);
+    const int64_t num_cols = sampled ? kept_S.size(0) : num_classes;
+    check_linear_inputs(emb_ND, centers_CD, local_target_N, num_cols);
     TORCH_CHECK(centers_CD.is_contiguous(), "facecl: centers must be contiguous");
     const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
-    const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0), dims = centers_CD.size(1);
     auto [row_max_N, sum_exp_N, target_logit_N] = empty_margin_stats(num_rows, emb_ND);
-    // 1 / max(|w_c|, eps), eps = 1e-12 as F.normalize: C floats.
+    // 1 / max(|w_c|, eps), eps = 1e-12 as F.normalize: C floats (sampled: S, computed block by block below).
     const Tensor inv_norm_C =
-        at::linalg_vector_norm(centers_CD, 2, at::IntArrayRef{1}, false, at::kFloat).clamp_min_(kNormalizeEps).reciprocal_();
+        sampled ? at::empty({num_cols}, centers_CD.options().dtype(at::kFloat))
+                : at::linalg_vector_norm(centers_CD, 2, at::IntArrayRef{1}, false, at::kFloat)
+                      .clamp_min_(kNormalizeEps)
+                      .reciprocal_();
     const bool cache = caches_cosines(emb_ND, centers_CD);
     // Becomes the gradient. The op's output is defined everywhere: the loop below writes the cached cosines
-    // over the first C * N floats, and only the rest is zeroed (all of it when nothing is cached, none of it
-    // at N == D, where zeroing the whole C x D was a memset of about 1% of the step).
+    // over the first S * N floats (S = C without sampling), and only the rest is zeroed (all of it when
+    // nothing is cached, none of it at N == D and S == C, where zeroing the whole C x D was a memset of
+    // about 1% of the step).
     Tensor workspace_CD = at::empty_like(centers_CD, at::MemoryFormat::Contiguous);
-    const int64_t cached_floats = cache ? num_classes * num_rows : 0;
+    const int64_t cached_floats = cache ? num_cols * num_rows : 0;
     workspace_CD.view({-1}).narrow(0, cached_floats, workspace_CD.numel() - cached_floats).zero_();
-    if (num_rows == 0 || num_classes == 0) {
+    if (num_cols == 0 || (num_rows == 0 && !sampled)) {
       return {row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD};
     }
-    const int64_t block = normalized_block_size(block_size, num_rows, num_classes, dims);
+    const int64_t block = normalized_block_size(block_size, num_rows, num_cols, dims);
     const Tensor emb_float_ND = emb_ND.to(at::kFloat);
-    const Tensor scratch =
-        cache ? Tensor() : at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
-    for (int64_t start = 0; start < num_classes; start += block) {
-      const int64_t width = std::min(block, num_classes - start);
-      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D, raw
+    const Tensor scratch = cache ? Tensor() : at::empty({num_rows * std::min(block, num_cols)}, emb_float_ND.options());
+    const Tensor gather_buffer = sampled && centers_CD.scalar_type() == at::kFloat
+                                     ? at::empty({std::min(block, num_cols) * dims}, emb_float_ND.options())
+                                     : Tensor();
+    for (int64_t start = 0; start < num_cols; start += block) {
+      const int64_t width = std::min(block, num_cols - start);
+      const Tensor centers_block_float =  // width x D, raw
+          sampled ? gather_block_float(centers_CD, kept_S, start, width, gather_buffer)
+                  : centers_CD.narrow(0, start, width).to(at::kFloat);
+      Tensor inv_norm_B = inv_norm_C.narrow(0, start, width);
+      if (sampled) {
+        at::linalg_vector_norm_out(inv_norm_B, centers_block_float, 2, at::IntArrayRef{1}, false, at::kFloat);
+        inv_norm_B.clamp_min_(kNormalizeEps).reciprocal_();
+      }
+      if (num_rows == 0) {
+        continue;  // sampled with no rows: only the inverse norms
+      }
       Tensor cos_NB = cache ? cached_block(workspace_CD, num_rows, start, width) : scratch_view(scratch, num_rows, width);
       at::mm_out(cos_NB, emb_float_ND, centers_block_float.t());
-      cos_NB.mul_(inv_norm_C.narrow(0, start, width).unsqueeze(0));  // raw products -> cosines
+      cos_NB.mul_(inv_norm_B.unsqueeze(0));  // raw products -> cosines
       Kernels::margin_stats_block(cos_NB, local_target_N, start, params, row_max_N, sum_exp_N, target_logit_N);
     }
     return {row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD};
   }
 
   // Returns the embeddings' gradient; writes the centers' gradient into workspace_CD (see above).
-  static Tensor normalized_linear_margin_softmax_ce_backward_(
-      const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N,
-      const Tensor& row_max_N, const Tensor& sum_exp_N, const Tensor& inv_norm_C, const Tensor& workspace_CD,
-      double scale, double m1, double m2, double m3, double interclass_filter, int64_t block_size) {
-    check_linear_inputs(emb_ND, centers_CD, local_target_N);
+  static Tensor normalized_backward_(const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD,
+                                     const Tensor& kept_S, const Tensor& local_target_N, const Tensor& row_max_N,
+                                     const Tensor& sum_exp_N, const Tensor& inv_norm_C, const Tensor& workspace_CD,
+                                     double scale, double m1, double m2, double m3, double interclass_filter,
+                                     int64_t block_size) {
+    const bool sampled = kept_S.defined();
+    if (sampled) {
+      check_kept(kept_S, centers_CD);
+    }
     const int64_t num_rows = emb_ND.size(0), num_classes = centers_CD.size(0), dims = centers_CD.size(1);
+    const int64_t num_cols = sampled ? kept_S.size(0) : num_classes;
+    check_linear_inputs(emb_ND, centers_CD, local_target_N, num_cols);
     check_stat_vector(row_max_N, num_rows, emb_ND, "row_max");
     check_stat_vector(sum_exp_N, num_rows, emb_ND, "sum_exp");
     check_stat_vector(grad_loss_N, num_rows, emb_ND, "grad_loss");
-    check_stat_vector(inv_norm_C, num_classes, centers_CD, "inv_norm");
+    check_stat_vector(inv_norm_C, num_cols, centers_CD, "inv_norm");
     TORCH_CHECK(workspace_CD.sizes() == centers_CD.sizes() && workspace_CD.is_contiguous() &&
                     workspace_CD.scalar_type() == centers_CD.scalar_type(),
                 "facecl: workspace must be a contiguous ", centers_CD.sizes(), " ", centers_CD.scalar_type(),
                 " tensor (the forward's), got ", workspace_CD.sizes(), " ", workspace_CD.scalar_type());
+    if (sampled) {
+      TORCH_CHECK(centers_CD.is_contiguous(), "facecl: centers must be contiguous");
+    }
     const MarginParams params = make_margin_params(scale, m1, m2, m3, interclass_filter);
     const Tensor emb_float_ND = emb_ND.to(at::kFloat);
     Tensor grad_emb_float_ND = at::zeros_like(emb_float_ND);
-    if (num_rows == 0 || num_classes == 0) {
+    if (num_rows == 0 || num_cols == 0) {
       workspace_CD.zero_();
       return grad_emb_float_ND.to(emb_ND.scalar_type());
     }
     const bool cache = caches_cosines(emb_ND, centers_CD);
     const Tensor max_N = row_max_N.contiguous(), sum_N = sum_exp_N.contiguous(), grad_N = grad_loss_N.contiguous();
-    const int64_t block = normalized_block_size(block_size, num_rows, num_classes, dims);
-    const int64_t num_blocks = (num_classes + block - 1) / block;
-    const Tensor scratch =
-        cache ? Tensor() : at::empty({num_rows * std::min(block, num_classes)}, emb_float_ND.options());
+    const int64_t block = normalized_block_size(block_size, num_rows, num_cols, dims);
+    const int64_t num_blocks = (num_cols + block - 1) / block;
+    const Tensor scratch = cache ? Tensor() : at::empty({num_rows * std::min(block, num_cols)}, emb_float_ND.options());
+    const Tensor gather_buffer = sampled && centers_CD.scalar_type() == at::kFloat
+                                     ? at::empty({std::min(block, num_cols) * dims}, emb_float_ND.options())
+                                     : Tensor();
+    // Sampled and cached: rows below this one held cosines; the non-kept ones among them are zeroed here.
+    const int64_t zero_rows_below = sampled && cache ? (num_cols * num_rows + dims - 1) / dims : 0;
+    Tensor workspace = workspace_CD;
     const Tensor workspace_flat = workspace_CD.view({-1});
     for (int64_t index = num_blocks - 1; index >= 0; --index) {  // last to first: see the layout above
-      const int64_t start = index * block, width = std::min(block, num_classes - start);
-      const Tensor centers_block_float = centers_CD.narrow(0, start, width).to(at::kFloat);  // width x D, raw
+      const int64_t start = index * block, width = std::min(block, num_cols - start);
+      const Tensor centers_block_float =  // width x D, raw
+          sampled ? gather_block_float(centers_CD, kept_S, start, width, gather_buffer)
+                  : centers_CD.narrow(0, start, width).to(at::kFloat);
       const Tensor inv_norm_B = inv_norm_C.narrow(0, start, width);
       Tensor grad_NB;
       if (cache) {
@@ -348,6 +435,15 @@ struct FusedOps {
       Kernels::margin_grad_block_(grad_NB, local_target_N, start, params, max_N, sum_N, grad_N);  // dL/dcos
       grad_NB.mul_(inv_norm_B.unsqueeze(0));  // dL/d(emb . w_c)
       grad_emb_float_ND.addmm_(grad_NB, centers_block_float);
+      if (sampled) {
+        // a_c into the block buffer (the gathered centers are no longer needed: the row kernel reads the raw
+        // center rows), then the normalisation's backward straight into the kept rows of the workspace.
+        Tensor grad_centers_BD = centers_block_float;
+        at::mm_out(grad_centers_BD, grad_NB.t(), emb_float_ND);
+        Kernels::sampled_center_grad_rows_(grad_centers_BD, centers_CD, kept_S, start, inv_norm_C, zero_rows_below,
+                                           workspace);
+        continue;
+      }
       Tensor grad_centers_BD = at::mm(grad_NB.t(), emb_float_ND);  // width x D: a_c
       // Normalisation backward: dw_c = a_c - (a_c . w_c) inv_c^2 w_c where |w_c| > eps.
       const Tensor projection_B = at::bmm(grad_centers_BD.unsqueeze(1), centers_block_float.unsqueeze(2))
@@ -360,6 +456,40 @@ struct FusedOps {
       at::addcmul_out(workspace_BD, grad_centers_BD, centers_block_float, projection_B.unsqueeze(1), -1.0);
     }
     return grad_emb_float_ND.to(emb_ND.scalar_type());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalized_linear_margin_softmax_ce_stats(
+      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N, double scale, double m1, double m2,
+      double m3, double interclass_filter, int64_t block_size) {
+    return normalized_stats(emb_ND, centers_CD, Tensor(), local_target_N, scale, m1, m2, m3, interclass_filter,
+                            block_size);
+  }
+
+  static Tensor normalized_linear_margin_softmax_ce_backward_(
+      const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& local_target_N,
+      const Tensor& row_max_N, const Tensor& sum_exp_N, const Tensor& inv_norm_C, const Tensor& workspace_CD,
+      double scale, double m1, double m2, double m3, double interclass_filter, int64_t block_size) {
+    return normalized_backward_(grad_loss_N, emb_ND, centers_CD, Tensor(), local_target_N, row_max_N, sum_exp_N,
+                                inv_norm_C, workspace_CD, scale, m1, m2, m3, interclass_filter, block_size);
+  }
+
+  // Sampled: (row_max_N, sum_exp_N, target_logit_N, inv_norm_S, workspace_CD); local_target_N indexes kept_S.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sampled_normalized_linear_margin_softmax_ce_stats(
+      const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& kept_S, const Tensor& local_target_N, double scale,
+      double m1, double m2, double m3, double interclass_filter, int64_t block_size) {
+    return normalized_stats(emb_ND, centers_CD, kept_S, local_target_N, scale, m1, m2, m3, interclass_filter,
+                            block_size);
+  }
+
+  // Sampled: returns the embeddings' gradient; workspace_CD becomes the gradient of all C centers (rows not
+  // kept are zero).
+  static Tensor sampled_normalized_linear_margin_softmax_ce_backward_(
+      const Tensor& grad_loss_N, const Tensor& emb_ND, const Tensor& centers_CD, const Tensor& kept_S,
+      const Tensor& local_target_N, const Tensor& row_max_N, const Tensor& sum_exp_N, const Tensor& inv_norm_S,
+      const Tensor& workspace_CD, double scale, double m1, double m2, double m3, double interclass_filter,
+      int64_t block_size) {
+    return normalized_backward_(grad_loss_N, emb_ND, centers_CD, kept_S, local_target_N, row_max_N, sum_exp_N,
+                                inv_norm_S, workspace_CD, scale, m1, m2, m3, interclass_filter, block_size);
   }
 
   // ---- UniCon: queries (B x D) against keys (K x D), blockwise over the keys -------------------------------
@@ -467,6 +597,10 @@ struct FusedOps {
          &::facecl::FusedOps<Kernels>::normalized_linear_margin_softmax_ce_stats);                         \
   m.impl("normalized_linear_margin_softmax_ce_backward_",                                              \
          &::facecl::FusedOps<Kernels>::normalized_linear_margin_softmax_ce_backward_);                     \
+  m.impl("sampled_normalized_linear_margin_softmax_ce_stats",                                         \
+         &::facecl::FusedOps<Kernels>::sampled_normalized_linear_margin_softmax_ce_stats);                 \
+  m.impl("sampled_normalized_linear_margin_softmax_ce_backward_",                                     \
+         &::facecl::FusedOps<Kernels>::sampled_normalized_linear_margin_softmax_ce_backward_);             \
   m.impl("unicon_loss", &::facecl::FusedOps<Kernels>::unicon_loss);                                       \
   m.impl("unicon_loss_backward", &::facecl::FusedOps<Kernels>::unicon_loss_backward)
 

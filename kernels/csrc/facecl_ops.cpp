@@ -14,6 +14,9 @@
 // The non-"_stats" forward ops are the single-process losses: (loss, row_max, sum_exp) per row.
 // normalized_linear_*: centers raw (not normalised); the stats op also returns their inverse norms and a
 //   workspace the size of the centers, which the backward overwrites with the centers' gradient.
+// sampled_normalized_linear_*: the same on the kept rows `kept` (S sorted indices into the C centers; the
+//   targets index the kept columns): inverse norms of the S kept rows, a C x D workspace that becomes the
+//   gradient of all C centers (rows not kept: zero), no S x D copy of the kept centers.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -56,6 +59,14 @@ TORCH_LIBRARY(facecl, m) {
       "normalized_linear_margin_softmax_ce_backward_(Tensor grad_loss, Tensor embeddings, Tensor centers, "
       "Tensor local_target, Tensor row_max, Tensor sum_exp, Tensor inv_norm, Tensor(a!) workspace, float scale, "
       "float m1, float m2, float m3, float interclass_filter, int block_size) -> Tensor grad_embeddings");
+  m.def(
+      "sampled_normalized_linear_margin_softmax_ce_stats(Tensor embeddings, Tensor centers, Tensor kept, "
+      "Tensor local_target, float scale, float m1, float m2, float m3, float interclass_filter, int block_size) -> "
+      "(Tensor row_max, Tensor sum_exp, Tensor target_logit, Tensor inv_norm, Tensor workspace)");
+  m.def(
+      "sampled_normalized_linear_margin_softmax_ce_backward_(Tensor grad_loss, Tensor embeddings, Tensor centers, "
+      "Tensor kept, Tensor local_target, Tensor row_max, Tensor sum_exp, Tensor inv_norm, Tensor(a!) workspace, "
+      "float scale, float m1, float m2, float m3, float interclass_filter, int block_size) -> Tensor grad_embeddings");
   m.def(
       "unicon_loss(Tensor query, Tensor keys, Tensor query_labels, Tensor key_labels, Tensor own_key, "
       "float temperature, float margin, int block_size) -> (Tensor loss, Tensor lse_negatives, "

@@ -1,4 +1,5 @@
-# The production sharded head gives the same loss and gradients fused and unfused (1 process, 2 gloo ranks).
+# The production sharded head gives the same loss and gradients fused and unfused (1 process, 2 gloo ranks;
+# 3 ranks with sampling: tests/distributed/test_partial_fc.py).
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ CASES = [
     (41, 0.3, 0.0, Margin(scale=32.0, m1=1.0, m2=0.3, m3=0.2), "linear", "some"),
     (11, 1.0, 0.0, Margin(scale=64.0, m3=0.4), "cosine", "none"),
     (11, 1.0, 0.0, Margin(scale=64.0, m3=0.4), "linear", "all"),
+    # fused_linear sampling reads the kept rows in place (kernels' kept_S): most classes dropped, a filter
+    (90, 0.2, 0.2, Margin(scale=64.0, m2=0.5, m3=0.0), "linear", "some"),
+    (90, 0.3, 0.0, Margin(scale=64.0, m3=0.4), "linear", "none"),
 ]
 
 
@@ -50,6 +54,8 @@ def compare_heads(rank: int, world: int, group) -> list[dict]:
             loss.backward()
             outputs.append((float(loss.detach()), emb_BD.grad, head.centers_CD.grad, head.last_sampled_classes))
         (ref_loss, ref_emb_grad, ref_centers_grad, ref_kept), (loss, emb_grad, centers_grad, kept) = outputs
+        not_kept = torch.ones(centers_grad.shape[0], dtype=torch.bool)
+        not_kept[kept - head.shard.start] = False
         relative = lambda got, want: float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))  # noqa: E731
         results.append({
             "case": case_index,
@@ -58,18 +64,22 @@ def compare_heads(rank: int, world: int, group) -> list[dict]:
             "emb_error": relative(emb_grad, ref_emb_grad),
             "centers_error": relative(centers_grad, ref_centers_grad),
             "all_unlabeled_gives_zero": unlabeled != "all" or (loss == 0.0 and float(emb_grad.abs().max()) == 0.0),
+            "sampled_out_rows_zero": bool((centers_grad[not_kept] == 0).all()),
+            "sampled": bool(not_kept.any()),
         })
     return results
 
 
 def _check(results: list[dict]) -> None:
     for r in results:
-        assert r["same_classes"] and r["all_unlabeled_gives_zero"], r
+        assert r["same_classes"] and r["all_unlabeled_gives_zero"] and r["sampled_out_rows_zero"], r
         assert r["loss_error"] < 1e-5 and r["emb_error"] < 1e-5 and r["centers_error"] < 1e-5, r
 
 
 def test_fused_head_equals_reference_head_on_one_process():
-    _check(compare_heads(0, 1, None))
+    results = compare_heads(0, 1, None)
+    _check(results)
+    assert [r["sampled"] for r in results] == [rate < 1 for _, rate, *_ in CASES]  # sampling did drop classes
 
 
 def _worker(rank, world, init_file, results):

@@ -32,6 +32,10 @@ def _op_cases(device):
     grad_N = torch.rand(4, device=device)
     raw_centers_CD = centers_CD * torch.linspace(0.5, 3.0, 6, device=device)[:, None]  # not unit rows
     stats = facecl.normalized_linear_margin_softmax_ce_stats(emb_ND, raw_centers_CD, target_N, *PARAMS, 4)
+    kept_S = torch.tensor([0, 2, 3, 5], device=device)  # sampled: targets index these 4 kept rows
+    kept_target_N = torch.tensor([1, -1, 3, 0], device=device)
+    sampled = facecl.sampled_normalized_linear_margin_softmax_ce_stats(emb_ND, raw_centers_CD, kept_S, kept_target_N,
+                                                                       *PARAMS, 3)
     with_grad = lambda tensor: tensor.clone().requires_grad_(True)  # noqa: E731
     unicon_args = (query_labels_B, key_labels_K, own_key_B)
     return {
@@ -44,6 +48,11 @@ def _op_cases(device):
         "normalized_linear_margin_softmax_ce_stats": (emb_ND, raw_centers_CD, target_N, *PARAMS, 4),
         "normalized_linear_margin_softmax_ce_backward_": (grad_N, emb_ND, raw_centers_CD, target_N, stats[0], stats[1],
                                                           stats[3], stats[4].clone(), *PARAMS, 4),
+        "sampled_normalized_linear_margin_softmax_ce_stats": (emb_ND, raw_centers_CD, kept_S, kept_target_N, *PARAMS,
+                                                              3),
+        "sampled_normalized_linear_margin_softmax_ce_backward_": (grad_N, emb_ND, raw_centers_CD, kept_S, kept_target_N,
+                                                                  sampled[0], sampled[1], sampled[3],
+                                                                  sampled[4].clone(), *PARAMS, 3),
         "unicon_loss": (with_grad(emb_ND), with_grad(centers_CD), *unicon_args, 0.1, 0.2, 4),
         "unicon_loss_backward": (grad_N, emb_ND, centers_CD, *unicon_args, lse_negatives_B, lse_positives_B, 0.1, 0.2,
                                  4, True),
@@ -53,6 +62,7 @@ def _op_cases(device):
 OP_NAMES = ["margin_softmax_ce_stats", "margin_softmax_ce", "margin_softmax_ce_backward_",
             "linear_margin_softmax_ce_stats", "linear_margin_softmax_ce", "linear_margin_softmax_ce_backward",
             "normalized_linear_margin_softmax_ce_stats", "normalized_linear_margin_softmax_ce_backward_",
+            "sampled_normalized_linear_margin_softmax_ce_stats", "sampled_normalized_linear_margin_softmax_ce_backward_",
             "unicon_loss", "unicon_loss_backward"]
 
 
@@ -129,8 +139,42 @@ def test_torch_compile_fullgraph_of_the_protocol_ops():
         normalized_grad_emb = facecl.normalized_linear_margin_softmax_ce_backward_(
             grad_N, emb, raw_centers, target_N, normalized_stats[0], normalized_stats[1], normalized_stats[3],
             workspace_CD, *PARAMS, 4)  # workspace_CD now holds the centers' gradient
+        kept_S, kept_target_N = torch.tensor([0, 2, 3, 5]), torch.tensor([1, -1, 3, 0])  # sampled: 4 of 6 kept
+        sampled_stats = facecl.sampled_normalized_linear_margin_softmax_ce_stats(emb, raw_centers, kept_S,
+                                                                                 kept_target_N, *PARAMS, 3)
+        sampled_workspace_CD = sampled_stats[4]
+        sampled_grad_emb = facecl.sampled_normalized_linear_margin_softmax_ce_backward_(
+            grad_N, emb, raw_centers, kept_S, kept_target_N, sampled_stats[0], sampled_stats[1], sampled_stats[3],
+            sampled_workspace_CD, *PARAMS, 3)  # the gradient of all 6 centers, rows 1 and 4 zero
         return (row_max_N, sum_exp_N, target_logit_N, *linear_stats, grad_NC, *linear_grads, *unicon_grads,
-                *normalized_stats[:4], normalized_grad_emb, workspace_CD)
+                *normalized_stats[:4], normalized_grad_emb, workspace_CD, *sampled_stats[:4], sampled_grad_emb,
+                sampled_workspace_CD)
 
     for got, want in zip(torch.compile(protocol, fullgraph=True)(emb_ND, centers_CD), protocol(emb_ND, centers_CD)):
         assert_close_relative(got, want, 1e-6, "compiled vs eager")
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["all-rows", "kept-rows"])
+def test_torch_compile_fullgraph_of_the_normalized_head_function(sampled):
+    """distributed_normalized_linear_margin_softmax_ce (the head's fused_linear path, single process), with and
+    without kept rows, compiled whole: the same loss and gradients (every center's) as eager."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    emb_ND, centers_CD = unit_rows(6, 8, gen), unit_rows(9, 8, gen) * 3.0
+    kept_S = torch.tensor([1, 2, 4, 7, 8]) if sampled else None
+    target_N = torch.tensor([0, 4, -1, 2, 3, 1])
+
+    def loss(emb, centers):
+        return ops.distributed_normalized_linear_margin_softmax_ce(emb, centers, target_N, MARGIN, block_size=2,
+                                                                   interclass_filter=0.3, kept_S=kept_S)
+
+    results = []
+    for fn in (torch.compile(loss, fullgraph=True), loss):
+        emb, centers = emb_ND.clone().requires_grad_(True), centers_CD.clone().requires_grad_(True)
+        value = fn(emb, centers)
+        value.backward()
+        results.append((value.detach(), emb.grad, centers.grad))
+    for got, want, what in zip(*results, ("loss", "embedding grad", "center grad")):
+        assert_close_relative(got, want, 1e-6, what)
+    if sampled:
+        assert (results[0][2][[0, 3, 5, 6]] == 0).all()

@@ -131,13 +131,16 @@ class ShardedIdentityCenterHead(nn.Module):
             labels_N = all_gather_no_grad(labels_B, self.group)
             kept_S, local_target_N = self.sample_classes(labels_N)
             self.last_sampled_classes = kept_S + self.shard.start
-            centers_SD = self.centers_CD if kept_S.numel() == self.shard.count else self.centers_CD[kept_S]
+            sampled = kept_S.numel() < self.shard.count
             emb_ND = F.normalize(emb_ND, dim=1)
             row_weight_N = (labels_N >= 0).float()  # unlabeled rows (-1) take no part
             options = dict(interclass_filter=self.interclass_filter, row_weight_N=row_weight_N)
-            if self.implementation == "fused_linear":  # the kernels normalise the raw centers on the fly
-                return ops.distributed_normalized_linear_margin_softmax_ce(emb_ND, centers_SD, local_target_N,
-                                                                           self.margin, self.group, **options)
+            if self.implementation == "fused_linear":  # the kernels normalise the raw centers on the fly and,
+                # sampling, read the kept rows in place and write the dense gradient (no S x D copy, no scatter)
+                return ops.distributed_normalized_linear_margin_softmax_ce(
+                    emb_ND, self.centers_CD, local_target_N, self.margin, self.group,
+                    kept_S=kept_S if sampled else None, **options)
+            centers_SD = self.centers_CD[kept_S] if sampled else self.centers_CD
             cos_NS = emb_ND @ F.normalize(centers_SD, dim=1).t()
             if self.implementation == "fused":  # backward writes the gradient over cos_NS (consumed)
                 return ops.distributed_margin_softmax_ce(cos_NS, local_target_N, self.margin, self.group, **options)

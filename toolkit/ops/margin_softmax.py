@@ -134,16 +134,23 @@ class _FusedDistributedLinearMarginSoftmaxCE(torch.autograd.Function):
 
 
 class _FusedDistributedNormalizedLinearMarginSoftmaxCE(torch.autograd.Function):
-    """Weighted loss over rows of emb_ND @ normalize(centers_CD)^T; the centers' gradient is written into the
-    workspace the forward allocated (which may hold the cosines until then)."""
+    """Weighted loss over rows of emb_ND @ normalize(centers_CD)^T (or, with kept_S, over the kept rows
+    centers_CD[kept_S] only); the centers' gradient is written into the C x D workspace the forward allocated
+    (which may hold the cosines until then; with kept_S the rows not kept end up zero)."""
 
     @staticmethod
-    def forward(ctx, emb_ND, centers_CD, local_target_N, weight_N, params, block_size, group):
-        row_max_N, sum_exp_N, target_logit_N, inv_norm_C, workspace_CD = (
-            torch.ops.facecl.normalized_linear_margin_softmax_ce_stats(emb_ND, centers_CD, local_target_N, *params,
-                                                                       block_size))
+    def forward(ctx, emb_ND, centers_CD, kept_S, local_target_N, weight_N, params, block_size, group):
+        facecl = torch.ops.facecl
+        if kept_S is None:
+            row_max_N, sum_exp_N, target_logit_N, inv_norm_S, workspace_CD = (
+                facecl.normalized_linear_margin_softmax_ce_stats(emb_ND, centers_CD, local_target_N, *params,
+                                                                 block_size))
+        else:
+            row_max_N, sum_exp_N, target_logit_N, inv_norm_S, workspace_CD = (
+                facecl.sampled_normalized_linear_margin_softmax_ce_stats(emb_ND, centers_CD, kept_S, local_target_N,
+                                                                         *params, block_size))
         max_N, sum_N, target_N = combine_partial_stats(row_max_N, sum_exp_N, target_logit_N, group)
-        ctx.save_for_backward(emb_ND, centers_CD, local_target_N, max_N, sum_N, weight_N, inv_norm_C)
+        ctx.save_for_backward(emb_ND, centers_CD, kept_S, local_target_N, max_N, sum_N, weight_N, inv_norm_S)
         ctx.workspace_CD = workspace_CD  # not an input or output: kept as an attribute, freed with the graph
         ctx.params = params
         ctx.block_size = block_size
@@ -151,15 +158,21 @@ class _FusedDistributedNormalizedLinearMarginSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        emb_ND, centers_CD, local_target_N, max_N, sum_N, weight_N, inv_norm_C = ctx.saved_tensors
+        emb_ND, centers_CD, kept_S, local_target_N, max_N, sum_N, weight_N, inv_norm_S = ctx.saved_tensors
         grad_centers_CD, ctx.workspace_CD = ctx.workspace_CD, None  # a second backward finds no workspace
         if grad_centers_CD is None:
             raise RuntimeError("the fused normalised head's backward ran twice: its workspace became the centers' "
                                "gradient the first time (retain_graph is not supported)")
-        grad_emb_ND = torch.ops.facecl.normalized_linear_margin_softmax_ce_backward_(
-            _grad_per_row(grad_loss, weight_N), emb_ND, centers_CD, local_target_N, max_N, sum_N, inv_norm_C,
-            grad_centers_CD, *ctx.params, ctx.block_size)
-        return grad_emb_ND, grad_centers_CD, None, None, None, None, None
+        grad_N = _grad_per_row(grad_loss, weight_N)
+        if kept_S is None:
+            grad_emb_ND = torch.ops.facecl.normalized_linear_margin_softmax_ce_backward_(
+                grad_N, emb_ND, centers_CD, local_target_N, max_N, sum_N, inv_norm_S, grad_centers_CD, *ctx.params,
+                ctx.block_size)
+        else:
+            grad_emb_ND = torch.ops.facecl.sampled_normalized_linear_margin_softmax_ce_backward_(
+                grad_N, emb_ND, centers_CD, kept_S, local_target_N, max_N, sum_N, inv_norm_S, grad_centers_CD,
+                *ctx.params, ctx.block_size)
+        return grad_emb_ND, grad_centers_CD, None, None, None, None, None, None
 
 
 def distributed_margin_softmax_ce(cos_NS: torch.Tensor, local_target_N: torch.Tensor, margin: Margin, group=None, *,
@@ -202,14 +215,21 @@ def distributed_normalized_linear_margin_softmax_ce(emb_ND: torch.Tensor, center
                                                     local_target_N: torch.Tensor, margin: Margin, group=None, *,
                                                     interclass_filter: float = 0.0,
                                                     row_weight_N: torch.Tensor | None = None,
-                                                    block_size: int = 0) -> torch.Tensor:
+                                                    block_size: int = 0,
+                                                    kept_S: torch.Tensor | None = None) -> torch.Tensor:
     """As distributed_linear_margin_softmax_ce with centers_SD raw (not normalised): the kernels normalise them
-    on the fly. emb_ND must be normalised. Memory beyond the centers' gradient: O(S) norms and one block."""
+    on the fly. emb_ND must be normalised. Memory beyond the centers' gradient: O(S) norms and one block.
+
+    kept_S (Partial FC sampling): strictly increasing int64 indices of the rows of centers_SD (then all C
+    centers of this rank) that take part, the same as passing centers_SD[kept_S], with local_target_N
+    indexing the kept columns; the kernels read the kept rows in place (no S x D copy) and the gradient of
+    centers_SD is the dense C x D one, zero in the rows not kept (no scatter through autograd's index
+    backward). None: every row."""
     if not FUSED_KERNELS_AVAILABLE:
         return unfused.distributed_normalized_linear_margin_softmax_ce(
             emb_ND, centers_SD, local_target_N, margin, group, interclass_filter=interclass_filter,
-            row_weight_N=row_weight_N)
+            row_weight_N=row_weight_N, kept_S=kept_S)
     weight_N = unfused.normalized_row_weights(row_weight_N, emb_ND.shape[0], emb_ND.device)
     return _FusedDistributedNormalizedLinearMarginSoftmaxCE.apply(
-        emb_ND.contiguous(), centers_SD.contiguous(), local_target_N, weight_N, _params(margin, interclass_filter),
-        int(block_size), group)
+        emb_ND.contiguous(), centers_SD.contiguous(), kept_S, local_target_N, weight_N,
+        _params(margin, interclass_filter), int(block_size), group)

@@ -74,6 +74,21 @@ def _normalized_linear_backward_fake(grad_loss_N, emb_ND, centers_CD, local_targ
     return emb_ND.new_empty(emb_ND.shape)
 
 
+@torch.library.register_fake(f"{_LIB}::sampled_normalized_linear_margin_softmax_ce_stats")
+def _sampled_normalized_linear_stats_fake(emb_ND, centers_CD, kept_S, local_target_N, scale, m1, m2, m3,
+                                          interclass_filter, block_size):
+    rows = emb_ND.shape[0]
+    return (_stat(emb_ND, rows), _stat(emb_ND, rows), _stat(emb_ND, rows), _stat(centers_CD, kept_S.shape[0]),
+            centers_CD.new_empty(centers_CD.shape))
+
+
+@torch.library.register_fake(f"{_LIB}::sampled_normalized_linear_margin_softmax_ce_backward_")
+def _sampled_normalized_linear_backward_fake(grad_loss_N, emb_ND, centers_CD, kept_S, local_target_N, row_max_N,
+                                             sum_exp_N, inv_norm_S, workspace_CD, scale, m1, m2, m3,
+                                             interclass_filter, block_size):
+    return emb_ND.new_empty(emb_ND.shape)
+
+
 @torch.library.register_fake(f"{_LIB}::unicon_loss")
 def _unicon_fake(query_BD, keys_KD, query_labels_B, key_labels_K, own_key_B, temperature, margin, block_size):
     rows = query_BD.shape[0]

@@ -138,8 +138,12 @@ def distributed_normalized_linear_margin_softmax_ce(emb_ND: torch.Tensor, center
                                                     local_target_N: torch.Tensor, margin: Margin, group=None, *,
                                                     interclass_filter: float = 0.0,
                                                     row_weight_N: torch.Tensor | None = None,
-                                                    block_size: int = 0) -> torch.Tensor:
-    """distributed_linear_margin_softmax_ce on raw centers (normalised here with F.normalize, as a copy)."""
+                                                    block_size: int = 0,
+                                                    kept_S: torch.Tensor | None = None) -> torch.Tensor:
+    """distributed_linear_margin_softmax_ce on raw centers (normalised here with F.normalize, as a copy); with
+    kept_S, on the kept rows centers_SD[kept_S] (a copy, its gradient scattered back by autograd)."""
+    if kept_S is not None:
+        centers_SD = centers_SD[kept_S]
     return distributed_linear_margin_softmax_ce(emb_ND, torch.nn.functional.normalize(centers_SD.float(), dim=1),
                                                 local_target_N, margin, group, interclass_filter=interclass_filter,
                                                 row_weight_N=row_weight_N, block_size=block_size)

@@ -150,8 +150,7 @@ class LogitsMemory:
     live_fp32_buffers: int           # LIVE_LOGITS_BUFFERS_AT_PEAK[implementation]
     fp32_buffers: int                # live_fp32_buffers x N x S x 4
     filter_mask: int                 # N x S bool mask saved by the reference's inter-class filter, else 0
-    block_buffers: int = 0           # fused_linear: its per-block temporaries
-    sampled_centers: int = 0         # fused_linear, S < count: the kept centers' copy and gradient at the peak
+    block_buffers: int = 0           # fused_linear: its per-block temporaries (sampling too: no S x D copy)
     embedding_size: int = 0          # D
 
     @property
@@ -161,7 +160,7 @@ class LogitsMemory:
 
     @property
     def total(self) -> int:
-        return self.fp32_buffers + self.filter_mask + self.block_buffers + self.sampled_centers
+        return self.fp32_buffers + self.filter_mask + self.block_buffers
 
 
 @dataclass(frozen=True)
@@ -283,8 +282,9 @@ def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) 
 
 def fused_linear_block_bytes(rows: int, columns: int, dims: int) -> int:
     """The fused linear kernels' temporaries: one block of w classes (w from the same rule as
-    kernels/csrc/blockwise.h: about 2M floats / max(N, D), at least 64, at most S) as a w x D gradient block,
-    plus an N x w scratch when N > D (then the cosines are recomputed instead of kept in the gradient)."""
+    kernels/csrc/blockwise.h: about 2M floats / max(N, D), at least 64, at most S) as a w x D gradient block
+    (with sampling: the block of kept rows gathered from the centers, which then holds their gradient), plus
+    an N x w scratch when N > D (then the cosines are recomputed instead of kept in the gradient)."""
     block = max(64, min(max(columns, 1), 2**21 // max(rows, dims, 1)))
     scratch = rows * block if rows > dims else 0
     return FP32_BYTES * (block * dims + scratch)
@@ -304,16 +304,11 @@ def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMe
     filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 and implementation == "reference" else 0
     dims = recipe.model.embedding_size
     blocks = fused_linear_block_bytes(gathered_rows, columns, dims) if implementation == "fused_linear" else 0
-    sampled = 0
-    if implementation == "fused_linear" and columns < shard_classes:
-        # The kernels run on an S x D copy of the kept centers and write their S x D gradient; the dense
-        # count x D gradient (counted above) is made after them, from that S x D gradient. Peak above the dense
-        # gradient: max(copy + S x D gradient + one block - dense gradient, S x D gradient).
-        sampled_bytes, dense_bytes = FP32_BYTES * columns * dims, FP32_BYTES * shard_classes * dims
-        sampled, blocks = max(2 * sampled_bytes + blocks - dense_bytes, sampled_bytes), 0
+    # With sampling (S < count) the kernels read the kept rows in place, a block at a time, and write their
+    # gradient rows into the dense count x D gradient (counted above): the same one block as without.
     return LogitsMemory(implementation=implementation, gathered_rows=gathered_rows, sampled_columns=columns,
                         live_fp32_buffers=live, fp32_buffers=live * FP32_BYTES * elements_NS, filter_mask=filter_mask,
-                        block_buffers=blocks, sampled_centers=sampled, embedding_size=dims)
+                        block_buffers=blocks, embedding_size=dims)
 
 
 def plan_memory(recipe: Recipe, world_size: int, num_classes: int) -> MemoryPlan:
@@ -440,9 +435,6 @@ def format_plan(plan: MemoryPlan, activations: ActivationEstimate | None = None)
     if logits.block_buffers:
         how = "cosines kept in the gradient's memory" if logits.cosines_cached else "N > D: cosines recomputed"
         rows.append((f"fused linear kernel: one block of classes ({how})", logits.block_buffers, False))
-    if logits.sampled_centers:
-        rows.append((f"sampled centers ({logits.sampled_columns:,} x {inp.embedding_size} copy, its gradient and "
-                     f"one block at the peak)", logits.sampled_centers, False))
     if logits.filter_mask:
         rows.append((f"inter-class filter mask ({logits.gathered_rows:,} x {logits.sampled_columns:,} bool)",
                      logits.filter_mask, False))

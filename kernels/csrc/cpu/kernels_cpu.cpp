@@ -13,6 +13,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
 
 #include "../blockwise.h"
 #include "../margin_math.h"
@@ -270,9 +271,58 @@ void unicon_grad_rows_(Tensor& dots_BK, const int64_t* query_labels, const int64
   });
 }
 
+// Sampled normalised op, rows kept[start, start + width) of the gradient (see sampled_center_grad_rows_ in
+// blockwise.h): row kept[s] = a_j - (a_j . w) inv^2 w (no projection where |w| <= eps), w the raw center row;
+// then the non-kept rows below zero_below between kept[s - 1] and kept[s] (after kept[S - 1] for the last) are
+// zeroed. Each row belongs to one s, so the parallel tasks write disjoint rows.
+template <typename scalar_t>
+void sampled_center_grad_rows(const float* grad_rows, int64_t grad_stride, const scalar_t* centers,
+                              const int64_t* kept, int64_t num_kept, int64_t start, int64_t width,
+                              const float* inv_norm, int64_t zero_below, scalar_t* out, int64_t dims) {
+  at::parallel_for(0, width, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = start + j, row = kept[s];
+      const float* a = grad_rows + j * grad_stride;
+      const scalar_t* w = centers + row * dims;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dims; ++d) {
+        dot += a[d] * static_cast<float>(w[d]);
+      }
+      const float inv = inv_norm[s];
+      const float projection = static_cast<double>(inv) < kMaxInverseNorm ? dot * inv * inv : 0.0f;
+      scalar_t* out_row = out + row * dims;
+#pragma omp simd
+      for (int64_t d = 0; d < dims; ++d) {
+        out_row[d] = static_cast<scalar_t>(a[d] - projection * static_cast<float>(w[d]));
+      }
+      const int64_t gap_begin = s == 0 ? 0 : kept[s - 1] + 1, gap_end = std::min(row, zero_below);
+      if (gap_begin < gap_end) {
+        std::memset(static_cast<void*>(out + gap_begin * dims), 0, (gap_end - gap_begin) * dims * sizeof(scalar_t));
+      }
+      if (s == num_kept - 1 && row + 1 < zero_below) {
+        std::memset(static_cast<void*>(out + (row + 1) * dims), 0, (zero_below - row - 1) * dims * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
 // ---- backend for the drivers in blockwise.h -------------------------------------------------------------------
 
 struct CpuKernels {
+  static void sampled_center_grad_rows_(const Tensor& grad_rows_BD, const Tensor& centers_CD, const Tensor& kept_S,
+                                        int64_t start, const Tensor& inv_norm_S, int64_t zero_rows_below,
+                                        Tensor& workspace_CD) {
+    const Tensor kept = kept_S.contiguous(), inv_norm = inv_norm_S.contiguous();
+    FACECL_DISPATCH_LOSS_TYPES(centers_CD.scalar_type(), "sampled_center_grad_rows_", [&] {
+      sampled_center_grad_rows<scalar_t>(grad_rows_BD.const_data_ptr<float>(), grad_rows_BD.stride(0),
+                                         centers_CD.const_data_ptr<scalar_t>(), kept.const_data_ptr<int64_t>(),
+                                         kept.size(0), start, grad_rows_BD.size(0), inv_norm.const_data_ptr<float>(),
+                                         zero_rows_below, workspace_CD.mutable_data_ptr<scalar_t>(),
+                                         centers_CD.size(1));
+    });
+  }
+
   static void margin_stats_block(const Tensor& cos_NB, const Tensor& local_target_N, int64_t col_offset,
                                  const MarginParams& params, Tensor& row_max_N, Tensor& sum_exp_N,
                                  Tensor& target_logit_N) {

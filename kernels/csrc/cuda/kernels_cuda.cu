@@ -177,6 +177,69 @@ __global__ void unicon_grad_kernel(float* __restrict__ dots, int64_t row_stride,
   }
 }
 
+// Sum over the block (blockDim.x == kThreads), returned to every thread. Ends with a barrier.
+__device__ float block_sum(float value) {
+  __shared__ float warp_sums[kWarps];
+  __shared__ float total;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  if (lane == 0) {
+    warp_sums[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kWarps ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+    if (lane == 0) {
+      total = value;
+    }
+  }
+  __syncthreads();
+  return total;
+}
+
+// grid: (width); block: kThreads. Kept column s = start + blockIdx.x: row kept[s] of the gradient becomes
+// a - (a . w) inv^2 w (no projection where |w| <= eps), a = row blockIdx.x of grad_rows, w the raw center
+// row; then the non-kept rows below zero_below between kept[s - 1] and kept[s] (after kept[S - 1] for the
+// last column) are zeroed. Each row belongs to one column: the blocks write disjoint rows.
+template <typename scalar_t>
+__global__ void sampled_center_grad_kernel(const float* __restrict__ grad_rows, int64_t grad_stride,
+                                           const scalar_t* __restrict__ centers, const int64_t* __restrict__ kept,
+                                           int64_t num_kept, int64_t start, const float* __restrict__ inv_norm,
+                                           float max_inverse_norm, int64_t zero_below, scalar_t* __restrict__ out,
+                                           int64_t dims) {
+  const int64_t s = start + blockIdx.x, row = kept[s];
+  const float* a = grad_rows + static_cast<int64_t>(blockIdx.x) * grad_stride;
+  const scalar_t* w = centers + row * dims;
+  float partial = 0.0f;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    partial += a[d] * static_cast<float>(w[d]);
+  }
+  const float dot = block_sum(partial);
+  const float inv = inv_norm[s];
+  const float projection = inv < max_inverse_norm ? dot * inv * inv : 0.0f;
+  scalar_t* out_row = out + row * dims;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    out_row[d] = static_cast<scalar_t>(a[d] - projection * static_cast<float>(w[d]));
+  }
+  const int64_t gap_begin = s == 0 ? 0 : kept[s - 1] + 1;
+  const int64_t gap_end = row < zero_below ? row : zero_below;
+  for (int64_t index = gap_begin * dims + threadIdx.x; index < gap_end * dims; index += blockDim.x) {
+    out[index] = static_cast<scalar_t>(0.0f);
+  }
+  if (s == num_kept - 1) {
+    for (int64_t index = (row + 1) * dims + threadIdx.x; index < zero_below * dims; index += blockDim.x) {
+      out[index] = static_cast<scalar_t>(0.0f);
+    }
+  }
+}
+
 dim3 gradient_grid(int64_t num_rows, int64_t num_cols) {
   const int64_t chunk = kThreads * kElementsPerThread;
   const int64_t chunks = std::min<int64_t>(kMaxColumnChunks, (num_cols + chunk - 1) / chunk);
@@ -186,6 +249,26 @@ dim3 gradient_grid(int64_t num_rows, int64_t num_cols) {
 // ---- backend for the drivers in blockwise.h -------------------------------------------------------------------
 
 struct CudaKernels {
+  static void sampled_center_grad_rows_(const Tensor& grad_rows_BD, const Tensor& centers_CD, const Tensor& kept_S,
+                                        int64_t start, const Tensor& inv_norm_S, int64_t zero_rows_below,
+                                        Tensor& workspace_CD) {
+    const int64_t width = grad_rows_BD.size(0);
+    if (width == 0) {
+      return;
+    }
+    const c10::cuda::CUDAGuard device_guard(centers_CD.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const Tensor kept = kept_S.contiguous(), inv_norm = inv_norm_S.contiguous();
+    FACECL_DISPATCH_LOSS_TYPES(centers_CD.scalar_type(), "sampled_center_grad_rows_", [&] {
+      sampled_center_grad_kernel<scalar_t><<<static_cast<unsigned int>(width), kThreads, 0, stream>>>(
+          grad_rows_BD.const_data_ptr<float>(), grad_rows_BD.stride(0), centers_CD.const_data_ptr<scalar_t>(),
+          kept.const_data_ptr<int64_t>(), kept.size(0), start, inv_norm.const_data_ptr<float>(),
+          static_cast<float>(kMaxInverseNorm), zero_rows_below, workspace_CD.mutable_data_ptr<scalar_t>(),
+          centers_CD.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
   static void margin_stats_block(const Tensor& cos_NB, const Tensor& local_target_N, int64_t col_offset,
                                  const MarginParams& params, Tensor& row_max_N, Tensor& sum_exp_N,
                                  Tensor& target_logit_N) {
