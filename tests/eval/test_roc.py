@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from toolkit.eval.roc import num_accepted_impostors, plot_roc, roc_figure, roc_points, tar_at_far
+from toolkit.eval.roc import (num_accepted_impostors, plot_roc, roc_curve_points, roc_figure, roc_points, tar_at_far,
+                              tar_at_far_nearest)
 
 
 def test_hand_computed_operating_points():
@@ -54,6 +55,65 @@ def test_matches_sklearn_roc_curve(seed):
         point = ours[f"{far:.0e}"]
         assert point["tar"] == pytest.approx(tpr[first], abs=1e-12)
         assert point["achieved_far"] == pytest.approx(fpr[first], abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("drop_intermediate", [True, False])
+def test_roc_curve_points_are_sklearns_roc_curve(seed, drop_intermediate):
+    rng = np.random.default_rng(seed)
+    dtype = (np.float32, np.float64)[seed % 2]
+    decimals = 2 + seed % 3    # ties within and between the classes
+    genuine = np.round(rng.normal(0.6, 0.2, 300 + 100 * seed), decimals).astype(dtype)
+    impostor = np.round(rng.normal(0.0, 0.2, 5_000 * (seed + 1)), decimals).astype(dtype)
+    labels = np.r_[np.ones(genuine.size), np.zeros(impostor.size)]
+    expected = roc_curve(labels, np.r_[genuine, impostor], drop_intermediate=drop_intermediate)
+    got = roc_curve_points(genuine, impostor, drop_intermediate=drop_intermediate)
+    for theirs, ours in zip(expected, got):
+        assert theirs.shape == ours.shape and np.array_equal(theirs, ours)
+
+
+def insightface_nearest_tpr(genuine, impostor, fars):
+    """The TPR that insightface's eval_ijbc.py prints for each FAR, its loop re-stated (the real script runs in
+    tests/eval/test_ijb_insightface.py)."""
+    labels = np.r_[np.ones(genuine.size), np.zeros(impostor.size)]
+    fpr, tpr, _ = roc_curve(labels, np.r_[genuine, impostor])
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    return [tpr[min(zip(abs(fpr - far), range(len(fpr))))[1]] for far in fars]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_convention_is_insightfaces_loop(seed):
+    rng = np.random.default_rng(seed)
+    genuine = np.round(rng.normal(0.6, 0.2, 700), 3)
+    impostor = np.round(rng.normal(0.0, 0.2, 30_000), 3)
+    fars = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    got = tar_at_far_nearest(genuine, impostor, fars)
+    assert [got[f"{far:.0e}"]["tar"] for far in fars] == insightface_nearest_tpr(genuine, impostor, fars)
+    # Below 1 / n the exact convention has no TAR; the nearest corner is then the point above every impostor.
+    assert tar_at_far(genuine, impostor, (1e-5,))["1e-05"]["tar"] is None
+    assert got["1e-05"]["achieved_far"] == 0.0 and got["1e-05"]["tar"] == np.mean(genuine > impostor.max())
+
+
+def test_at_the_same_fpr_the_exact_threshold_takes_the_lowest_tar_and_the_nearest_corner_the_highest():
+    # 10 impostors 0.9 ... 0.0, genuine 0.95, 0.85, 0.55. sklearn's corners (drop_intermediate):
+    # (0, 0) (0, 1/3)@0.95 (0.1, 1/3)@0.9 (0.1, 2/3)@0.85 (0.4, 2/3)@0.6 (0.4, 1)@0.55 (1, 1)@0.
+    impostor = np.round(np.arange(9, -1, -1) / 10, 1)
+    genuine = np.array([0.95, 0.85, 0.55])
+    exact = tar_at_far(genuine, impostor, (0.1, 0.4))
+    nearest = tar_at_far_nearest(genuine, impostor, (0.1, 0.4))
+    # FAR 0.1: k = 1, threshold = the largest impostor 0.9 -> TAR 1/3. Every threshold in (0.8, 0.9] has FAR 0.1;
+    # the nearest corner is the last of them, 0.85, which also accepts the genuine 0.85 -> 2/3.
+    assert exact["1e-01"] == {"tar": pytest.approx(1 / 3), "threshold": 0.9, "achieved_far": 0.1}
+    assert nearest["1e-01"] == {"tar": pytest.approx(2 / 3), "threshold": 0.85, "achieved_far": 0.1}
+    # FAR 0.4: k = 4, threshold 0.6 -> 2/3; the corner at FPR 0.4 with the largest TPR: 0.55 -> 1.
+    assert exact["4e-01"]["tar"] == pytest.approx(2 / 3)
+    assert nearest["4e-01"] == {"tar": 1.0, "threshold": 0.55, "achieved_far": pytest.approx(0.4)}
+    # FAR 0.3: no corner there; the nearest one is above it, FPR 0.4 with TPR 1, where the exact threshold is the
+    # 3rd impostor 0.7 (achieved FAR 0.3) with TAR 2/3.
+    assert tar_at_far_nearest(genuine, impostor, (0.3,))["3e-01"] == {"tar": 1.0, "threshold": 0.55,
+                                                                     "achieved_far": pytest.approx(0.4)}
+    assert tar_at_far(genuine, impostor, (0.3,))["3e-01"] == {"tar": pytest.approx(2 / 3), "threshold": 0.7,
+                                                            "achieved_far": pytest.approx(0.3)}
 
 
 def test_roc_plot_is_a_png(tmp_path):

@@ -23,6 +23,9 @@ as it is: insightface's use_norm_score=True), times the detector score when `det
 media features, normalised; score = cosine; TAR at FAR by toolkit.eval.roc's convention. Images that cannot be
 used (missing file, landmarks outside the image) are left out of their template and counted; a template
 with no usable image has a zero feature, so its pairs score 0 (counted as `num_pairs_with_empty_template`).
+The result also holds `tar_at_far_insightface`, the TAR by insightface's script's convention (the ROC corner
+nearest each FAR, toolkit.eval.roc.tar_at_far_nearest). tests/eval/test_ijb_insightface.py runs insightface's
+own pooling, scoring and TAR code on the same features in every mode and gets the same numbers.
 
 `IJBBenchmark` (end of the module) is the registered benchmark kind `ijb` (toolkit.eval.benchmark); in
 training it evaluates through `IJBEvaluator`.
@@ -51,7 +54,7 @@ import torch.nn.functional as F
 from toolkit.errors import FaceCLError
 from toolkit.eval.benchmark import Benchmark, TableCell, benchmark_label, register_benchmark, tar_at_far_cells
 from toolkit.eval.roc import (DEFAULT_FARS, far_key, far_label, num_accepted_impostors, roc_points, tar_at_far,
-                              too_few_impostors)
+                              tar_at_far_nearest, too_few_impostors)
 
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
 IDENTIFICATION_RANKS = (1, 5)
@@ -318,7 +321,7 @@ def score_pairs(template_ids_T: np.ndarray, template_TD: np.ndarray, pairs_P2: n
 def verification_1to1(release: IJBRelease, emb_ID: np.ndarray, status_I: np.ndarray, *,
                       detector_score_weighting: bool = False, fars: Sequence[float] = DEFAULT_FARS,
                       pair_indices: np.ndarray | None = None, keep_image_norm: bool = False) -> tuple[dict, dict]:
-    """(result dict, extras with template features and ROC points) for the release's 1:1 pairs."""
+    """(result dict, extras with template features, pair scores and ROC points) for the release's 1:1 pairs."""
     usable_I = np.asarray(status_I) == 0
     feats_ID = image_features(emb_ID, usable_I, release.detector_scores_I if detector_score_weighting else None,
                               keep_norm=keep_image_norm)
@@ -338,8 +341,10 @@ def verification_1to1(release: IJBRelease, emb_ID: np.ndarray, status_I: np.ndar
               "num_impostor": int(impostor.size), "num_templates": int(len(template_ids_T)),
               "num_pairs_with_empty_template": num_empty_pairs,
               "detector_score_weighting": detector_score_weighting, "keep_image_norm": keep_image_norm,
-              "tar_at_far": tar_at_far(genuine, impostor, fars)}
-    return result, {"template_ids": template_ids_T, "template_features": template_TD,
+              "tar_at_far": tar_at_far(genuine, impostor, fars),
+              # insightface's eval_ijbc.py convention (nearest ROC corner), to compare with published numbers
+              "tar_at_far_insightface": tar_at_far_nearest(genuine, impostor, fars)}
+    return result, {"template_ids": template_ids_T, "template_features": template_TD, "scores": scores_P,
                     "roc": roc_points(genuine, impostor)}
 
 
@@ -611,6 +616,11 @@ class IJBBenchmark(Benchmark):
     def summary_lines(cls, name: str, result: dict) -> list[str]:
         tars = ", ".join(f"{k}: {cls.percent(v['tar'])}" for k, v in result["verification"]["tar_at_far"].items())
         lines = [f"{name} ({result['benchmark']} 1:1) TAR% at FAR {tars}{cls.skipped_note(result)}"]
+        nearest = result["verification"].get("tar_at_far_insightface")
+        if nearest:   # results written before the field existed have none
+            tars = ", ".join(f"{k}: {cls.percent(v['tar'])}" for k, v in nearest.items())
+            lines.append(f"{name} ({result['benchmark']} 1:1) TAR% at FAR by insightface's eval_ijbc.py convention "
+                         f"(nearest ROC corner) {tars}")
         ident = result.get("identification")
         if ident:
             m = ident["mean"]

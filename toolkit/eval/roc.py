@@ -10,8 +10,14 @@ prints a number it cannot support; the point then carries the `reason` (`too_few
 results table prints as the footnote of its '-'.
 
 This is the point of sklearn's ``roc_curve(drop_intermediate=False)`` with the smallest FPR >= f (tested).
-insightface's IJB script instead reads the ROC point whose FPR is closest to f, which can differ from
-this slightly where the ROC is coarse (few impostor pairs per step of FAR).
+
+insightface's IJB scripts (recognition/arcface_torch/eval_ijbc.py, onnx_ijbc.py) use another convention,
+given here by `tar_at_far_nearest` so that numbers can be compared with published ones: sklearn's
+``roc_curve`` with its default ``drop_intermediate=True`` (only the corners of the ROC are kept), then for
+each f the kept point whose FPR is nearest to f, above or below (among points of equal FPR the one with the
+largest TPR). That point always exists, so a TAR is given even where f * n < 1 (then it is the TAR at FPR 0,
+or at 1 / n), and its FPR can be far from f where the ROC is coarse. Both are tested against insightface's own
+code (tests/eval/test_ijb_insightface.py); docs/evaluation.md compares them on an example.
 """
 
 from __future__ import annotations
@@ -96,6 +102,46 @@ def operating_point(genuine_asc_G: np.ndarray, threshold: float, *, num_impostor
     num_genuine_accepted = genuine_asc_G.size - int(np.searchsorted(genuine_asc_G, threshold, side="left"))
     return {"tar": num_genuine_accepted / genuine_asc_G.size, "threshold": threshold,
             "achieved_far": num_impostors_accepted / num_impostors}
+
+
+def roc_curve_points(genuine_G: np.ndarray, impostor_I: np.ndarray, *,
+                     drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) exactly as sklearn.metrics.roc_curve(labels, scores, drop_intermediate=...) gives
+    them for genuine label 1 (tested), without needing scikit-learn: one point per distinct score, highest
+    first, accepting score >= threshold, after a first point (0, 0) at threshold inf; `drop_intermediate`
+    drops the points between collinear neighbours (only the ROC's corners stay)."""
+    genuine_G = np.asarray(genuine_G).ravel()
+    impostor_I = np.asarray(impostor_I).ravel()
+    if genuine_G.size == 0 or impostor_I.size == 0:
+        raise ValueError(f"need genuine and impostor scores, got {genuine_G.size} and {impostor_I.size}")
+    scores = np.concatenate([genuine_G, impostor_I])
+    order = np.argsort(scores, kind="stable")[::-1]
+    sorted_scores = scores[order]
+    is_genuine = order < genuine_G.size
+    last_of_value = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_scores.size - 1]
+    tps = np.cumsum(is_genuine, dtype=np.int64)[last_of_value]
+    fps = last_of_value + 1 - tps
+    thresholds = sorted_scores[last_of_value].astype(np.float64)
+    if drop_intermediate and fps.size > 2:
+        corner = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        fps, tps, thresholds = fps[corner], tps[corner], thresholds[corner]
+    fps, tps = np.r_[0, fps].astype(np.float64), np.r_[0, tps].astype(np.float64)
+    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thresholds]
+
+
+def tar_at_far_nearest(genuine_G: np.ndarray, impostor_I: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict:
+    """{far_key: {"tar", "threshold", "achieved_far"}} by insightface's IJB convention (module docstring): the
+    corner of the ROC (roc_curve with drop_intermediate) whose FPR is nearest to each FAR, ties to the larger
+    TPR. `threshold` is None for the point (0, 0) above every score."""
+    fpr, tpr, thresholds = roc_curve_points(genuine_G, impostor_I, drop_intermediate=True)
+    fpr, tpr, thresholds = fpr[::-1], tpr[::-1], thresholds[::-1]   # as the script does: the largest TPR first
+    out = {}
+    for far in fars:
+        nearest = int(np.argmin(np.abs(fpr - far)))   # the first of equal distances, as the script's min()
+        threshold = float(thresholds[nearest])
+        out[far_key(far)] = {"tar": float(tpr[nearest]), "threshold": threshold if np.isfinite(threshold) else None,
+                             "achieved_far": float(fpr[nearest])}
+    return out
 
 
 def roc_points(genuine_G: np.ndarray, impostor_I: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
