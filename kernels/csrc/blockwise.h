@@ -24,7 +24,12 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "margin_math.h"
 
@@ -102,6 +107,28 @@ inline Tensor scratch_view(const Tensor& flat, int64_t num_rows, int64_t width) 
 constexpr double kNormalizeEps = 1e-12;
 // The fp32 inverse norm of a vector shorter than eps (1 / fp32(eps)): such rows get no projection.
 constexpr double kMaxInverseNorm = static_cast<double>(1.0f / static_cast<float>(kNormalizeEps));
+
+// A fresh CPU tensor of hundreds of MB (the C x D workspace that becomes the centers' gradient) costs one page
+// fault per 4 KB page at its first touch: measured on one core, zeroing a fresh 195 MiB tensor took 85 ms, of
+// which 77 ms were page faults (8 ms once the pages exist). Advising transparent huge pages (2 MB) on it
+// before the first touch cut that to 19 ms. Linux only; the advice is ignored where THP is off ("never"),
+// harmless on memory already touched, and not asked for below 4 MB or on a GPU.
+inline void advise_huge_pages(const Tensor& tensor) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!tensor.device().is_cpu()) {
+    return;
+  }
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + tensor.nbytes()) & ~(kHugePage - 1);
+  if (last >= first + 2 * kHugePage) {
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: failure changes nothing
+  }
+#else
+  (void)tensor;
+#endif
+}
 
 inline std::tuple<Tensor, Tensor, Tensor> empty_margin_stats(int64_t num_rows, const Tensor& like) {
   const auto options = like.options().dtype(at::kFloat);
@@ -343,6 +370,7 @@ struct FusedOps {
     // nothing is cached, none of it at N == D and S == C, where zeroing the whole C x D was a memset of
     // about 1% of the step).
     Tensor workspace_CD = at::empty_like(centers_CD, at::MemoryFormat::Contiguous);
+    advise_huge_pages(workspace_CD);  // before its first touch (below)
     const int64_t cached_floats = cache ? num_cols * num_rows : 0;
     workspace_CD.view({-1}).narrow(0, cached_floats, workspace_CD.numel() - cached_floats).zero_();
     if (num_cols == 0 || (num_rows == 0 && !sampled)) {

@@ -1,4 +1,6 @@
 # Fused linear margin softmax on raw centers (normalisation fused) against F.normalize + the unfused loss.
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +290,37 @@ def test_sampled_matrix_products_per_block():
                                                             kept_S=kept_S).backward()
     products = sum(event.count for event in prof.key_averages() if event.key in ("aten::mm", "aten::addmm_"))
     assert products == 4 * 3
+
+
+def _anon_huge_page_bytes(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
+            start, end = (int(value, 16) for value in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="no transparent huge pages on this machine")
+@pytest.mark.parametrize("sampled", [False, True], ids=["all-rows", "kept-rows"])
+def test_the_cpu_workspace_gets_huge_pages(sampled):
+    """The C x D workspace (here 32 MiB) is advised to use 2 MB pages before its first touch (blockwise.h,
+    advise_huge_pages): its first touch then costs a page fault per 2 MB, not per 4 KB."""
+    num_classes, dim = 32_768, 256
+    emb_ND, centers_CD, kept_S, local_target_N = sampled_case(8, num_classes, 6_000, dim, seed=2,
+                                                              degenerate_rows=False)
+    params = (64.0, 1.0, 0.5, 0.0, 0.0, 0)
+    if sampled:
+        *_, workspace_CD = torch.ops.facecl.sampled_normalized_linear_margin_softmax_ce_stats(
+            emb_ND, centers_CD, kept_S, local_target_N, *params)
+    else:
+        local_target_N = torch.randint(0, num_classes, (8,))
+        *_, workspace_CD = torch.ops.facecl.normalized_linear_margin_softmax_ce_stats(
+            emb_ND, centers_CD, local_target_N, *params)
+    assert _anon_huge_page_bytes(workspace_CD.data_ptr() + workspace_CD.nbytes // 2) >= 2**21
