@@ -1,15 +1,19 @@
-# Conversion entry point: inspect a checkpoint, consolidate it into one file, export the backbone (ONNX, ...).
-"""After training: see what a checkpoint holds, get a plain backbone out, hand it to deployment tools.
+# Conversion entry point: inspect a checkpoint, consolidate it, export the backbone (ONNX, ...); arcface_torch configs.
+"""After training: see what a checkpoint holds, get a plain backbone out, hand it to deployment tools. Before
+training: turn an insightface arcface_torch config into a recipe.
 
     python launch/convert.py inspect PATH [--json] [--checksums]
     python launch/convert.py consolidate PATH --out FILE.safetensors [--with-head] [--with-key-encoder]
     python launch/convert.py export PATH --format onnx|safetensors|torchscript --out FILE
     python launch/convert.py universal PATH --out FOLDER        # DeepSpeed ZeRO-1/2/3 -> universal checkpoint
+    python launch/convert.py from-arcface CONFIG.py --out recipes/NAME.yaml   # arcface_torch config -> recipe
 
 PATH is a run folder, its checkpoints/ folder or one checkpoint of any engine (single, DDP, DeepSpeed
 ZeRO 0-3, FSDP2, any world size); `export` and `inspect` also take a consolidated file. Everything runs on
 CPU without a process group and reads tensors only. Outputs are written atomically and never over an
-existing file unless --overwrite. User errors print one line `error: ...` on stderr and exit with status
+existing file unless --overwrite. `from-arcface` reads the config (and configs/base.py) without running them,
+writes a recipe that trains the same thing (docs/from-arcface-torch.md) and prints every key it mapped and every
+key it could not, with the reason. User errors print one line `error: ...` on stderr and exit with status
 2; `--debug` shows the traceback instead.
 """
 
@@ -20,8 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-# Running `python launch/convert.py` from a checkout works even before `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Running `python launch/convert.py` from a checkout works even before `pip install -e .` (in a wheel this file is
+# toolkit/launch/convert.py and the path is left alone; there is no recipes/base.yaml then).
+REPO = Path(__file__).resolve().parent.parent
+if (REPO / "toolkit" / "__init__.py").is_file():
+    sys.path.insert(0, str(REPO))
 
 from toolkit.command_line import CommandParser  # noqa: E402
 
@@ -57,12 +64,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     universal.add_argument("--out", required=True, help="output checkpoint folder (created)")
     universal.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    for sub in (inspect, consolidate, export, universal):
+    arcface = commands.add_parser("from-arcface", help="an insightface arcface_torch config -> a recipe")
+    arcface.add_argument("config", help="arcface_torch config file (recognition/arcface_torch/configs/NAME.py)")
+    arcface.add_argument("--out", required=True, help="recipe file to write, e.g. recipes/NAME.yaml")
+    arcface.add_argument("--base", help="arcface_torch's defaults file (default: base.py next to CONFIG)")
+    arcface.add_argument("--data-root", default="${DATA_ROOT}",
+                         help="folder that holds the config's rec folder (its last part is kept) on this machine; "
+                              "the default leaves it to the DATA_ROOT environment variable")
+    arcface.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    for sub in (inspect, consolidate, export, universal, arcface):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
+def from_arcface(args: argparse.Namespace) -> int:
+    """Convert, check that the recipe loads (before it gets its name), write it, print the report."""
+    import os
+
+    from toolkit.config import load_config
+    from toolkit.config.from_arcface import convert_arcface_config
+    from toolkit.export.files import atomic_output, check_output_path
+    from toolkit.models import list_backbones
+
+    out = Path(args.out)
+    check_output_path(out, args.overwrite)
+    conversion = convert_arcface_config(args.config, base=args.base, data_root=args.data_root,
+                                        registered_backbones=list_backbones())
+    base_yaml = REPO / "recipes" / "base.yaml"
+    folder = out.parent.resolve()
+    # inside the checkout a relative `base:` keeps the recipe movable with it; elsewhere the absolute path
+    base = (os.path.relpath(base_yaml, folder) if folder.is_relative_to(REPO) else str(base_yaml)) \
+        if base_yaml.is_file() else None
+    text = conversion.recipe_yaml(base, path=str(out))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+        load_config(tmp, expand_env=False)   # a conversion that does not load is an error, and nothing is written
+
+    atomic_output(out, write)
+    print(f"wrote {out}: {conversion.config} (+ {conversion.base}), {len(conversion.mapped)} keys mapped, "
+          f"{len(conversion.unmapped)} not")
+    print(conversion.report())
+    print(f"check it: python launch/train.py --recipe {out} --print-config")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "from-arcface":
+        return from_arcface(args)
     from toolkit.export.files import human_bytes
 
     if args.command == "inspect":
