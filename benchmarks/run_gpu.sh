@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One GPU, one script: build the CUDA kernels, run the CUDA tests, then the GPU figures (bandwidth, head, training).
+# One GPU, one script: build the CUDA kernels, run the CUDA tests, then the GPU figures (bandwidth, head, training,
+# training against insightface's arcface_torch).
 #
 #   bash benchmarks/run_gpu.sh          # from a fresh checkout with requirements.txt installed (venv active)
 #
-# Budget: under 8 minutes on one H100/H200-class GPU. Steps and their limits (seconds):
+# Budget: under 11 minutes on one H100/H200-class GPU. Steps and their limits (seconds):
 #   1. build toolkit._C with CUDA for this GPU's architecture only            (~1 min)
 #   2. tests/kernels, CUDA included (kernels/test_gpu.sh's checks)             (~1 min)
 #   3. bench_bandwidth.py: stats / gradient kernels against a device copy      (<1 min)
 #   4. bench_head.py: 1 GPU, C_local 100k and 250k, r 1.0 and 0.2              (~1 min)
 #   5. bench_train.py: iresnet100, bf16, batch 128, engine single, 1 GPU        (~2 min)
-# Results: benchmarks/results/gpu_<step>_<UTC time>.json and benchmarks/results/gpu_summary_<UTC time>.md.
+#   6. bench_train.py --peer arcface_torch: the toolkit's step against arcface_torch's own train_v2 step
+#      (iresnet100, fp16 with loss scaling as arcface_torch trains, batch 128, 93,431 classes as MS1MV3,
+#      1 GPU, Partial FC sample rate 1 and 0.2); needs insightface's repository: $FACECL_INSIGHTFACE_REPO
+#      (a checkout or git directory), else /work/.mirror/deepinsight+insightface/repo; skipped without it (~3 min)
+# Results: benchmarks/results/gpu_<step>_<UTC time>.json (.md) and benchmarks/results/gpu_summary_<UTC time>.md.
 # A step that fails is reported in the summary and the script goes on; the exit status is non-zero then.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +71,14 @@ step head 120 "$PYTHON" benchmarks/bench_head.py --device cuda --classes-per-ran
 step train 180 "$PYTHON" benchmarks/bench_train.py --device cuda --backbone iresnet100 --precision bf16 \
   --batch-size 128 --engines single --num-classes 100000 --warmup-steps 3 --steps 10 --max-load 1000 \
   --out "$RESULTS/gpu_train_$STAMP.json"
+if "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); import arcface_torch_peer as p; sys.exit(p.insightface_repo() is None)'; then
+  step train_arcface_torch 300 "$PYTHON" benchmarks/bench_train.py --peer arcface_torch --device cuda \
+    --backbone iresnet100 --precision fp16 --batch-size 128 --engines single --num-classes 93431 \
+    --sample-rates 1,0.2 --warmup-steps 3 --steps 10 --max-load 1000 --out "$RESULTS/gpu_train_arcface_torch_$STAMP.json"
+else
+  status=1
+  echo "- **train_arcface_torch skipped**: insightface's repository is not on this machine (set FACECL_INSIGHTFACE_REPO)" >> "$SUMMARY"
+fi
 
 {
   echo
@@ -89,6 +102,12 @@ PY
     echo "## train"
     echo
     cat "$RESULTS/gpu_train_$STAMP.md"
+  fi
+  if [ -f "$RESULTS/gpu_train_arcface_torch_$STAMP.md" ]; then
+    echo
+    echo "## train against arcface_torch"
+    echo
+    cat "$RESULTS/gpu_train_arcface_torch_$STAMP.md"
   fi
   echo
   echo "Total: $(( $(date +%s) - started )) s"

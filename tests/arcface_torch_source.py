@@ -2,48 +2,38 @@
 """Where the insightface repository is found: $FACECL_INSIGHTFACE_REPO (a git directory or a checkout), else the
 snapshot that a developer's `fetch` leaves at /work/.mirror/deepinsight+insightface/repo. Tests that compare with
 insightface's own code use `arcface_torch_copy` and are skipped, naming the variable, where neither exists;
-everything else they check is also covered by tests that re-state insightface's naming and formulas."""
+everything else they check is also covered by tests that re-state insightface's naming and formulas.
+
+The finding and copying is benchmarks/arcface_torch_peer.py's (bench_train.py --peer arcface_torch uses the same
+copy); this module re-exports it for the tests."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-DEFAULT_REPO = Path("/work/.mirror/deepinsight+insightface/repo")
-SUBDIR = "recognition/arcface_torch"
+_PEER_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "arcface_torch_peer.py"
 
 
-def insightface_repo() -> Path | None:
-    """The insightface repository (git dir or checkout) or None."""
-    given = os.environ.get("FACECL_INSIGHTFACE_REPO")
-    path = Path(given) if given else DEFAULT_REPO
-    return path if path.exists() else None
+def peer_module():
+    """benchmarks/arcface_torch_peer.py, imported once."""
+    name = "facecl_benchmarks_arcface_torch_peer"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PEER_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module   # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def extract_arcface_torch(into: Path) -> Path:
-    """A fresh copy of recognition/arcface_torch under `into`; returns its folder."""
-    repo = insightface_repo()
-    if repo is None:
-        raise FileNotFoundError("no insightface repository (set FACECL_INSIGHTFACE_REPO)")
-    if (repo / SUBDIR).is_dir():  # a checkout
-        shutil.copytree(repo / SUBDIR, into / "arcface_torch")
-        return into / "arcface_torch"
-    with tempfile.TemporaryFile() as archive:
-        # stderr kept quiet: git names blobs of other folders that a partial snapshot lacks
-        subprocess.run(["git", f"--git-dir={repo}", "archive", "HEAD", SUBDIR], stdout=archive,
-                       stderr=subprocess.PIPE, check=True)
-        archive.seek(0)
-        with tarfile.open(fileobj=archive) as tar:
-            tar.extractall(into, filter="data")
-    shutil.move(into / SUBDIR, into / "arcface_torch")
-    shutil.rmtree(into / "recognition")
-    return into / "arcface_torch"
+_peer = peer_module()
+DEFAULT_REPO = _peer.DEFAULT_REPO
+SUBDIR = _peer.SUBDIR
+insightface_repo = _peer.insightface_repo
+extract_arcface_torch = _peer.extract_arcface_torch
 
 
 @pytest.fixture(scope="session")
