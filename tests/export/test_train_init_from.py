@@ -1,4 +1,4 @@
-# train.init_from: a run starts from a consolidated file's backbone and identity centers; a wrong architecture is refused.
+# train.init_from: a run starts from a consolidated file's or arcface_torch's backbone and centers; wrong ones refused.
 import pytest
 import torch
 
@@ -37,3 +37,27 @@ def test_init_from_another_architecture_is_a_one_line_error(tiny_recipe, tmp_pat
     recipe = tiny_recipe("run.name=wrong", f"train.init_from={out}", "model.embedding_size=64")
     with pytest.raises(FaceCLError, match="embedding_size"):
         Trainer(recipe, prepare_run_folder(recipe), verbose=False)
+
+
+def test_a_run_starts_from_an_arcface_torch_mbf_and_its_softmax_files(tiny_recipe, tmp_path):
+    # Their mbf (naming re-stated in tests/export/test_init_from.py) at the tiny recipe's 16x16, 32-d, 12 classes.
+    from tests.export.test_init_from import TheirMobileFaceNet, bn_stats_, split
+
+    torch.manual_seed(0)
+    their = bn_stats_(TheirMobileFaceNet((1, 4, 6, 2), 2, num_features=32, gdc_kernel=1), seed=3)
+    folder = tmp_path / "arcface_torch"
+    folder.mkdir()
+    torch.save({"module." + k: v for k, v in their.state_dict().items()}, folder / "model.pt")
+    centers = torch.randn(12, 32)
+    start = 0
+    for rank, count in enumerate(split(12, 5)):
+        torch.save({"epoch": 1, "state_dict_softmax_fc": {"weight": centers[start:start + count].clone()}},
+                   folder / f"checkpoint_gpu_{rank}.pt")
+        start += count
+    recipe = tiny_recipe("run.name=from_mbf", "model.backbone=mobilefacenet_mbf",
+                         f"train.init_from={folder / 'model.pt'}", f"train.init_from_softmax={folder}")
+    trainer = Trainer(recipe, prepare_run_folder(recipe), verbose=False)
+    got = trainer.backbone.unwrapped().state_dict()
+    assert torch.equal(got["stem_grouped.0.weight"], their.layers[1].layers[0].weight)
+    assert torch.equal(got["embedding_bn.running_var"], their.features.layers[3].running_var)
+    assert torch.equal(trainer.head.module.centers_CD, centers)

@@ -20,6 +20,7 @@ EXPECTED_PARAMETERS_MILLIONS = {
     "iresnet2060": 1122.3,
     # Restated from the published layer lists in tests/unit/test_vit.py.
     "mobilefacenet_large": 6.3,
+    "mobilefacenet_mbf": 2.06,
     "vit_t": 19.1,
     "vit_s": 76.0,
     "vit_b": 113.8,

@@ -1,4 +1,4 @@
-# Unit tests of the ViT family, mobilefacenet_large, iresnet2060 and the outside-the-model wrappers.
+# Unit tests of the ViT family, mobilefacenet_large / _mbf, iresnet2060 and the outside-the-model wrappers.
 """Shapes, published parameter counts, token masking, drop path, SDPA attention against a hand-written
 reference, seeded determinism, activation checkpointing / channels_last / torch.compile against eager."""
 
@@ -117,6 +117,33 @@ def test_mobilefacenet_large_and_iresnet2060_counts_match_the_published_architec
         assert _num_params(create_backbone("iresnet50")) == published_iresnet_parameters((3, 4, 14, 3))
 
 
+def test_mobilefacenet_mbf_count_matches_the_published_layer_list():
+    # arcface_torch get_mbf = MobileFaceNet(blocks=(1, 4, 6, 2), scale=2) at 112x112, 512-d, by hand from
+    # mobilefacenet.py. ConvBlock(cin, cout, k, groups): conv cout * cin/groups * k * k, BN 2 * cout, PReLU cout.
+    # LinearBlock: conv + BN. DepthWise(cin, cout, groups=g): ConvBlock 1x1 cin -> g (cin g + 3 g), ConvBlock
+    # depthwise 3x3 g (9 g + 3 g), LinearBlock 1x1 g -> cout (g cout + 2 cout): g (cin + cout + 15) + 2 cout.
+    stem = 128 * 3 * 9 + 2 * 128 + 128                   # layers.0: ConvBlock(3, 128, 3x3, s2)          3,840
+    grouped = 128 * 2 * 9 + 2 * 128 + 128                # layers.1: ConvBlock(128, 128, 3x3, groups 64)  2,688
+    dw_128_128_g128 = 128 * (128 + 128 + 15) + 2 * 128   # DepthWise(128, 128, groups=128)               34,944
+    dw_128_256_g256 = 256 * (128 + 256 + 15) + 2 * 256   # DepthWise(128, 256, groups=256)              102,656
+    dw_256_256_g256 = 256 * (256 + 256 + 15) + 2 * 256   # DepthWise(256, 256, groups=256)              135,424
+    dw_256_256_g512 = 512 * (256 + 256 + 15) + 2 * 256   # DepthWise(256, 256, groups=512)              270,336
+    trunk = (stem + grouped
+             + dw_128_128_g128 + 4 * dw_128_128_g128     # layers.2 (s2), layers.3: Residual of 4
+             + dw_128_256_g256 + 6 * dw_256_256_g256     # layers.4 (s2), layers.5: Residual of 6
+             + dw_256_256_g512 + 2 * dw_256_256_g256)    # layers.6 (s2), layers.7: Residual of 2
+    conv_sep = 256 * 512 + 2 * 512 + 512                 # ConvBlock(256, 512, 1x1)                     132,608
+    gdc = 512 * 7 * 7 + 2 * 512 + 512 * 512 + 2 * 512    # LinearBlock dw 7x7, Linear(512, 512), BN1d   289,280
+    assert trunk == 1_637_632
+    assert trunk + conv_sep + gdc == 2_059_520
+    with torch.device("meta"):
+        model = create_backbone("mobilefacenet_mbf", embedding_size=512)
+    assert _num_params(model) == 2_059_520
+    assert len(model.fsdp_units()) == 1 + 4 + 1 + 6 + 1 + 2  # the DepthWise blocks
+    with torch.device("meta"):  # and ours differs from it: the paper layout, not a narrower mbf
+        assert _num_params(create_backbone("mobilefacenet", embedding_size=512)) < 1_300_000
+
+
 # ----------------------------------------------------------------------------------------
 # Shapes and the embedding head
 # ----------------------------------------------------------------------------------------
@@ -131,7 +158,7 @@ def test_vit_shapes_at_112_on_meta(name):
     assert out.shape == (2, 512) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["vit_t", "mobilefacenet_large"])
+@pytest.mark.parametrize("name", ["vit_t", "mobilefacenet_large", "mobilefacenet_mbf"])
 def test_forward_shapes_and_fp32_head_under_bf16_autocast(name):
     torch.manual_seed(0)
     options = dict(SMALL) if name.startswith("vit") else {"input_size": 32}

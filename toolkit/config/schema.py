@@ -86,8 +86,8 @@ class ModelConfig:
     """The backbone that maps an aligned face to an embedding."""
 
     backbone: str = required(
-        "Registered backbone name: iresnet18/34/50/100/200/2060, mobilefacenet, mobilefacenet_large, "
-        "vit_t/s/b/l/h.")
+        "Registered backbone name: iresnet18/34/50/100/200/2060, mobilefacenet, mobilefacenet_mbf, "
+        "mobilefacenet_large, vit_t/s/b/l/h.")
     embedding_size: int = doc("Embedding dimension.", 512, gt=0)
     dropout: float = doc("Dropout before the embedding FC layer.", 0.0, ge=0.0, lt=1.0)
     activation_checkpointing: bool = doc(
@@ -96,8 +96,8 @@ class ModelConfig:
         "ViTs: stochastic depth, rising linearly over the blocks to this rate (0.05 in the WebFace42M "
         "reference models, 0.1 for Glint360K/MS1M).", 0.0)
     mask_ratio: float = doc(
-        "ViTs: share of the patch tokens dropped at random per sample in training (0.05 in the WebFace42M "
-        "reference models); none at evaluation.", 0.0)
+        "ViTs: share of the patch tokens dropped at random per sample in training (the WebFace42M reference "
+        "models are named 0.05, but their code drops 0.1 whenever the ratio is above 0); none at evaluation.", 0.0)
     patch_size: int = doc("ViTs: patch size in pixels; 0 = 9 (a 12 x 12 grid at 112x112).", 0)
     compile: bool = doc(
         "Run each block under torch.compile (single, ddp, fsdp and DeepSpeed ZeRO 0-2; not ZeRO-3).", False)
@@ -304,7 +304,9 @@ class TrainConfig:
     init_from: str = doc(
         "Start from these weights instead of a random init: a consolidated file of ours (convert.py consolidate, "
         "with its identity centers when written with --with-head), a FaceCL run or checkpoint, or an arcface_torch "
-        "backbone .pth (iresnet18-200, mbf_large). Ignored when the run is resumed.", "")
+        "backbone file (model.pt, backbone.pth, checkpoint_gpu_0.pt) of any of their backbones: r18-r2060, mbf, "
+        "mbf_large, vit_t/s/b/l/h, onto the registry backbone of the same architecture (docs/export.md). Ignored "
+        "when the run is resumed.", "")
     init_from_softmax: str = doc(
         "arcface_torch's per-rank Partial FC weight files (a folder, or one file) to start the identity centers "
         "from; merged in class order and resharded to this job's ranks.", "")

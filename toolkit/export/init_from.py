@@ -6,16 +6,17 @@ Accepted:
 - a consolidated file of ours (.safetensors / .pt from `convert.py consolidate`), with its centers when it
   was written with --with-head; a FaceCL run or checkpoint of any engine works the same way;
 - an arcface_torch backbone file (`backbone.pth` / `model.pt`: a state dict; or a `checkpoint_gpu_0.pt`
-  of train_v2 with `state_dict_backbone`), for the backbones whose architecture FaceCL has:
-  iresnet18/34/50/100/200 (their `iresnet*`, same parameter names), and mobilefacenet_large (their
-  `mbf_large`: scale 4, blocks (2, 8, 12, 4); their names `layers.K...`, `conv_sep`, `features.layers.K`
-  are mapped onto ours position by position, each pair checked to have the same leaf name and shape).
-  Their small `mbf` (scale 2, blocks (1, 4, 6, 2)) has no FaceCL equivalent and is refused by shape.
+  of train_v2 with `state_dict_backbone`), for every backbone of theirs (toolkit/export/arcface_names.py):
+  r18-r200 / r2060 onto iresnet18-iresnet2060, mbf onto mobilefacenet_mbf, mbf_large onto
+  mobilefacenet_large, vit_t/s/b/l/h (any of their drop-path / mask variants) onto vit_t/s/b/l/h; every
+  tensor mapped by name, every shape checked, one line naming the tensor otherwise.
 - with `softmax`: arcface_torch's per-rank Partial FC weights, any rank count, merged in rank order, which
   is class order (rank r holds classes [C//W*r + min(r, C%W), ... + C//W + (r < C%W))). File names:
   `rank_{r}_softmax_weight.pt` / `rank:{r}_softmax_weight.pt` (partial_fc.py, v1), `softmax_fc_gpu_{r}.pt`,
   and `checkpoint_gpu_{r}.pt` (train_v2 `save_all_states`: `state_dict_softmax_fc.weight`). Momentum files
-  (`*_softmax_weight_mom.pt`) are not weights and are skipped.
+  (`*_softmax_weight_mom.pt`) are not weights and are skipped. A ViT run of train_v2 (AdamW, fp16 autocast,
+  Partial FC sample rate 0.3) writes the same `checkpoint_gpu_{r}.pt` (its fp32 `weight` next to AdamW's
+  state): nothing differs from an iresnet run.
 
 Everything is read with safe_torch_load (tensors only). Resharding the centers to a job's ranks is the
 trainer's (the head's class ranges), e.g. `centers[start:end]` for each rank's range.
@@ -30,46 +31,11 @@ from typing import Iterable, Sequence
 import torch
 
 from toolkit.errors import CheckpointError
-from toolkit.export.consolidate import HEAD_KEY, build_registry_backbone, check_backbone_keys, check_shards
+from toolkit.export.arcface_names import map_arcface_backbone
+from toolkit.export.consolidate import HEAD_KEY, check_shards
 from toolkit.serialization import safe_torch_load
 
 SOFTMAX_FILE = re.compile(r"^(?:rank[_:](?P<a>\d+)_softmax_weight|softmax_fc_gpu_(?P<b>\d+)|checkpoint_gpu_(?P<c>\d+))\.pt$")
-# FaceCL backbones with an arcface_torch counterpart whose parameters correspond one to one.
-ARCFACE_COUNTERPARTS = {"iresnet18": "iresnet18", "iresnet34": "iresnet34", "iresnet50": "iresnet50",
-                        "iresnet100": "iresnet100", "iresnet200": "iresnet200", "mobilefacenet_large": "mbf_large"}
-
-
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def map_arcface_backbone(their: dict[str, torch.Tensor], backbone: str, *, embedding_size: int = 512,
-                         image_size: int = 112, where: str = "") -> dict[str, torch.Tensor]:
-    """Their state dict -> ours (registry keys), by name when the names agree, else position by position."""
-    if backbone not in ARCFACE_COUNTERPARTS:
-        raise CheckpointError(f"{where}: FaceCL has no arcface_torch counterpart for backbone {backbone!r}; "
-                              f"supported: {', '.join(sorted(ARCFACE_COUNTERPARTS))}")
-    ours = build_registry_backbone({"backbone": backbone, "embedding_size": embedding_size,
-                                    "image_size": image_size}).state_dict()
-    their = _strip_module(their)
-    if set(their) == set(ours):
-        mapped = dict(their)
-    else:
-        their_items, our_items = list(their.items()), list(ours.items())
-        if len(their_items) != len(our_items):
-            raise CheckpointError(f"{where}: {len(their_items)} tensors, FaceCL {backbone} has {len(our_items)}: not "
-                                  f"an arcface_torch {ARCFACE_COUNTERPARTS[backbone]} backbone")
-        mapped = {}
-        for (their_key, value), (our_key, reference) in zip(their_items, our_items):
-            if their_key.rsplit(".", 1)[-1] != our_key.rsplit(".", 1)[-1] or value.shape != reference.shape:
-                raise CheckpointError(f"{where}: tensor {their_key} {tuple(value.shape)} does not correspond to FaceCL "
-                                      f"{backbone} {our_key} {tuple(reference.shape)}: not an arcface_torch "
-                                      f"{ARCFACE_COUNTERPARTS[backbone]} of embedding size {embedding_size}")
-            mapped[our_key] = value
-    mapped = {k: (v.float() if v.is_floating_point() else v) for k, v in mapped.items()}
-    model = build_registry_backbone({"backbone": backbone, "embedding_size": embedding_size, "image_size": image_size})
-    check_backbone_keys(mapped, model, where)
-    return mapped
 
 
 def softmax_files(softmax: str | Path | Sequence[str | Path]) -> list[tuple[int, Path]]:
@@ -129,12 +95,13 @@ def merge_arcface_softmax(softmax: str | Path | Sequence[str | Path]) -> torch.T
 
 
 def load_init_state(path: str | Path, *, backbone: str | None = None, embedding_size: int | None = None,
-                    image_size: int | None = None, softmax: str | Path | Iterable[str | Path] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                    image_size: int | None = None, softmax: str | Path | Iterable[str | Path] | None = None,
+                    patch_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """(backbone state dict with registry keys, centers C x D or None) to initialise a run from.
 
     `backbone` / `embedding_size` / `image_size` are the run's; they are checked against a FaceCL file's
-    metadata and needed to map an arcface_torch file (which does not record its architecture). The file is
+    metadata and needed to map an arcface_torch file (which does not record its architecture), as is a ViT
+    run's `patch_size` when it sets one. The file is
     opened once: its kind is told from what that one read finds (read_weights).
     """
     from toolkit.export.load import CHECKPOINT, CONSOLIDATED, backbone_state_and_metadata, read_weights
@@ -165,7 +132,7 @@ def load_init_state(path: str | Path, *, backbone: str | None = None, embedding_
     if not isinstance(payload, dict) or not all(torch.is_tensor(v) for v in payload.values()):
         raise CheckpointError(f"{path} is not a backbone state dict (a dict of tensors)")
     state = map_arcface_backbone(payload, backbone, embedding_size=embedding_size or 512,
-                                 image_size=image_size or 112, where=str(path))
+                                 image_size=image_size or 112, patch_size=patch_size, where=str(path))
     centers = merge_arcface_softmax(softmax) if softmax is not None else None
     if centers is not None and embedding_size is not None and centers.shape[1] != embedding_size:
         raise CheckpointError(f"softmax weights are {centers.shape[1]} wide; this run's embedding size is {embedding_size}")

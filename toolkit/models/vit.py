@@ -17,8 +17,11 @@ Layout at 112x112, patch 9 (the last 4 pixel rows/columns are not covered, as in
 
 Sizes (embed D x depth): vit_t 256 x 12, vit_s 512 x 12, vit_b 512 x 24, vit_l 768 x 24, vit_h 1024 x 48;
 8 heads in all. Drop path grows linearly from 0 at the first block to ``drop_path`` at the last. The
-published WebFace42M variants use drop_path 0.05 and mask_ratio 0.05 (vit_b, vit_l); the Glint360K/MS1M
-ones 0.1 / 0.1; those are the recipe's ``model.drop_path`` / ``model.mask_ratio``.
+published WebFace42M variants are named drop_path 0.05 and mask_ratio 0.05 (vit_b, vit_l); the
+Glint360K/MS1M ones 0.1 / 0.1; those are the recipe's ``model.drop_path`` / ``model.mask_ratio``. (Their
+forward calls ``random_masking(x)`` without the ratio, so any ratio above 0 masks its default 0.1 there;
+here ``mask_ratio`` is taken as given: 0.1 trains as they did.) Their state dicts load onto these modules
+through train.init_from (toolkit/export/arcface_names.py: only ``patch_embed.proj`` is named differently).
 
 ``patch_size`` lets smaller images keep a small token grid (CPU smoke runs: 32x32 with patch 8 is a 4x4
 grid); the grid is ``input_size // patch_size`` per side.

@@ -117,7 +117,7 @@ def load_initial_weights(recipe: Recipe, model: torch.nn.Module):
 
     state, centers = load_init_state(cfg.init_from, backbone=recipe.model.backbone,
                                      embedding_size=recipe.model.embedding_size, image_size=recipe.data.image_size,
-                                     softmax=cfg.init_from_softmax or None)
+                                     softmax=cfg.init_from_softmax or None, patch_size=recipe.model.patch_size or None)
     backbones = [model] if recipe.contrastive.weight <= 0 else [model.backbone, model.key_backbone]
     for module in backbones:
         missing, unexpected = module.load_state_dict(state, strict=False)
