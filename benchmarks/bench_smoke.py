@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_file import results_path  # noqa: E402
+from results_file import results_path, write_results  # noqa: E402
 from toolkit.command_line import CommandParser  # noqa: E402
 
 SMOKE_RECIPES = ("smoke_synthetic", "smoke_vit", "smoke_unimoco")
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{record['num_pairs']} pairs after {record['steps']} steps; {record['wall_s']:.0f} s wall, "
               f"{record['cpu_s']:.0f} CPU-s; load {record['load_average_before']:.2f} -> "
               f"{record['load_average_after']:.2f}", flush=True)
-    environment = {"host": platform.node(), "cpus": os.cpu_count(), "omp_num_threads": threads,
-                   "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"environment": environment, "results": records}, indent=2) + "\n")
-    print(f"written: {output}")
+    write_results(output, records)
     return 0
 
 

@@ -18,9 +18,7 @@ results_file.py). Targets (issue 25): single-engine first step under 6 s, every 
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -34,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_file import results_path  # noqa: E402
+from results_file import results_path, write_results  # noqa: E402
 from toolkit.command_line import CommandParser  # noqa: E402
 
 SMOKE = "recipes/smoke_synthetic.yaml"
@@ -138,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(f"{key} {value:.2f} s" for key, value in results[case]["median"].items())
         print(f"{case}: {shown} (median of {args.repeats}; load before {min(loads):.2f}-{max(loads):.2f})",
               flush=True)
-    environment = {"host": platform.node(), "cpus": os.cpu_count(), "omp_num_threads": threads,
-                   "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"environment": environment, "results": results}, indent=2) + "\n")
-    print(f"written: {output}")
+    write_results(output, results)
     return 0
 
 
