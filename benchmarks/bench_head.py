@@ -13,13 +13,17 @@ fp32 allocation is part of the peak, and is reported beside it.
 
 Bare matrix products, timed in the same run on the same ranks: the three products of the head's shape and
 nothing else: logits = E W^T (N x S), dE = G W (N x D), dW = G^T E (S x D), with S = the sampled columns,
-into preallocated outputs. Their time is the floor a head can approach.
+into preallocated outputs. Their time is the floor a head can approach. With sampling (r < 1) the head
+also chooses its S columns every step (ShardedIdentityCenterHead.sample_classes: random scores, the
+positives forced in by a scatter, top-k, sort, the label remap); that step alone is timed too, and the head
+is also reported against bare products + sampling.
 
-Time: the head's step and the bare products alternate, --repeat pairs after --warmup; each is the slowest
-rank's time of that step. Reported: the median of each, and the ratio as the median of the per-pair ratios
-(so a change in the machine's load between the two sides does not enter the ratio). Peak memory (per rank,
-the largest): on CPU the allocator's running total from torch.profiler memory events above the starting
-point (benchmarks/measure.py), on CUDA torch.cuda.max_memory_allocated above the starting point.
+Time: the head's step, the bare products and the sampling alone alternate, --repeat rounds after --warmup;
+each is the slowest rank's time of that step. Reported: the median of each, and the ratios as the medians of
+the per-round ratios (head / bare, head / (bare + sampling)), so a change in the machine's load between the
+sides does not enter the ratio. Peak memory (per rank, the largest): on CPU the allocator's running total
+from torch.profiler memory events above the starting point (benchmarks/measure.py), on CUDA
+torch.cuda.max_memory_allocated above the starting point.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="C_local: identity centers on each rank, one case per value")
     parser.add_argument("--rows", type=int, default=512, help="gathered rows N (all ranks together)")
     parser.add_argument("--dim", type=int, default=512, help="embedding size D")
-    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.2],
-                        help="Partial FC sample rates r, one case per value")
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.2, 0.3],
+                        help="Partial FC sample rates r, one case per value (0.2: the iresnet100 recipes, 0.3: the "
+                             "ViTs)")
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                         help="heads to time")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per case")
@@ -107,21 +112,28 @@ def timed_once(run, device: torch.device, world: int) -> float:
     return largest_over_ranks(time.perf_counter() - start, world)
 
 
-def timed_pairs(head_step, bare_step, device: torch.device, world: int, warmup: int, repeat: int):
-    """(median head seconds, median bare seconds, median per-pair ratio) over `repeat` alternating pairs."""
-    head_times, bare_times = [], []
+def timed_pairs(head_step, bare_step, sampling_step, device: torch.device, world: int, warmup: int, repeat: int):
+    """Medians over `repeat` alternating rounds (head, bare products, sampling alone): (head seconds, bare
+    seconds, sampling seconds, per-round head / bare, per-round head / (bare + sampling))."""
+    head_times, bare_times, sampling_times = [], [], []
     for index in range(warmup + repeat):
         head_seconds = timed_once(head_step, device, world)
         bare_seconds = timed_once(bare_step, device, world)
+        sampling_seconds = timed_once(sampling_step, device, world)
         if index >= warmup:
             head_times.append(head_seconds)
             bare_times.append(bare_seconds)
+            sampling_times.append(sampling_seconds)
     ratios = [h / b for h, b in zip(head_times, bare_times)]
-    return statistics.median(head_times), statistics.median(bare_times), statistics.median(ratios)
+    ratios_with_sampling = [h / (b + s) for h, b, s in zip(head_times, bare_times, sampling_times)]
+    return (statistics.median(head_times), statistics.median(bare_times), statistics.median(sampling_times),
+            statistics.median(ratios), statistics.median(ratios_with_sampling))
 
 
 def head_case(args, device, world, rank, group, classes_per_rank: int, sample_rate: float, implementation: str):
-    """(one forward+backward step of the production head, the number of columns it samples)."""
+    """(one forward+backward step of the production head, its column sampling alone, the number of columns
+    it samples)."""
+    from toolkit.distributed.collectives import all_gather_no_grad
     from toolkit.heads import ShardedIdentityCenterHead
     from toolkit.ops.margins import Margin
 
@@ -137,10 +149,15 @@ def head_case(args, device, world, rank, group, classes_per_rank: int, sample_ra
         emb_BD.grad = None
         head(emb_BD, labels_B).backward()
 
+    labels_N = all_gather_no_grad(labels_B, group)  # what the head samples from, every step
+
+    def sampling():
+        head.sample_classes(labels_N)
+
     step()  # the sampled column count is fixed by the shapes: known after one step
     head.centers_CD.grad = None
     emb_BD.grad = None
-    return step, int(head.last_sampled_classes.numel())
+    return step, sampling, int(head.last_sampled_classes.numel())
 
 
 def bare_case(args, device, columns: int):
@@ -161,16 +178,16 @@ def bare_case(args, device, columns: int):
 
 
 def measure_case(args, device, world, rank, group, classes: int, rate: float, implementation: str):
-    """(head seconds, bare seconds, ratio, head peak bytes, sampled columns) of one case."""
-    step, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
+    """(head s, bare s, sampling s, head / bare, head / (bare + sampling), head peak bytes, sampled columns)."""
+    step, sampling, columns = head_case(args, device, world, rank, group, classes, rate, implementation)
     products = bare_case(args, device, columns)
-    head_seconds, bare_seconds, ratio = timed_pairs(step, products, device, world, args.warmup, args.repeat)
+    timings = timed_pairs(step, products, sampling, device, world, args.warmup, args.repeat)
     del products  # free its N x S buffers before the head's peak is measured
     if world > 1:
         dist.barrier()
     with silenced_stderr():  # the profiler's start/stop chatter
         peak = largest_over_ranks(peak_bytes(step, device.type), world)
-    return head_seconds, bare_seconds, ratio, peak, columns
+    return (*timings, peak, columns)
 
 
 def run_rank(rank: int, args, port: int, queue) -> None:
@@ -189,19 +206,23 @@ def run_rank(rank: int, args, port: int, queue) -> None:
     for classes in args.classes_per_rank:
         for rate in args.sample_rates:
             for implementation in args.implementations:
-                seconds, bare_seconds, ratio, peak, columns = measure_case(args, device, world, rank, group, classes,
-                                                                           rate, implementation)
+                seconds, bare_seconds, sampling_seconds, ratio, ratio_with_sampling, peak, columns = measure_case(
+                    args, device, world, rank, group, classes, rate, implementation)
                 grad_bytes = classes * args.dim * 4
                 record = {"classes_per_rank": classes, "sample_rate": rate, "implementation": implementation,
                           "sampled_columns": columns, "ms": 1000 * seconds,
                           "bare_matmuls_ms": 1000 * bare_seconds,
                           "time_vs_bare_matmuls": ratio,
+                          "sampling_ms": 1000 * sampling_seconds,
+                          "time_vs_bare_matmuls_plus_sampling": ratio_with_sampling,
                           "peak_increase_mib": peak / MIB, "center_grad_mib": grad_bytes / MIB,
                           "peak_vs_center_grad": peak / grad_bytes}
                 records.append(record)
                 if rank == 0:
                     print(f"  C_local={classes:>7,} r={rate:<4g} {implementation:<13}{record['ms']:>9.1f} ms "
-                          f"({record['time_vs_bare_matmuls']:.2f}x bare {record['bare_matmuls_ms']:.1f} ms)"
+                          f"({record['time_vs_bare_matmuls']:.2f}x bare {record['bare_matmuls_ms']:.1f} ms, "
+                          f"{record['time_vs_bare_matmuls_plus_sampling']:.2f}x bare + sampling "
+                          f"{record['sampling_ms']:.2f} ms)"
                           f"{record['peak_increase_mib']:>9.1f} MiB ({record['peak_vs_center_grad']:.2f}x grad)",
                           flush=True)
     if rank == 0:
@@ -221,11 +242,13 @@ def free_port() -> int:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| C_local | r | implementation | ms | bare matmuls ms | time / bare | peak MiB | center grad MiB | "
-             "peak / grad |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| C_local | r | implementation | ms | bare matmuls ms | time / bare | sampling ms | "
+             "time / (bare + sampling) | peak MiB | center grad MiB | peak / grad |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in records:
         lines.append(f"| {row['classes_per_rank']:,} | {row['sample_rate']:g} | {row['implementation']} | "
                      f"{row['ms']:.1f} | {row['bare_matmuls_ms']:.1f} | {row['time_vs_bare_matmuls']:.2f} | "
+                     f"{row['sampling_ms']:.2f} | {row['time_vs_bare_matmuls_plus_sampling']:.2f} | "
                      f"{row['peak_increase_mib']:.1f} | {row['center_grad_mib']:.1f} | "
                      f"{row['peak_vs_center_grad']:.2f} |")
     return "\n".join(lines)

@@ -116,10 +116,12 @@ class ShardedIdentityCenterHead(nn.Module):
         scores_C = torch.rand(self.shard.count, device=labels_N.device)
         positive_scores_N = torch.where(in_shard_N, 2.0, -1.0).to(scores_C.dtype)
         scores_C.scatter_reduce_(0, local_label_N.clamp(min=0), positive_scores_N, reduce="amax")
-        kept_S = torch.topk(scores_C, k=num_keep, sorted=False).indices.sort().values
-        remap_C = torch.full((self.shard.count,), -1, dtype=torch.long, device=labels_N.device)
-        remap_C[kept_S] = torch.arange(num_keep, device=labels_N.device)
-        local_target_N = torch.where(in_shard_N, remap_C[local_label_N.clamp(min=0)], local_label_N)
+        # Sorted (the fused kernel's cosine cache relies on it): a stable sort of integers is a radix sort on
+        # CPU, and a positive's column is found by binary search in the sorted indices (no C-sized remap
+        # table); benchmarks/bench_sampling.py times the alternatives.
+        kept_S = torch.topk(scores_C, k=num_keep, sorted=False).indices.sort(stable=True).values
+        local_target_N = torch.where(in_shard_N, torch.searchsorted(kept_S, local_label_N.clamp(min=0)),
+                                     local_label_N)
         return kept_S, local_target_N
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:

@@ -280,12 +280,16 @@ def sampled_columns(sample_rate: float, shard_classes: int, gathered_rows: int) 
     return min(shard_classes, max(num_sampled, gathered_rows))
 
 
-def fused_linear_block_bytes(rows: int, columns: int, dims: int) -> int:
+def fused_linear_block_bytes(rows: int, columns: int, dims: int, sampled: bool = False) -> int:
     """The fused linear kernels' temporaries: one block of w classes (w from the same rule as
-    kernels/csrc/blockwise.h: about 2M floats / max(N, D), at least 64, at most S) as a w x D gradient block
-    (with sampling: the block of kept rows gathered from the centers, which then holds their gradient), plus
-    an N x w scratch when N > D (then the cosines are recomputed instead of kept in the gradient)."""
-    block = max(64, min(max(columns, 1), 2**21 // max(rows, dims, 1)))
+    kernels/csrc/blockwise.h: about 2M floats / max(N, D), with sampling also at most 1M floats / D; at least
+    64, at most S) as a w x D gradient block (with sampling: the block of kept rows gathered from the centers,
+    which then holds their gradient), plus an N x w scratch when N > D (then the cosines are recomputed
+    instead of kept in the gradient)."""
+    block = 2**21 // max(rows, dims, 1)
+    if sampled:
+        block = min(block, 2**20 // max(dims, 1))
+    block = max(64, min(max(columns, 1), block))
     scratch = rows * block if rows > dims else 0
     return FP32_BYTES * (block * dims + scratch)
 
@@ -303,7 +307,8 @@ def plan_logits(recipe: Recipe, world_size: int, shard_classes: int) -> LogitsMe
     live = LIVE_LOGITS_BUFFERS_AT_PEAK[implementation]
     filter_mask = BOOL_BYTES * elements_NS if recipe.head.interclass_filter > 0 and implementation == "reference" else 0
     dims = recipe.model.embedding_size
-    blocks = fused_linear_block_bytes(gathered_rows, columns, dims) if implementation == "fused_linear" else 0
+    blocks = (fused_linear_block_bytes(gathered_rows, columns, dims, sampled=columns < shard_classes)
+              if implementation == "fused_linear" else 0)
     # With sampling (S < count) the kernels read the kept rows in place, a block at a time, and write their
     # gradient rows into the dense count x D gradient (counted above): the same one block as without.
     return LogitsMemory(implementation=implementation, gathered_rows=gathered_rows, sampled_columns=columns,
