@@ -8,7 +8,8 @@
 #   1. build toolkit._C with CUDA for this GPU's architecture only            (~1 min)
 #   2. tests/kernels, CUDA included (kernels/test_gpu.sh's checks)             (~1 min)
 #   3. bench_bandwidth.py: stats / gradient kernels against a device copy      (<1 min)
-#   4. bench_head.py: 1 GPU, C_local 100k and 250k, r 1.0 and 0.2              (~1 min)
+#   4. bench_head.py: 1 GPU, C_local 100k and 250k, r 1.0, 0.2 and 0.3 (the sampled kernel), plus
+#      bench_sampling.py: the class sampling per step alone                 (~1.5 min)
 #   5. bench_train.py: iresnet100, bf16, batch 128, engine single, 1 GPU        (~2 min)
 #   6. bench_train.py --peer arcface_torch: the toolkit's step against arcface_torch's own train_v2 step
 #      (iresnet100, fp16 with loss scaling as arcface_torch trains, batch 128, 93,431 classes as MS1MV3,
@@ -66,8 +67,10 @@ fi
 step build 240 env FACECL_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" "$PYTHON" setup.py --quiet build_ext --inplace
 step cuda_tests 150 "$PYTHON" -m pytest -q -rs -x tests/kernels -k cuda
 step bandwidth 60 "$PYTHON" benchmarks/bench_bandwidth.py --device cuda --json "$RESULTS/gpu_bandwidth_$STAMP.json"
-step head 120 "$PYTHON" benchmarks/bench_head.py --device cuda --classes-per-rank 100000 250000 --rows 4096 \
-  --repeat 5 --json "$RESULTS/gpu_head_$STAMP.json"
+step head 150 "$PYTHON" benchmarks/bench_head.py --device cuda --classes-per-rank 100000 250000 --rows 4096 \
+  --sample-rates 1.0 0.2 0.3 --repeat 5 --json "$RESULTS/gpu_head_$STAMP.json"
+step sampling 60 "$PYTHON" benchmarks/bench_sampling.py --device cuda --rows 4096 \
+  --json "$RESULTS/gpu_sampling_$STAMP.json"
 step train 180 "$PYTHON" benchmarks/bench_train.py --device cuda --backbone iresnet100 --precision bf16 \
   --batch-size 128 --engines single --num-classes 100000 --warmup-steps 3 --steps 10 --max-load 1000 \
   --out "$RESULTS/gpu_train_$STAMP.json"
@@ -82,7 +85,7 @@ fi
 
 {
   echo
-  for part in bandwidth head; do
+  for part in bandwidth head sampling; do
     json="$RESULTS/gpu_${part}_$STAMP.json"
     [ -f "$json" ] || continue
     echo "## $part"

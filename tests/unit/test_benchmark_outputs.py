@@ -37,7 +37,7 @@ def test_an_explicit_existing_output_needs_overwrite(tmp_path):
     assert module.results_path(target, "bench_x", overwrite=True) == target
 
 
-@pytest.mark.parametrize("script", ["bench_data.py", "bench_kernels.py"])
+@pytest.mark.parametrize("script", ["bench_data.py", "bench_kernels.py", "bench_head.py", "bench_sampling.py"])
 def test_benchmarks_use_it(script):
     text = (REPO / "benchmarks" / script).read_text()
     assert "results_path(" in text and "--overwrite" in text
