@@ -103,7 +103,8 @@ class ShardedIdentityCenterHead(nn.Module):
         return min(self.shard.count, max(self.num_sampled, num_rows))
 
     def sample_classes(self, labels_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept local column indices S, local target column per row or -1): every positive, then random negatives.
+        """(kept local column indices S, sorted, local target column per row or -1): every positive and random
+        negatives, S = num_kept_columns(N) in all.
 
         Fixed-size device-side work (no torch.unique, no nonzero): the step never waits for the device here."""
         in_shard_N = (labels_N >= self.shard.start) & (labels_N < self.shard.end)
