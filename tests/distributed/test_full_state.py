@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tests.conftest import SMOKE_RECIPE
-from tests.distributed.conftest import DIST_OVERRIDES, ENGINES, check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import DIST_OVERRIDES, ENGINES
+from tests.export.conftest import probed_run
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -19,15 +20,18 @@ def reference_state():
     return {key: value.detach().clone() for key, value in build_model(recipe).state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def probed_runs_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("probed_runs")
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_full_state_dict_round_trips_on_two_ranks(engine, tmp_path, reference_state):
-    out = tmp_path / "state.pt"
-    port = free_port()
-    args = [*train_args(tmp_path, engine, *ENGINES[engine]), "--out", str(out)]
-    check_ok(run_job(torchrun(2, port), args, port=port, script="tests/distributed/full_state_probe.py"))
-    probe = torch.load(out, weights_only=True)
+def test_full_state_dict_round_trips_on_two_ranks(engine, probed_runs_root, reference_state):
+    # The 2-rank job of this engine that the export tests inspect too (tests/export/conftest.py, one per session).
+    probe = torch.load(probed_run(engine, probed_runs_root).full_state, weights_only=True)
     assert sorted(probe["initial"]) == sorted(reference_state)   # the registry model's keys, no wrapper prefix
     for key, value in reference_state.items():
         assert torch.equal(probe["initial"][key], value), key
     for key, value in probe["target"].items():
         assert torch.equal(probe["loaded"][key], value), key
+    assert any(not torch.equal(probe["target"][key], value) for key, value in reference_state.items())

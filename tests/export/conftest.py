@@ -28,10 +28,12 @@ SAVE_STEP = 3
 
 
 class ProbedRun:
-    """A run folder with one checkpoint (step 3) and the full parameters / centers its trainer held then."""
+    """A run folder with one checkpoint (step 3) and the full parameters / centers its trainer held then;
+    `full_state` is the same job's full_state_dict round trip (save_probe.py --full-state-out)."""
 
-    def __init__(self, run_dir: Path, probe: Path):
+    def __init__(self, run_dir: Path, probe: Path, full_state: Path):
         self.run_dir = run_dir
+        self.full_state = full_state
         payload = torch.load(probe, weights_only=True)
         self.step = payload["step"]
         self.state = payload["state"]
@@ -47,15 +49,17 @@ _runs: dict[str, ProbedRun] = {}
 
 
 def probed_run(engine: str, root: Path) -> ProbedRun:
-    """Train 3 steps with `engine` (2 gloo ranks; one process for single*), save, probe (cached per session)."""
+    """Train 3 steps with `engine` (2 gloo ranks; one process for single*), save, probe (cached per session: the
+    export, consolidation, universal-checkpoint and full-state tests all inspect the same job of an engine)."""
     if engine not in _runs:
         port = free_port()
         launcher = [sys.executable] if engine.startswith("single") else torchrun(2, port)
-        probe = root / f"{engine}_probe.pt"
+        probe, full_state = root / f"{engine}_probe.pt", root / f"{engine}_full_state.pt"
         proc = run_job(launcher, [*train_args(root, engine, *ENGINES[engine]), "--steps", str(SAVE_STEP),
-                                  "--out", str(probe)], port=port, script="tests/export/save_probe.py")
+                                  "--out", str(probe), "--full-state-out", str(full_state)],
+                       port=port, script="tests/export/save_probe.py")
         check_ok(proc)
-        _runs[engine] = ProbedRun(root / engine, probe)
+        _runs[engine] = ProbedRun(root / engine, probe, full_state)
     return _runs[engine]
 
 

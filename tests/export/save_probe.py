@@ -3,7 +3,10 @@
 parameter's full value gathered from the live engine right after `save()` (ZeRO-3 GatheredParameters,
 FSDP2 full_tensor, the module itself otherwise), plus the buffers, written by rank 0 as {name: tensor}.
 With `--resume PATH --steps 0` it writes what the trainer holds right after resuming instead (nothing saved),
-plus, under ZeRO-3, how many of every rank's parameter partitions differ from their slice of the full value."""
+plus, under ZeRO-3, how many of every rank's parameter partitions differ from their slice of the full value.
+With `--full-state-out FILE` (not with --resume) the same job also serves the full-state tests
+(tests/distributed/test_full_state.py): "initial", full_state_dict() right after wrapping, then at the end
+"loaded", full_state_dict() after load_full_state_dict() of "target" (every float tensor of "initial" + 1)."""
 import sys
 from pathlib import Path
 
@@ -41,8 +44,9 @@ def zero3_partition_mismatches(trainer, state: dict) -> list[str]:
     return wrong
 
 
-args = probe_arguments(("--steps", int, 3), ("--resume", str, None))
+args = probe_arguments(("--steps", int, 3), ("--resume", str, None), ("--full-state-out", str, None))
 trainer = start_trainer(args)
+initial = trainer.backbone.full_state_dict() if args.full_state_out else None   # collective
 ctx, recipe = trainer.ctx, trainer.recipe
 prepare_run_folder(recipe)
 if ctx.is_main:
@@ -64,4 +68,10 @@ if ctx.is_main:
     centers = torch.cat([s["centers"] for s in sorted(shards, key=lambda s: s["class_start"])]) if shards else None
     torch.save({"step": trainer.step, "state": state, "centers": centers, "partition_mismatches": wrong},
                args.out)
+if args.full_state_out:   # after everything above: the checkpoint and the probe hold the trained values
+    target = {key: (value + 1.0 if value.is_floating_point() else value) for key, value in initial.items()}
+    trainer.backbone.load_full_state_dict(target)
+    loaded = trainer.backbone.full_state_dict()
+    if ctx.is_main:
+        torch.save({"initial": initial, "target": target, "loaded": loaded}, args.full_state_out)
 finish(ctx)
