@@ -292,17 +292,20 @@ def test_sampled_matrix_products_per_block():
     assert products == 4 * 3
 
 
-def _anon_huge_page_bytes(address: int) -> int:
-    """AnonHugePages of the mapping of this process that holds `address` (/proc/self/smaps)."""
+def _mapping_fields(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields (AnonHugePages, VmFlags, ...) of this process's mapping that holds `address`."""
+    fields: dict[str, str] = {}
     inside = False
     for line in open("/proc/self/smaps"):
         first = line.split()[0]
         if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
+            if inside:
+                break
             start, end = (int(value, 16) for value in first.split("-"))
             inside = start <= address < end
-        elif inside and first == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return 0
+        elif inside:
+            fields[first.rstrip(":")] = line.split(":", 1)[1].strip()
+    return fields
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
@@ -323,4 +326,9 @@ def test_the_cpu_workspace_gets_huge_pages(sampled):
         local_target_N = torch.randint(0, num_classes, (8,))
         *_, workspace_CD = torch.ops.facecl.normalized_linear_margin_softmax_ce_stats(
             emb_ND, centers_CD, local_target_N, *params)
-    assert _anon_huge_page_bytes(workspace_CD.data_ptr() + workspace_CD.nbytes // 2) >= 2**21
+    # What the kernel does: MADV_HUGEPAGE on the workspace ("hg" in the mapping's VmFlags; the old build had none).
+    # Whether Linux then backs it with 2 MB pages depends on the machine (free contiguous memory, and memory the
+    # allocator hands out again was touched before), so AnonHugePages is reported, not asserted.
+    fields = _mapping_fields(workspace_CD.data_ptr() + workspace_CD.nbytes // 2)
+    assert "hg" in fields["VmFlags"].split(), fields.get("VmFlags")
+    print(f"AnonHugePages of the workspace's mapping: {fields.get('AnonHugePages')}")
