@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -110,10 +111,9 @@ class MlflowTracker:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
-        import time
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step)
+        now_ms = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now_ms, step)
                                                     for key, value in scalars.items()])
 
     def close(self) -> None:
