@@ -89,12 +89,20 @@ def check_peers(store, rank: int, world_size: int, address: str, wait_s: float, 
             message = (f"{failures[0]}{f' (and {len(failures) - 1} more)' if len(failures) > 1 else ''}: the ranks "
                        f"must reach each other on one network; set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) "
                        f"on every node to its interface on that network")
-            store.set(ABORT_KEY, message)
-            raise FaceCLError(message)
+            raise FaceCLError(_post_first(store, message))
         store.set(f"facecl/network/reached/{rank}", "1")
         _gather(store, rank, world_size, "reached", wait_s, poll_s)
     finally:
         server.close()
+
+
+def _post_first(store, message: str) -> str:
+    """Post `message` as the job's abort line unless a rank posted one before; return the line that stands.
+    The first failure is the cause: a peer that failed first stops listening, so a later rank's connect to it is
+    refused too, and its own line would blame the wrong rank. compare_set with an empty expected value sets
+    the key only when it is absent, atomically."""
+    posted = store.compare_set(ABORT_KEY, "", message)
+    return posted.decode() if isinstance(posted, bytes) else str(posted)
 
 
 def _gather(store, rank: int, world_size: int, what: str, wait_s: float, poll_s: float) -> dict[int, str]:
