@@ -42,8 +42,10 @@ def tiny_recipe(tmp_path):
 # given a few seconds to finish, then killed, and the test fails naming it.
 PROCESS_MARKER = "FACECL_TEST_PROCESS"
 # Helpers that a library starts once for the pytest process itself and that end with it (they watch a pipe
-# from it): multiprocessing's resource tracker and fork server, torch.compile's worker pool.
-SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker")
+# from it): multiprocessing's resource tracker and fork server, torch.compile's worker pool; and the session's
+# rank server (tests/distributed/rank_server.py), started without the marker, whose jobs end with their clients.
+SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker",
+                   "rank_server.py")
 LEAK_GRACE_S = 10.0
 _SESSION = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

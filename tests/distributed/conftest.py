@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMOKE_RECIPE
+from tests.conftest import PROCESS_MARKER, REPO, SMOKE_RECIPE
 
 # 2 ranks, 16x16 images, 12 steps, checkpoints every 5 steps: a few seconds per job on 2 cores.
 DIST_OVERRIDES = [
@@ -89,9 +89,45 @@ def torchrun(nproc: int, port: int) -> list[str]:
             f"--master_port={port}"]
 
 
+_rank_server: dict = {}
+
+
+def forked_ranks(nproc: int, port: int) -> list[str]:
+    """A job of `nproc` ranks forked from the session's rank server (tests/distributed/rank_server.py: torch,
+    DeepSpeed and the toolkit imported once), with torchrun's environment for a static single-node job; nproc 0
+    is `python SCRIPT`. For the tests that inspect what a job computed or wrote; what a launcher itself does
+    (signals, restarts, failures, library noise) is tested with torchrun and DeepSpeed's launcher."""
+    if not _rank_server:
+        _start_rank_server()
+    return [sys.executable, str(REPO / "tests" / "distributed" / "rank_client.py"), _rank_server["socket"],
+            str(nproc), str(port)]
+
+
+def _start_rank_server() -> None:
+    import atexit
+    import tempfile
+    import time
+
+    folder = Path(tempfile.mkdtemp(prefix="facecl-rank-server-"))
+    socket_path, log = folder / "socket", folder / "server.log"
+    # Not marked as the current test's process (tests/conftest.py): the server lives for the whole session.
+    env = {key: value for key, value in job_env().items() if key != PROCESS_MARKER}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, str(REPO / "tests" / "distributed" / "rank_server.py"),
+                                   str(socket_path)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    atexit.register(server.kill)
+    deadline = time.monotonic() + 180
+    while "ready" not in log.read_text():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the rank server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    _rank_server.update(socket=str(socket_path), process=server)
+
+
 def launcher(nproc: int, port: int) -> list[str]:
-    """Plain python for one process (its exit status reaches us; torchrun reports every failure as 1)."""
-    return [sys.executable] if nproc == 1 else torchrun(nproc, port)
+    """One process as `python SCRIPT` (its exit status reaches us; a launcher reports every failure as 1),
+    several as a job of forked ranks."""
+    return forked_ranks(0 if nproc == 1 else nproc, port)
 
 
 def deepspeed_launcher(num_gpus: int, port: int) -> list[str]:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.distributed.conftest import check_ok, free_port, loss_curve, run_job, torchrun, train_args
+from tests.distributed.conftest import check_ok, forked_ranks, free_port, loss_curve, run_job, train_args
 
 PROBE = "tests/distributed/backbone_parity_probe.py"
 # fp32 on CPU: the sharded runs sum gradients in another order than the single process, nothing else.
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_sharded_training_matches_one_process(engine, backbone, tmp_path):
     out = tmp_path / "result.json"
     port = free_port()
-    proc = run_job(torchrun(2, port), ["--engine", engine, "--backbone", backbone, "--steps", "3", "--out", str(out)],
+    proc = run_job(forked_ranks(2, port), ["--engine", engine, "--backbone", backbone, "--steps", "3", "--out", str(out)],
                    port=port, script=PROBE)
     check_ok(proc)
     result = json.loads(out.read_text())
@@ -42,10 +42,10 @@ def test_vit_resume_gives_the_uninterrupted_losses(engine, tmp_path):
     """Masking and drop path draw random numbers each step: a resumed run must draw the same ones."""
     overrides = [*VIT_OVERRIDES, *engine]
     port = free_port()
-    check_ok(run_job(torchrun(2, port), train_args(tmp_path, "full", *overrides), port=port))
+    check_ok(run_job(forked_ranks(2, port), train_args(tmp_path, "full", *overrides), port=port))
     checkpoint = tmp_path / "full" / "checkpoints" / f"step_{RESUME_STEP:08d}"
     port = free_port()
-    check_ok(run_job(torchrun(2, port), [*train_args(tmp_path, "resumed", *overrides), "--resume", str(checkpoint)],
+    check_ok(run_job(forked_ranks(2, port), [*train_args(tmp_path, "resumed", *overrides), "--resume", str(checkpoint)],
                      port=port))
     full, resumed = loss_curve(tmp_path / "full"), loss_curve(tmp_path / "resumed")
     assert sorted(full) == list(range(1, NUM_STEPS + 1))

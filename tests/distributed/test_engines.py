@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from tests.distributed.conftest import (ENGINES, LIBRARY_NOISE, UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port,
-                                        loss_curve, run_job, run_job_and_signal, torchrun, train_args, worker_pids)
+from tests.distributed.conftest import (ENGINES, LIBRARY_NOISE, UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, forked_ranks,
+                                        free_port, loss_curve, run_job, run_job_and_signal, torchrun, train_args,
+                                        worker_pids)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -47,6 +48,12 @@ def _signal_every_rank_twice(proc) -> None:
 PREEMPTED = {"ddp": ("SIGTERM", _signal_rank_1), "zero2": ("SIGTERM", _signal_launcher),
              "fsdp": ("SIGUSR1", _signal_every_rank_twice)}
 
+# Started by torchrun itself (the others' ranks are forked from the rank server, conftest.forked_ranks): the
+# stop-signal jobs (the signal goes to torchrun or to ranks it started) and ZeRO-2's uninterrupted job, whose
+# console is checked for library noise, including what libraries print at import time.
+BY_TORCHRUN = {"zero2"}
+
+
 class EngineRuns:
     """Each engine's uninterrupted 10-step job and its job resumed from step 5, run once per session on
     first use, whatever order the tests run in."""
@@ -63,14 +70,15 @@ class EngineRuns:
     def _run(self, engine: str) -> dict:
         root, overrides = self.root, {**ENGINES, **RESUME_ONLY}[engine]
         port = free_port()
-        full = run_job(torchrun(2, port), train_args(root, f"{engine}_full", *overrides), port=port)
+        start = torchrun if engine in BY_TORCHRUN else forked_ranks
+        full = run_job(start(2, port), train_args(root, f"{engine}_full", *overrides), port=port)
         check_ok(full)
         runs = {"full": loss_curve(root / f"{engine}_full"), "stdout": full.stdout, "stderr": full.stderr}
         if engine in PREEMPTED:
             return {**runs, **self._preempted_then_resumed(engine, overrides)}
         checkpoint = root / f"{engine}_full" / "checkpoints" / f"step_{RESUME_STEP:08d}"  # a folder: one shard per rank
         port = free_port()
-        resumed = run_job(torchrun(2, port), [*train_args(root, f"{engine}_resumed", *overrides),
+        resumed = run_job(forked_ranks(2, port), [*train_args(root, f"{engine}_resumed", *overrides),
                                               "--resume", str(checkpoint)], port=port)
         check_ok(resumed)
         return {**runs, "resumed": loss_curve(root / f"{engine}_resumed"), "resumed_stdout": resumed.stdout,
@@ -84,7 +92,7 @@ class EngineRuns:
                                      send=PREEMPTED[engine][1])
         results = json.loads((self.root / f"{engine}_resumed" / "results.json").read_text())
         port = free_port()
-        resumed = run_job(torchrun(2, port), args, port=port)
+        resumed = run_job(forked_ranks(2, port), args, port=port)
         check_ok(resumed)
         return {"resumed": loss_curve(self.root / f"{engine}_resumed"), "resumed_stdout": resumed.stdout,
                 "resume_step": results["final_step"], "stopped": stopped, "stopped_results": results}

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from tests.conftest import REPO, SMOKE_RECIPE
-from tests.distributed.conftest import (LIBRARY_NOISE, check_ok, deepspeed_launcher, deepspeed_shm_buffers, free_port,
-                                        in_namespace, job_env, loss_curve, remove_deepspeed_shm_buffers, run_job,
-                                        torchrun, train_args)
+from tests.distributed.conftest import (LIBRARY_NOISE, check_ok, deepspeed_launcher, deepspeed_shm_buffers,
+                                        forked_ranks, free_port, in_namespace, job_env, loss_curve,
+                                        remove_deepspeed_shm_buffers, run_job, torchrun, train_args)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -39,6 +39,30 @@ def test_deepspeed_launcher_two_ranks_matches_torchrun(dist_root, torchrun_zero2
     launcher_line = re.compile(r"^\[[^]]+\] \[(INFO|WARNING)\] \[(runner|launch)\.py:\d+:")
     ranks_console = [line for line in (proc.stdout + proc.stderr).splitlines() if not launcher_line.match(line)]
     assert [line for line in ranks_console if any(text in line for text in LIBRARY_NOISE)] == []
+
+
+def test_forked_ranks_compute_what_torchrun_s_ranks_compute(dist_root, torchrun_zero2):
+    """The other test files start most jobs' ranks from the rank server (conftest.forked_ranks); the losses of
+    the same ZeRO-2 job are torchrun's, and the ranks saw the launcher's variables."""
+    port = free_port()
+    proc = run_job(forked_ranks(2, port), train_args(dist_root, "forked", *ZERO2), port=port)
+    check_ok(proc)
+    assert "world size 2" in proc.stdout
+    assert loss_curve(dist_root / "forked") == pytest.approx(torchrun_zero2, rel=1e-6)
+
+
+def test_a_failing_forked_rank_ends_the_job_as_torchrun_does(dist_root):
+    """As under torchrun: the job's status is 1 when a rank fails, and the other rank does not keep it waiting
+    (it is stopped within the server's 10 s grace, far below the 60 s collective timeout)."""
+    port = free_port()
+    env = {**job_env(), "FACECL_TEST_FAIL_RANK": "1", "FACECL_TEST_FAIL_STEP": "3"}
+    args = train_args(dist_root, "fail_forked", "parallel.engine=ddp", "parallel.timeout_s=600")
+    start = time.monotonic()
+    proc = subprocess.run([*forked_ranks(2, port), "tests/distributed/fail_on_rank.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1 and "fails on purpose at step 3" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 30, f"job took {elapsed:.0f} s to stop"
 
 
 def test_deepspeed_jobs_leave_no_shared_memory_files(tmp_path):

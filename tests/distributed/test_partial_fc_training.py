@@ -1,12 +1,11 @@
 # The sharded head inside real jobs: resharding a checkpoint to other world sizes, and 2-rank training quality.
 import json
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import SMOKE_RECIPE
-from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import check_ok, forked_ranks, free_port, run_job, train_args
 from toolkit.checkpoint import read_payload
 from toolkit.heads.shard_checkpoint import gather_full_centers
 
@@ -21,7 +20,7 @@ def test_checkpoint_saved_by_2_ranks_reshards_to_3_and_1(dist_root, tmp_path, he
     name = f"reshard_{head_optimizer}"
     overrides = [*RESHARD, "parallel.engine=ddp", f"head.optimizer={head_optimizer}"]
     port = free_port()
-    check_ok(run_job(torchrun(2, port), train_args(dist_root, name, *overrides), port=port))
+    check_ok(run_job(forked_ranks(2, port), train_args(dist_root, name, *overrides), port=port))
     checkpoint = dist_root / name / "checkpoints" / "step_00000003"
     saved = [read_payload(path) for path in sorted(checkpoint.glob("head_rank*.pt"))]
     assert [(s["class_start"], s["class_count"]) for s in saved] == [(0, 7), (7, 6)]
@@ -35,7 +34,7 @@ def test_checkpoint_saved_by_2_ranks_reshards_to_3_and_1(dist_root, tmp_path, he
         args = [*train_args(dist_root, f"{name}_at{world}", *overrides, engine), "--resume", str(checkpoint),
                 "--out", str(out)]
         port = free_port()
-        launcher = torchrun(world, port) if world > 1 else [sys.executable]
+        launcher = forked_ranks(world if world > 1 else 0, port)   # 0: `python SCRIPT`
         check_ok(run_job(launcher, args, port=port, script="tests/distributed/reshard_probe.py"))
         gathered = torch.load(out, weights_only=True)
         expected_ranges = {3: [(0, 5), (5, 4), (9, 4)], 1: [(0, 13)]}[world]
@@ -55,7 +54,7 @@ def test_two_rank_smoke_training_reaches_the_single_process_bar(tmp_path, engine
     args = ["--recipe", str(SMOKE_RECIPE)]
     for item in [*engine, "data.batch_size=32", f"run.output_dir={tmp_path}", "data.num_workers=0"]:
         args += ["--set", item]
-    proc = run_job(torchrun(2, port), args, port=port, timeout=600)
+    proc = run_job(forked_ranks(2, port), args, port=port, timeout=600)
     check_ok(proc)
     results = json.loads((tmp_path / "smoke_synthetic" / "results.json").read_text())
     assert results["world_size"] == 2 and results["global_batch_size"] == 64

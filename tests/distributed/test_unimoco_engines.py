@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.distributed.conftest import ENGINES as BASE_ENGINES
-from tests.distributed.conftest import UNIMOCO, check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import UNIMOCO, check_ok, forked_ranks, free_port, run_job, train_args
 
 pytestmark = pytest.mark.slow  # real multi-process jobs (seconds to a minute each)
 
@@ -20,7 +20,7 @@ def test_momentum_update_and_queue_on_two_ranks(engine, dist_root, tmp_path):
     out = tmp_path / "probe.pt"
     port = free_port()
     args = [*train_args(dist_root, f"unimoco_{engine}", *ENGINES[engine], *UNIMOCO), "--out", str(out)]
-    check_ok(run_job(torchrun(2, port), args, port=port, script="tests/distributed/unimoco_probe.py"))
+    check_ok(run_job(forked_ranks(2, port), args, port=port, script="tests/distributed/unimoco_probe.py"))
     probe = torch.load(out, weights_only=True)
     m = probe["momentum"]
     assert m == pytest.approx(0.9)

@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed.conftest import ENGINES as ALL_ENGINES
-from tests.distributed.conftest import (JOB_TIMEOUT_S, check_ok, free_port, in_namespace, job_env, loss_curve,
-                                        run_job, torchrun, train_args)
+from tests.distributed.conftest import (JOB_TIMEOUT_S, check_ok, forked_ranks, free_port, in_namespace, job_env,
+                                        loss_curve, run_job, train_args)
 
 pytestmark = pytest.mark.slow  # real multi-process jobs
 
@@ -37,7 +37,7 @@ def job(root, name: str, world: int, engine: str, optimizer: str, *cli: str, che
     """A job of the 2-rank recipe (6 per rank) on `world` ranks; a resume keeps the global batch by itself."""
     port = free_port()
     overrides = [*COMMON, *ENGINES[engine], *OPTIMIZERS[optimizer], f"data.batch_size={GLOBAL_BATCH // 2}"]
-    proc = run_job(torchrun(world, port), [*train_args(root, name, *overrides), *cli], port=port, script=SCRIPT)
+    proc = run_job(forked_ranks(world, port), [*train_args(root, name, *overrides), *cli], port=port, script=SCRIPT)
     if check:
         check_ok(proc)
     return proc
@@ -103,7 +103,7 @@ def test_a_universal_folder_without_the_module_extras_is_refused(two_rank_runs):
     (stripped / "deepspeed" / "module_extras.pt").unlink()
     port = free_port()
     overrides = [*COMMON, *ENGINES["zero2"], *OPTIMIZERS["adamw"], f"data.batch_size={GLOBAL_BATCH}"]
-    proc = run_job(torchrun(1, port), [*train_args(root, "zero2_stripped", *overrides), "--resume", str(stripped)],
+    proc = run_job(forked_ranks(1, port), [*train_args(root, "zero2_stripped", *overrides), "--resume", str(stripped)],
                    port=port, script=SCRIPT)
     assert proc.returncode != 0
     assert "universal checkpoint without deepspeed/module_extras.pt" in proc.stdout + proc.stderr

@@ -1,12 +1,11 @@
 # Real training checkpoints for the converter tests: one job per engine (cached), plus what the trainer held.
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed.conftest import ENGINES as DISTRIBUTED_ENGINES
-from tests.distributed.conftest import (UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, free_port, run_job, torchrun,
+from tests.distributed.conftest import (UNIMOCO, ZERO3_NO_PERSISTENCE, check_ok, forked_ranks, free_port, run_job,
                                         train_args)
 
 ENGINES = {"single": [], **DISTRIBUTED_ENGINES, "zero0": ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
@@ -53,7 +52,7 @@ def probed_run(engine: str, root: Path) -> ProbedRun:
     export, consolidation, universal-checkpoint and full-state tests all inspect the same job of an engine)."""
     if engine not in _runs:
         port = free_port()
-        launcher = [sys.executable] if engine.startswith("single") else torchrun(2, port)
+        launcher = forked_ranks(0 if engine.startswith("single") else 2, port)   # 0: `python SCRIPT`
         probe, full_state = root / f"{engine}_probe.pt", root / f"{engine}_full_state.pt"
         proc = run_job(launcher, [*train_args(root, engine, *ENGINES[engine]), "--steps", str(SAVE_STEP),
                                   "--out", str(probe), "--full-state-out", str(full_state)],

@@ -178,12 +178,12 @@ def test_a_pickle_in_a_dcp_tensor_record_is_one_line_for_every_reader(runs_root,
 
 
 def test_a_pickle_in_a_dcp_tensor_record_is_refused_on_resume(runs_root, tmp_path):
-    from tests.distributed.conftest import free_port, run_job, torchrun, train_args
+    from tests.distributed.conftest import forked_ranks, free_port, run_job, train_args
     from tests.export.conftest import ENGINES
 
     copy, data_file, marker = plant_in_a_dcp_tensor_record(probed_run("fsdp", runs_root), tmp_path)
     port = free_port()
-    proc = run_job(torchrun(2, port), [*train_args(tmp_path, "resumed", *ENGINES["fsdp"]), "--resume", str(copy)],
+    proc = run_job(forked_ranks(2, port), [*train_args(tmp_path, "resumed", *ENGINES["fsdp"]), "--resume", str(copy)],
                    port=port)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode != 0 and errors and str(data_file) in errors[0], proc.stderr[-3000:]

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from tests.distributed.conftest import check_ok, free_port, run_job, torchrun, train_args
+from tests.distributed.conftest import check_ok, forked_ranks, free_port, run_job, train_args
 from tests.export.conftest import ENGINES, probed_run
 from tests.export.test_bad_input import assert_user_error, convert
 from toolkit.serialization import safe_torch_load
@@ -74,7 +74,7 @@ def test_resuming_a_universal_checkpoint_on_4_ranks_restores_the_whole_module(en
     assert any("running_mean" in name for name in extras) and any(name.startswith("key_") for name in extras)
     port = free_port()
     probe = tmp_path / "resumed.pt"
-    proc = run_job(torchrun(4, port), [*train_args(tmp_path, "resumed", *ENGINES[engine], "data.batch_size=4"),
+    proc = run_job(forked_ranks(4, port), [*train_args(tmp_path, "resumed", *ENGINES[engine], "data.batch_size=4"),
                                        "--resume", str(out),
                                        "--steps", "0", "--out", str(probe)], port=port,
                    script="tests/export/save_probe.py")
@@ -99,7 +99,7 @@ def test_the_flagship_settings_resume_at_another_world_size(new_world, runs_root
     run = probed_run("flagship", runs_root)
     port = free_port()
     probe = tmp_path / "resumed.pt"
-    proc = run_job(torchrun(new_world, port), [*train_args(tmp_path, "resumed", *ENGINES["flagship"]),
+    proc = run_job(forked_ranks(new_world, port), [*train_args(tmp_path, "resumed", *ENGINES["flagship"]),
                                                "--resume", str(run.checkpoint), "--steps", "0", "--out", str(probe)],
                    port=port, script="tests/export/save_probe.py")
     check_ok(proc)
