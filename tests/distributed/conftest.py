@@ -115,7 +115,11 @@ def _start_rank_server() -> None:
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, str(REPO / "tests" / "distributed" / "rank_server.py"),
                                    str(socket_path)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    atexit.register(server.kill)
+    def stop() -> None:
+        server.kill()
+        server.wait(timeout=30)
+
+    atexit.register(stop)
     deadline = time.monotonic() + 180
     while "ready" not in log.read_text():
         if server.poll() is not None or time.monotonic() > deadline:
