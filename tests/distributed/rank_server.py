@@ -116,34 +116,20 @@ def lead_job(conn: socket.socket, spec: dict, fds: list[int]) -> None:
         if readable:
             data = conn.recv(4096)
             if not data:   # the client is gone (killed by its test): so is the job
-                for pid in children:
-                    if pid not in statuses:
-                        _kill(pid, signal.SIGKILL)
+                _signal_running(children, statuses, signal.SIGKILL)
                 os._exit(1)
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 if line.startswith(b"signal "):
-                    for pid in children:
-                        if pid not in statuses:
-                            _kill(pid, int(line.split()[1]))
-        while True:
-            try:
-                pid, raw = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            statuses[pid] = os.waitstatus_to_exitcode(raw)
-            if statuses[pid] != 0 and failed_at is None:
+                    _signal_running(children, statuses, int(line.split()[1]))
+        for pid, code in finished_children():
+            statuses[pid] = code
+            if code != 0 and failed_at is None:
                 failed_at = time.monotonic()
-                for other in children:
-                    if other not in statuses:
-                        _kill(other, signal.SIGTERM)
+                _signal_running(children, statuses, signal.SIGTERM)
         if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-            for other in children:
-                if other not in statuses:
-                    _kill(other, signal.SIGKILL)
+            _signal_running(children, statuses, signal.SIGKILL)
     codes = list(statuses.values())
     if spec["nproc"] == 0:
         status = codes[0] if codes[0] >= 0 else 128 - codes[0]
@@ -155,11 +141,26 @@ def lead_job(conn: socket.socket, spec: dict, fds: list[int]) -> None:
         os._exit(0)
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+def finished_children():
+    """(pid, exit code) of each child that has ended since the last call (negative code: killed by that signal)."""
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, os.waitstatus_to_exitcode(raw)
+
+
+def _signal_running(children: dict, statuses: dict, signum: int) -> None:
+    """Send `signum` to every child that has not ended yet."""
+    for pid in children:
+        if pid not in statuses:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def receive_job(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -181,13 +182,8 @@ def serve(path: str) -> None:
     print("ready", flush=True)
     while True:
         readable, _, _ = select.select([server], [], [], 0.5)
-        while True:   # reap finished job leaders
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for _ in finished_children():   # reap the job leaders that have ended
+            pass
         if os.getppid() == 1:   # the test session that started this server is gone
             return
         if not readable:
