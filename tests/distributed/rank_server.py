@@ -31,6 +31,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# As `python SCRIPT` would have it, less the script's own folder (this file's folder here).
+INTERPRETER_PATH = list(sys.path[1:])
 FAILED_RANK_GRACE_S = 10.0
 
 
@@ -71,7 +73,7 @@ def run_rank(spec: dict, fds: list[int], rank: int | None) -> None:
                                "MASTER_PORT": str(spec["port"])})
         script = str(Path(spec["script"]).resolve())
         sys.argv = [spec["script"], *spec["args"]]
-        sys.path[0] = str(Path(script).parent)
+        sys.path[:] = [str(Path(script).parent), *INTERPRETER_PATH]
         import runpy
 
         runpy.run_path(script, run_name="__main__")
