@@ -115,6 +115,7 @@ def _start_rank_server() -> None:
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, str(REPO / "tests" / "distributed" / "rank_server.py"),
                                    str(socket_path)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
     def stop() -> None:
         server.kill()
         server.wait(timeout=30)
@@ -125,7 +126,7 @@ def _start_rank_server() -> None:
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the rank server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
-    _rank_server.update(socket=str(socket_path), process=server)
+    _rank_server["socket"] = str(socket_path)
 
 
 def launcher(nproc: int, port: int) -> list[str]:

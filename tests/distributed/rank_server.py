@@ -100,13 +100,13 @@ def lead_job(conn: socket.socket, spec: dict, fds: list[int]) -> None:
         signal.signal(name, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     ranks = [None] if spec["nproc"] == 0 else list(range(spec["nproc"]))
-    children = {}
+    children = []
     for rank in ranks:
         pid = os.fork()
         if pid == 0:
             conn.close()
             run_rank(spec, fds, rank)
-        children[pid] = rank
+        children.append(pid)
     for fd in fds:
         os.close(fd)
     conn.sendall(f"pid {os.getpid()}\n".encode())
@@ -155,7 +155,7 @@ def finished_children():
         yield pid, os.waitstatus_to_exitcode(raw)
 
 
-def _signal_running(children: dict, statuses: dict, signum: int) -> None:
+def _signal_running(children: list[int], statuses: dict, signum: int) -> None:
     """Send `signum` to every child that has not ended yet."""
     for pid in children:
         if pid not in statuses:
